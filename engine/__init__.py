@@ -1,0 +1,1 @@
+"""Persona's engine: workspace, stages, backends. Never imports textual."""
