@@ -77,6 +77,7 @@ class StageFailed:
     stage: str
     message: str  # what happened and what the person can do about it
     ts: float = field(default_factory=_now)
+    cancelled: bool = False  # True when the person stopped it (not an error)
 
 
 Event = (

@@ -1,0 +1,209 @@
+"""The local service's arithmetic: one base model, LoRA adapters, logprobs and generation.
+
+Everything here runs on the service's worker thread; nothing here knows about futures.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .lora import LoraHost
+from .models import ComputePlan, choose_compute, ensure_model_dir
+
+# Micro-batches for training are cut to about this many (padded) tokens, so memory stays
+# flat however large the batch a caller sends.
+TRAIN_TOKENS_PER_MICROBATCH = 2048
+
+
+class BaseRuntime:
+    """A loaded base model with its LoRA slots, its tokenizer and where it computes."""
+
+    def __init__(self, base_model: str, plan: ComputePlan | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_model = base_model
+        self.model_dir: Path = ensure_model_dir(base_model)
+        self.plan = plan or choose_compute()
+        self.device = torch.device(self.plan.device)
+        self.dtype = getattr(torch, self.plan.dtype_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+        model.to(self.device)
+        model.eval()
+        model.config.use_cache = True
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.host = LoraHost(model)
+        self.pad_id = self._pad_id()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    # ---- logprobs -------------------------------------------------------------------
+
+    def token_logprobs(
+        self,
+        adapter: str | None,
+        inputs: list[list[int]],
+        targets: list[list[int]],
+        *,
+        grad: bool,
+    ) -> list[torch.Tensor]:
+        """log p(targets[i][t] | inputs[i][:t+1]) for each row, float32, one tensor per row."""
+        self.host.switch.active = adapter
+        lengths = [len(row) for row in inputs]
+        width = max(lengths)
+        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        tgt = torch.zeros((len(inputs), width), dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, (row, trow) in enumerate(zip(inputs, targets, strict=True)):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            tgt[i, : len(trow)] = torch.tensor(trow, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        ids, tgt, mask = ids.to(self.device), tgt.to(self.device), mask.to(self.device)
+        self.model.train(grad)  # gradient checkpointing is active only in train mode
+        try:
+            with torch.set_grad_enabled(grad):
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logp = -F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    tgt.reshape(-1),
+                    reduction="none",
+                ).reshape(tgt.shape)
+        finally:
+            self.model.eval()
+        return [logp[i, :n] for i, n in enumerate(lengths)]
+
+    # ---- generation -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, adapter: str | None, rows: list[GenRow]) -> list[GenResult]:
+        """Sample every row in one batched, KV-cached pass (left-padded prompts).
+
+        Rows may come from different requests; they must share temperature, top_p and top_k.
+        Each row draws from its own request's generator, so a seeded request gives the same
+        tokens whatever else shares the batch.
+        """
+        from transformers import DynamicCache
+
+        self.host.switch.active = adapter
+        first = rows[0]
+        temperature, top_p, top_k = first.temperature, first.top_p, first.top_k
+        n = len(rows)
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[i, width - len(r.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out_tokens: list[list[int]] = [[] for _ in rows]
+        out_logprobs: list[list[float]] = [[] for _ in rows]
+        stop_reason = ["length"] * n
+        done = [r.max_tokens <= 0 for r in rows]
+        steps = max(r.max_tokens for r in rows)
+        step_input, step_pos = ids, positions
+        for _ in range(steps):
+            if all(done):
+                break
+            logits = self.model(
+                input_ids=step_input,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            probs = _sampling_probs(logits, temperature, top_p, top_k)
+            next_ids = torch.full((n,), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                if done[i]:
+                    continue
+                if probs is None:
+                    tok = int(torch.argmax(logits[i]))
+                else:
+                    tok = int(torch.multinomial(probs[i].cpu(), 1, generator=r.generator))
+                next_ids[i] = tok
+                out_tokens[i].append(tok)
+                out_logprobs[i].append(float(logp[i, tok]))
+                if tok in r.stop_ids or self._hit_stop_string(out_tokens[i], r.stop_strings):
+                    done[i], stop_reason[i] = True, "stop"
+                elif len(out_tokens[i]) >= r.max_tokens:
+                    done[i] = True
+            step_input = next_ids.unsqueeze(1).to(self.device)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], 1)
+        return [
+            GenResult(tokens=out_tokens[i], logprobs=out_logprobs[i], stop_reason=stop_reason[i])
+            for i in range(n)
+        ]
+
+    def _hit_stop_string(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        if not stops:
+            return False
+        span = max(len(s) for s in stops) + 1  # a string of c chars spans at most c tokens
+        tail = self.tokenizer.decode(tokens[-span:], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+
+def _sampling_probs(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int
+) -> torch.Tensor | None:
+    """The distribution to draw from, or None for greedy decoding."""
+    if temperature <= 0:
+        return None
+    scaled = logits / temperature
+    if top_k and top_k > 0 and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if 0 < top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+        cumulative = sorted_probs.cumsum(-1)
+        drop = cumulative - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@dataclass
+class GenRow:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    generator: torch.Generator = field(repr=False, default_factory=torch.Generator)
+
+
+@dataclass
+class GenResult:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+    return g

@@ -1,0 +1,168 @@
+"""LoRA slots on a shared frozen base model.
+
+One base model serves every training and sampling client of the service. Each linear
+layer that LoRA targets is wrapped once; the wrapper holds any number of named adapters
+and applies the one the ``AdapterSwitch`` says is active (or none, for the base model).
+A frozen snapshot is a new name holding clones of another adapter's tensors, so it costs
+the adapter's size, not the model's.
+
+Saved adapters use peft's layout (``adapter_config.json`` + ``adapter_model.safetensors``
+with peft's key names), so ``peft.PeftModel.from_pretrained`` can load them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def targets_for(train_mlp: bool, train_attn: bool, train_unembed: bool) -> tuple[str, ...]:
+    targets: tuple[str, ...] = ()
+    if train_attn:
+        targets += ATTN_MODULES
+    if train_mlp:
+        targets += MLP_MODULES
+    if train_unembed:
+        targets += UNEMBED_MODULES
+    if not targets:
+        raise ValueError("LoRA needs at least one of train_mlp, train_attn, train_unembed.")
+    return targets
+
+
+class AdapterSwitch:
+    """Which adapter the wrapped layers apply; shared by every wrapper of one base model."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, switch: AdapterSwitch, kind: str) -> None:
+        super().__init__()
+        self.base = base
+        self.switch = switch
+        self.kind = kind  # e.g. "q_proj"
+        self.lora_A: dict[str, torch.Tensor] = {}
+        self.lora_B: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, float] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        name = self.switch.active
+        if name is None or name not in self.lora_A:
+            return out
+        a = self.lora_A[name].to(x.dtype)
+        b = self.lora_B[name].to(x.dtype)
+        return out + (x @ a.t()) @ b.t() * self.scales[name]
+
+
+class LoraHost:
+    """Wraps a causal LM's target layers once and manages named adapters on them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.switch = AdapterSwitch()
+        self.layers: dict[str, LoraLinear] = {}  # peft-style module path -> wrapper
+        self.specs: dict[str, LoraSpec] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._wrap()
+
+    def _wrap(self) -> None:
+        wanted = set(ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES)
+        todo = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Linear) and name.split(".")[-1] in wanted
+        ]
+        for name, module in todo:
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            wrapper = LoraLinear(module, self.switch, attr)
+            setattr(parent, attr, wrapper)
+            self.layers[name] = wrapper
+
+    def add(self, name: str, spec: LoraSpec, generator: torch.Generator | None = None) -> None:
+        """A new adapter: A ~ Kaiming-uniform, B = 0, so it starts as the base model."""
+        self.specs[name] = spec
+        for wrapper in self.layers.values():
+            if wrapper.kind not in spec.targets:
+                continue
+            base = wrapper.base
+            a = torch.empty(spec.rank, base.in_features, device=base.weight.device)
+            bound = 1.0 / math.sqrt(base.in_features)
+            a.uniform_(-bound, bound, generator=generator)
+            b = torch.zeros(base.out_features, spec.rank, device=base.weight.device)
+            wrapper.lora_A[name] = a.requires_grad_(True)
+            wrapper.lora_B[name] = b.requires_grad_(True)
+            wrapper.scales[name] = spec.scale
+
+    def clone(self, source: str, name: str) -> None:
+        """A frozen copy of ``source``'s current weights."""
+        self.specs[name] = self.specs[source]
+        for wrapper in self.layers.values():
+            if source in wrapper.lora_A:
+                wrapper.lora_A[name] = wrapper.lora_A[source].detach().clone()
+                wrapper.lora_B[name] = wrapper.lora_B[source].detach().clone()
+                wrapper.scales[name] = wrapper.scales[source]
+
+    def remove(self, name: str) -> None:
+        self.specs.pop(name, None)
+        for wrapper in self.layers.values():
+            wrapper.lora_A.pop(name, None)
+            wrapper.lora_B.pop(name, None)
+            wrapper.scales.pop(name, None)
+        if self.switch.active == name:
+            self.switch.active = None
+
+    def parameters(self, name: str) -> list[torch.Tensor]:
+        params: list[torch.Tensor] = []
+        for wrapper in self.layers.values():
+            if name in wrapper.lora_A:
+                params += [wrapper.lora_A[name], wrapper.lora_B[name]]
+        return params
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """peft's key names, so the folder loads with ``PeftModel.from_pretrained``."""
+        state = {}
+        for path, wrapper in self.layers.items():
+            if name in wrapper.lora_A:
+                prefix = f"base_model.model.{path}"
+                state[f"{prefix}.lora_A.weight"] = wrapper.lora_A[name].detach().contiguous()
+                state[f"{prefix}.lora_B.weight"] = wrapper.lora_B[name].detach().contiguous()
+        return state
+
+    def load_state_dict(self, name: str, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None:
+        if name not in self.specs:
+            self.add(name, spec)
+        expected = set(self.state_dict(name))
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:3]
+            extra = sorted(set(state) - expected)[:3]
+            raise ValueError(
+                f"adapter weights do not fit this model (missing {missing}, unexpected {extra})"
+            )
+        with torch.no_grad():
+            for path, wrapper in self.layers.items():
+                if name in wrapper.lora_A:
+                    prefix = f"base_model.model.{path}"
+                    wrapper.lora_A[name].copy_(state[f"{prefix}.lora_A.weight"])
+                    wrapper.lora_B[name].copy_(state[f"{prefix}.lora_B.weight"])

@@ -1,0 +1,71 @@
+"""What a stage gets: the workspace, its config, its run folder, a service client, a cancel flag."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import backend_name, model_for
+from engine.workspace import Workspace
+
+
+class StageCancelled(Exception):
+    """Raised by ``StageContext.check_cancel`` once the person has asked the stage to stop."""
+
+
+class StageError(Exception):
+    """A failure with a message a person can act on (shown as is, no traceback)."""
+
+
+def default_service_factory(backend: str, *, checkpoint_dir: Path, env: dict[str, str]) -> Any:
+    from engine.backends import make_service_client  # imported late: the backend is heavy
+
+    return make_service_client(backend, checkpoint_dir=checkpoint_dir, env=env)
+
+
+@dataclass
+class StageContext:
+    workspace: Workspace
+    config: dict[str, Any]
+    stage: str
+    run_dir: Path
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    service_factory: Callable[..., Any] = default_service_factory
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    _service: Any = field(default=None, repr=False)
+
+    # -- config helpers ------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return backend_name(self.config)
+
+    def model(self, role: str) -> str:
+        return model_for(self.config, role)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.config.get(name, {}))
+
+    # -- backend -------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def service_client(self) -> Any:
+        """One service client per run (so checkpoints land in this run's folder)."""
+        if self._service is None:
+            self._service = self.service_factory(
+                self.backend, checkpoint_dir=self.checkpoint_dir, env=dict(self.secrets)
+            )
+        return self._service
+
+    # -- cancel --------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancel(self) -> None:
+        if self.cancel_event.is_set():
+            raise StageCancelled()

@@ -1,0 +1,267 @@
+"""Stage 6: LoRA SFT of the policy on the reviewed synthetic pairs, then sample it on the demos.
+
+Which rows train (``sft.train_on``):
+  "auto" (default)  accepted + edited rows; when none are reviewed yet, every row that is
+                    not rejected (pending included), and the log says so.
+  "reviewed"        accepted + edited only (fails when there are none).
+  "non-rejected"    every row except rejected ones.
+
+Loss: the renderer's supervised example (weights on the assistant reply only), cross-entropy.
+The service returns summed losses, so ``train/loss`` and ``val/loss`` are the per-token mean
+NLL: -sum(logprob * weight) / sum(weight).
+
+Checkpoints every ``checkpoint_every`` steps, on cancel, and at the end (save_state +
+save_weights_for_sampler), recorded in results/checkpoints.toml under [sft]. A rerun after a
+kill or cancel resumes from the recorded state (weights, optimizer and step) when the data,
+model and rank are unchanged; ``--set sft.resume=false`` starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import tinker
+
+from engine.checkpoints import latest_checkpoint, record_checkpoint
+from engine.context import StageCancelled, StageContext, StageError
+from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
+from engine.sampling import Sampler, resolve
+from engine.stages._policy_samples import sample_demo_inputs
+from engine.stages.synth_outputs import OUTPUT as DATA_FILE
+from engine.stages.synth_outputs import read_jsonl
+
+OUTPUT = "sft_model_outputs.json"
+
+
+def select_rows(rows: list[dict[str, Any]], train_on: str) -> tuple[list[dict[str, Any]], str]:
+    reviewed = [r for r in rows if r.get("status") in ("accepted", "edited")]
+    non_rejected = [r for r in rows if r.get("status") != "rejected"]
+    if train_on == "reviewed":
+        return reviewed, f"{len(reviewed)} accepted/edited rows"
+    if train_on == "non-rejected":
+        return non_rejected, f"{len(non_rejected)} non-rejected rows"
+    if train_on != "auto":
+        raise StageError(f"sft.train_on = {train_on!r}: choose auto, reviewed or non-rejected")
+    if reviewed:
+        return reviewed, f"{len(reviewed)} accepted/edited rows (of {len(rows)})"
+    return non_rejected, (
+        f"no rows reviewed yet: training on all {len(non_rejected)} non-rejected rows (pending included). "
+        'Review them in the Synthetic data tab, or set sft.train_on="reviewed" to require review'
+    )
+
+
+def conversation(row: dict[str, Any], use_system: bool) -> list[dict[str, str]]:
+    msgs = [
+        {"role": m["role"], "content": str(m.get("content", ""))}
+        for m in row.get("messages", [])
+        if m.get("role") in ("system", "user", "assistant")
+    ]
+    if not use_system:
+        msgs = [m for m in msgs if m["role"] != "system"]
+    return msgs
+
+
+def mean_nll(result: Any, batch: list[tinker.Datum]) -> float:
+    """Per-token mean NLL of a forward(_backward) result (losses come back as sums)."""
+    total_w = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in batch)
+    outs = getattr(result, "loss_fn_outputs", None)
+    if outs:
+        s = 0.0
+        for out, d in zip(outs, batch, strict=True):
+            lp = out["logprobs"].to_torch().float()
+            w = d.loss_fn_inputs["weights"].to_torch().float()
+            s += float((lp * w).sum())
+        return -s / total_w if total_w else float("nan")
+    loss_sum = float(getattr(result, "metrics", {}).get("loss:sum", float("nan")))
+    return loss_sum / total_w if total_w else float("nan")
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Rows of batch ``step``: epochs of seeded shuffles laid end to end (same on resume)."""
+    start = step * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, k = divmod(pos, n)
+        order = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(order[k])
+    return out
+
+
+async def run(ctx: StageContext) -> AsyncIterator[Event]:
+    from tinker_cookbook.supervised.common import datum_from_model_input_weights
+
+    from engine.backends.renderers import get_renderer_for
+
+    ws = ctx.workspace
+    cfg = ctx.section("sft")
+    data_path = ws.result(DATA_FILE)
+    if not data_path.exists():
+        raise StageError(f"{ws.rel(data_path)} not found: run `persona run synth-outputs` first.")
+    selected, how = select_rows(read_jsonl(data_path), str(cfg.get("train_on", "auto")))
+    use_system = bool(cfg.get("use_system_prompt", False))
+    convs = [
+        c
+        for c in (conversation(r, use_system) for r in selected)
+        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
+    ]
+    if not convs:
+        raise StageError(
+            f"No training rows in {ws.rel(data_path)} ({how}). Accept some rows in the Synthetic data tab "
+            "or rerun synth-outputs."
+        )
+    yield LogLine(f"training on {how}", "warning" if how.startswith("no rows") else "info")
+
+    model = ctx.model("policy")
+    rank = int(cfg.get("rank", 16))
+    seed = int(cfg.get("seed", 0))
+    max_length = int(cfg.get("max_length", 768))
+    fingerprint = hashlib.sha256(
+        json.dumps([convs, model, rank, max_length, ctx.backend], sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+    # split
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    vf = float(cfg.get("val_fraction", 0.2))
+    n_val = min(len(convs) - 1, max(1, round(len(convs) * vf))) if vf > 0 and len(convs) >= 2 else 0
+    val_convs = [convs[i] for i in order[:n_val]]
+    train_convs = [convs[i] for i in order[n_val:]]
+    batch_size = max(1, min(int(cfg.get("batch_size", 4)), len(train_convs)))
+    steps_cfg = int(cfg.get("steps", 0))
+    total_steps = (
+        steps_cfg
+        if steps_cfg > 0
+        else max(1, int(cfg.get("epochs", 3)) * math.ceil(len(train_convs) / batch_size))
+    )
+    lr = float(cfg.get("lr", 2e-4))
+    schedule = str(cfg.get("lr_schedule", "constant"))
+    ckpt_every = max(0, int(cfg.get("checkpoint_every", 10)))
+    eval_every = max(1, int(cfg.get("eval_every", 1)))
+
+    svc = ctx.service_client()
+    prev = latest_checkpoint(ws.results_dir, "sft")
+    start_step = 0
+    if (
+        bool(cfg.get("resume", True))
+        and prev
+        and not prev.get("finished", False)
+        and prev.get("state_path")
+        and prev.get("fingerprint") == fingerprint
+        and int(prev.get("step", 0)) < total_steps
+    ):
+        start_step = int(prev["step"])
+        yield LogLine(f"resuming from step {start_step} ({prev['state_path']})")
+        tc = await resolve(svc.create_training_client_from_state_with_optimizer(prev["state_path"]))
+    else:
+        if (
+            prev
+            and not prev.get("finished", False)
+            and prev.get("fingerprint") not in (None, fingerprint)
+        ):
+            yield LogLine(
+                "previous unfinished SFT run trained other data or another model: starting over",
+                "warning",
+            )
+        yield LogLine(
+            f"LoRA rank {rank} on {model} ({ctx.backend}); {len(train_convs)} train / {len(val_convs)} val rows; "
+            f"{total_steps} steps of {batch_size}"
+        )
+        tc = await resolve(svc.create_lora_training_client(base_model=model, rank=rank, seed=seed))
+    tokenizer = tc.get_tokenizer()
+    renderer = get_renderer_for(model, tokenizer)
+
+    def to_datum(msgs: list[dict[str, str]]) -> tinker.Datum:
+        mi, weights = renderer.build_supervised_example(msgs)
+        return datum_from_model_input_weights(mi, weights, max_length=max_length)
+
+    train_data = [to_datum(c) for c in train_convs]
+    val_data = [to_datum(c) for c in val_convs]
+    can_eval = bool(val_data) and hasattr(tc, "forward")
+    if val_data and not can_eval:
+        yield LogLine("this backend has no forward(); skipping validation loss", "warning")
+
+    last_saved = start_step
+
+    async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
+        state = await resolve(tc.save_state(name))
+        sampler = await resolve(tc.save_weights_for_sampler(name))
+        record_checkpoint(
+            ws.results_dir,
+            "sft",
+            sampler_path=str(sampler.path),
+            state_path=str(state.path),
+            step=step,
+            total_steps=total_steps,
+            finished=finished,
+            run=ws.rel(ctx.run_dir),
+            fingerprint=fingerprint,
+            base_model=model,
+            backend=ctx.backend,
+        )
+        return CheckpointSaved(
+            name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
+        )
+
+    async def val_loss() -> float:
+        return mean_nll(await resolve(tc.forward(val_data, "cross_entropy")), val_data)
+
+    if can_eval:
+        yield Metric("val/loss", start_step, await val_loss())
+    yield Progress(start_step, total_steps, "sft: steps")
+    step = start_step
+    try:
+        while step < total_steps:
+            ctx.check_cancel()
+            batch = [train_data[i] for i in batch_indices(step, len(train_data), batch_size, seed)]
+            step_lr = lr * (1 - step / total_steps) if schedule == "linear" else lr
+            fb = tc.forward_backward(batch, "cross_entropy")  # submit both before awaiting
+            opt = tc.optim_step(
+                tinker.AdamParams(learning_rate=step_lr, beta1=0.9, beta2=0.95, eps=1e-8)
+            )
+            fb_result = await resolve(fb)
+            await resolve(opt)
+            step += 1
+            yield Metric("train/loss", step, mean_nll(fb_result, batch))
+            if can_eval and (step % eval_every == 0 or step == total_steps):
+                yield Metric("val/loss", step, await val_loss())
+            yield Progress(step, total_steps, "sft: steps")
+            if ckpt_every and step % ckpt_every == 0 and step < total_steps:
+                yield await save(step, f"step-{step:06d}", finished=False)
+                last_saved = step
+    except StageCancelled:
+        if step > last_saved:
+            yield await save(step, f"step-{step:06d}", finished=False)
+            yield LogLine(
+                f"cancelled at step {step}/{total_steps}; checkpoint saved, rerun to resume"
+            )
+        raise
+    final = await save(step, "final", finished=True)
+    yield final
+
+    outputs = []
+    if bool(cfg.get("sample_after", True)):
+        demos = ws.load_demos()
+        client = await resolve(
+            svc.create_sampling_client(model_path=final.sampler_path, base_model=model)
+        )
+        sampler = Sampler(client=client, renderer=renderer, tokenizer=tokenizer, model=model)
+        system_prompt = (
+            str(ws.load_prompts().get("system_prompt", "")).strip() if use_system else None
+        )
+        out = ws.result(OUTPUT)
+        async for ev in sample_demo_inputs(
+            ctx, sampler, demos, out, system_prompt=system_prompt, source="sft"
+        ):
+            yield ev
+        outputs.append(ws.rel(out))
+    yield StageFinished(
+        stage=ctx.stage,
+        outputs=(*outputs, ws.rel(ws.results_dir / "checkpoints.toml")),
+        summary=f"{step} steps on {len(train_convs)} rows; checkpoint {final.sampler_path}",
+    )

@@ -1,0 +1,130 @@
+"""Stage 4: the teacher writes new requests like the demos, ``per_seed`` per topic seed.
+
+-> results/synthetic_inputs.jsonl, one ``{"id", "seed", "input"}`` per line.
+
+Each seed is asked once, then retried (``retries``) while it is short. Replies are parsed
+leniently (engine.parsing); duplicates (also of the demos) and near-empty lines are dropped.
+Yield = valid requests / requests asked, reported as metric ``synth_inputs/yield``. A low
+yield is reported, not fatal; zero is fatal with a message saying what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+
+from engine.atomic import atomic_write_jsonl
+from engine.context import StageContext, StageError
+from engine.events import Event, LogLine, Metric, Progress, StageFinished
+from engine.parsing import dedupe, normalize, parse_requests
+from engine.sampling import open_sampler
+from engine.templates import fill
+
+OUTPUT = "synthetic_inputs.jsonl"
+
+
+async def run(ctx: StageContext) -> AsyncIterator[Event]:
+    ws = ctx.workspace
+    cfg = ctx.section("synth_inputs")
+    demos = ws.load_demos()
+    prompts = ws.load_prompts()
+    seeds = list(prompts["seeds"])
+    if int(cfg.get("max_seeds", 0)) > 0:
+        seeds = seeds[: int(cfg["max_seeds"])]
+    per_seed = max(1, int(cfg.get("per_seed", 10)))
+    retries = max(0, int(cfg.get("retries", 2)))
+    n_examples = max(1, min(int(cfg.get("num_examples", 3)), len(demos)))
+    template = prompts["templates"]["synth_inputs"]
+    asked = per_seed * len(seeds)
+    rng = random.Random(int(ctx.section("sampling").get("seed", 0)))
+
+    yield LogLine(f"loading teacher {ctx.model('teacher')} on backend {ctx.backend}")
+    sampler = await open_sampler(ctx, role="teacher")
+    seen = {normalize(d["input"]) for d in demos}  # never echo a demonstration back
+    raw_log = open(ctx.run_dir / "teacher_replies.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 4))))
+    gen_kwargs = {
+        "max_tokens": int(cfg.get("max_tokens", 400)),
+        "temperature": float(cfg.get("temperature", 0.8)),
+        "top_p": float(ctx.section("sampling").get("top_p", 0.95)),
+    }
+    examples_per_seed = [rng.sample(demos, n_examples) for _ in seeds]
+
+    async def one_seed(si: int, seed: str) -> tuple[int, list[str], int]:
+        got: list[str] = []
+        attempts = 0
+        for attempt in range(1 + retries):
+            ctx.check_cancel()
+            need = per_seed - len(got)
+            if need <= 0:
+                break
+            attempts += 1
+            examples = "\n".join(
+                f"{k + 1}. {d['input']}" for k, d in enumerate(examples_per_seed[si])
+            )
+            prompt = fill(template, examples=examples, seed=seed, n=need)
+            async with sem:
+                ctx.check_cancel()
+                texts = await sampler.generate(
+                    [{"role": "user", "content": prompt}],
+                    seed=1000 * si + attempt,
+                    trim_repeats=False,
+                    **gen_kwargs,
+                )
+            reply = texts[0] if texts else ""
+            raw_log.write(
+                json.dumps({"seed": seed, "attempt": attempt, "reply": reply}, ensure_ascii=False)
+                + "\n"
+            )
+            raw_log.flush()
+            got.extend(dedupe(parse_requests(reply), seen)[:need])
+        return si, got, attempts
+
+    rows: list[dict[str, str]] = []
+    per_seed_results: dict[int, list[str]] = {}
+    tasks = [asyncio.create_task(one_seed(i, s)) for i, s in enumerate(seeds)]
+    try:
+        yield Progress(0, len(seeds), "synth-inputs: seeds")
+        valid = 0
+        for done, fut in enumerate(asyncio.as_completed(tasks), start=1):
+            si, got, attempts = await fut
+            per_seed_results[si] = got
+            valid += len(got)
+            yield LogLine(
+                f"seed {seeds[si]!r}: {len(got)}/{per_seed} requests in {attempts} attempt(s)"
+            )
+            yield Metric("synth_inputs/yield", done, valid / (per_seed * done))
+            yield Progress(done, len(seeds), "synth-inputs: seeds")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raw_log.close()
+
+    for si, seed in enumerate(seeds):
+        for text in per_seed_results.get(si, []):
+            rows.append({"id": f"in-{len(rows) + 1:04d}", "seed": seed, "input": text})
+    total_yield = len(rows) / asked if asked else 0.0
+    yield Metric("synth_inputs/valid", len(seeds), float(len(rows)))
+    if not rows:
+        raise StageError(
+            f"The teacher ({ctx.model('teacher')}) produced no usable requests (yield 0/{asked}). "
+            "Try a stronger teacher (models.teacher, or --backend tinker), more retries "
+            "(--set synth_inputs.retries=4) or a larger synth_inputs.max_tokens. Raw replies: "
+            f"{ws.rel(ctx.run_dir / 'teacher_replies.jsonl')}"
+        )
+    out = ws.result(OUTPUT)
+    atomic_write_jsonl(out, rows)
+    if total_yield < 0.5:
+        yield LogLine(
+            f"low yield {len(rows)}/{asked} ({total_yield:.0%}): the teacher's replies were hard to parse. "
+            "A stronger teacher gives more.",
+            "warning",
+        )
+    yield StageFinished(
+        stage=ctx.stage,
+        outputs=(ws.rel(out),),
+        summary=f"{len(rows)} requests, yield {len(rows)}/{asked} = {total_yield:.0%}",
+    )

@@ -1,0 +1,104 @@
+"""Default text the ``init`` command writes into a new workspace's data/prompts.toml.
+
+Placeholders in templates are replaced literally (``{examples}``, ``{seed}``, ``{n}``,
+``{request}``, ``{draft}``, ``{critique}``, ``{system_prompt}``), so other braces a user
+types stay as they are.
+"""
+
+from __future__ import annotations
+
+DEFAULT_SEEDS = [
+    "research project communication",
+    "turn down request",
+    "open source outreach",
+    "job & career context",
+    "social events",
+    "time-sensitive crisis communications",
+    "reimbursement request",
+    "communication with health care providers (e.g., dentist, insurance companies)",
+    "legal & compliance",
+    "cold emailing",
+]
+
+PROMPTS_TOML_TEMPLATE = '''\
+# Persona prompts: the system prompt, the rubric, topic seeds and synthesis templates.
+# Edited in the TUI (Prompts & Rubric tab) or by hand.
+
+system_prompt = """
+You write emails for Maya, a PhD student in environmental microbiology. Write exactly as she does:
+- Open with "Hi <first name> —" (an em dash, no comma). For groups: "Hi all —".
+- First sentence states the point. No small talk, no "I hope this email finds you well".
+- Short: two or three brief paragraphs, under 120 words. A short bulleted list only for amounts or questions.
+- Concrete: names, dates written like "Thu 11/6" or "Mon 3/17", amounts, room numbers.
+- Friendly and direct; one clear ask; offers a practical next step.
+- Always end with "Thanks!" on its own line, then "— Maya" on the last line.
+Output only the email body: no subject line, no preamble, no notes after the sign-off.
+"""
+
+rubric = """
+1. Greeting: starts with "Hi <name> —" (em dash), or "Hi all —" for a group.
+2. The first sentence states the purpose; no filler or pleasantries.
+3. Length: under about 120 words, two or three short paragraphs.
+4. Specifics from the request appear: names, dates in "Day M/D" form, amounts.
+5. One clear ask or next step.
+6. Ends with "Thanks!" then "— Maya"; nothing after the sign-off.
+7. No assistant artifacts: no "Sure, here's...", no offers to revise, no subject line.
+"""
+
+seeds = [
+    "research project communication",
+    "turn down request",
+    "open source outreach",
+    "job & career context",
+    "social events",
+    "time-sensitive crisis communications",
+    "reimbursement request",
+    "communication with health care providers (e.g., dentist, insurance companies)",
+    "legal & compliance",
+    "cold emailing",
+]
+
+[templates]
+synth_inputs = """
+You write requests that a person gives to an email-writing assistant. Examples of such requests:
+
+{examples}
+
+Write {n} new requests on this topic: {seed}.
+Each request must be different from the examples and from each other, and must carry real context:
+who the email is to (a name and role), what the person wants, and dates or numbers.
+Answer with a JSON list of {n} strings and nothing else.
+"""
+
+critique = """
+A writer's style guide:
+{system_prompt}
+
+Request: {request}
+
+Draft email:
+{draft}
+
+List, briefly, every way the draft breaks the style guide or misses facts from the request.
+"""
+
+revise = """
+Request: {request}
+
+Draft email:
+{draft}
+
+Problems found:
+{critique}
+
+Rewrite the email so it fixes every problem. Output only the email.
+"""
+'''
+
+
+def fill(template: str, **values: object) -> str:
+    """Replace ``{name}`` placeholders literally; leave any other braces alone."""
+    out = template
+    for k, v in values.items():
+        out = out.replace("{" + k + "}", str(v))
+    return out.strip()

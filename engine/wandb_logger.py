@@ -1,0 +1,67 @@
+"""Send a run's metrics to wandb when ``[wandb] project`` is set (offline mode without a key).
+
+wandb is imported only when a project is configured. The key is passed through the process
+environment of this process only, never written to a file by Persona.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.config import snapshot
+from engine.events import Event, LogLine, Metric, StageFailed, StageFinished
+
+
+class WandbListener:
+    def __init__(
+        self, cfg: dict[str, Any], stage: str, run_dir: Path, secrets: dict[str, str]
+    ) -> None:
+        self._run = None
+        self._error: str | None = None
+        w = cfg.get("wandb", {})
+        try:
+            import wandb
+
+            key = secrets.get("WANDB_API_KEY", "")
+            mode = "online" if key else "offline"
+            if key:
+                os.environ["WANDB_API_KEY"] = key
+            self._run = wandb.init(
+                project=str(w["project"]),
+                entity=str(w.get("entity") or "") or None,
+                name=run_dir.name,
+                group=stage,
+                dir=str(run_dir),
+                mode=os.environ.get("WANDB_MODE", mode),
+                config=snapshot(cfg, secrets),
+                reinit="finish_previous",
+            )
+        except Exception as e:  # wandb is optional: never fail the stage for it
+            self._error = f"wandb disabled: {e}"
+
+    def __call__(self, event: Event) -> Any:
+        if self._run is None:
+            if self._error:
+                msg, self._error = self._error, None
+                return LogLine(
+                    msg, "warning"
+                )  # surfaced once (return value is ignored by the runner)
+            return None
+        if isinstance(event, Metric):
+            # metrics of one run interleave steps (val at 0, train at 1...): log the step as a value
+            self._run.log({event.name: event.value, "step": event.step})
+        elif isinstance(event, StageFinished | StageFailed):
+            with contextlib.suppress(Exception):
+                self._run.summary["status"] = (
+                    "finished" if isinstance(event, StageFinished) else "failed"
+                )
+        return None
+
+    def close(self) -> None:
+        if self._run is not None:
+            with contextlib.suppress(Exception):
+                self._run.finish()
+            self._run = None

@@ -1,0 +1,252 @@
+"""The workspace: a folder with persona.toml, data/, results/, runs/ and .env.
+
+Everything a stage reads from the user goes through here and is validated with
+messages that name the file, the entry and the problem. Validation never writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import atomic_write_json, atomic_write_text, atomic_write_toml
+from engine.config import PERSONA_TOML_TEMPLATE, load_config, load_secrets
+from engine.templates import PROMPTS_TOML_TEMPLATE
+
+MIN_DEMOS = 3
+EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "data.example.json"
+
+RESULT_FILES = {
+    "baseline": "baseline_results.json",
+    "prompting": "prompt_engineering_results.json",
+    "synth-inputs": "synthetic_inputs.jsonl",
+    "synth-outputs": "synthetic_personalized_data.jsonl",
+    "sft": "sft_model_outputs.json",
+    "reward-model": "rm_validation.json",
+    "rl-prompts": "rl_train_data.jsonl",
+    "rlaif": "rl_model_outputs.json",
+    "ditto": "ditto_model_outputs.json",
+    "evaluate": "report.md",
+}
+
+
+class WorkspaceError(ValueError):
+    """A problem with the user's files; ``str()`` names the file and what to fix."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    # -- paths ---------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "persona.toml"
+
+    @property
+    def env_path(self) -> Path:
+        return self.root / ".env"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def demos_path(self) -> Path:
+        return self.data_dir / "data.json"
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.data_dir / "prompts.toml"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def result(self, name: str) -> Path:
+        return self.results_dir / name
+
+    def rel(self, path: str | Path) -> str:
+        """A path relative to the workspace root when it is inside it (for messages)."""
+        p = Path(path)
+        try:
+            return str(p.resolve().relative_to(self.root))
+        except ValueError:
+            return str(p)
+
+    # -- config and secrets --------------------------------------------------
+    def config(
+        self, overrides: list[str] | dict[str, Any] | None = None, backend: str | None = None
+    ) -> dict[str, Any]:
+        return load_config(self.config_path, overrides, backend)
+
+    def secrets(self) -> dict[str, str]:
+        return load_secrets(self.env_path)
+
+    # -- demonstrations ------------------------------------------------------
+    def load_demos(self) -> list[dict[str, str]]:
+        if not self.demos_path.exists():
+            raise WorkspaceError(
+                f"{self.rel(self.demos_path)}: file not found. Run `persona init` or copy "
+                "data/data.example.json there and edit it."
+            )
+        return validate_demos_text(
+            self.demos_path.read_text(encoding="utf-8"), self.rel(self.demos_path)
+        )
+
+    def save_demos(self, demos: list[dict[str, str]]) -> Path:
+        """Validate, then write atomically. On a problem nothing is written."""
+        text = json.dumps(demos, indent=2, ensure_ascii=False) + "\n"
+        validate_demos_text(text, self.rel(self.demos_path))
+        return atomic_write_text(self.demos_path, text)
+
+    # -- prompts -------------------------------------------------------------
+    def load_prompts(self) -> dict[str, Any]:
+        path = self.prompts_path
+        name = self.rel(path)
+        defaults = tomllib.loads(PROMPTS_TOML_TEMPLATE)
+        if not path.exists():
+            return defaults
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise WorkspaceError(
+                f"{name}: not valid TOML ({e}). Fix the file or delete it to get the defaults."
+            ) from e
+        problems = []
+        for key in ("system_prompt", "rubric"):
+            if key in data and not isinstance(data[key], str):
+                problems.append(f"{name}: {key} must be a string")
+        seeds = data.get("seeds", defaults["seeds"])
+        if not isinstance(seeds, list) or not all(isinstance(s, str) for s in seeds):
+            problems.append(f"{name}: seeds must be a list of strings")
+        elif not [s for s in seeds if s.strip()]:
+            problems.append(f"{name}: seeds is empty; add at least one topic seed")
+        if "templates" in data and not isinstance(data["templates"], dict):
+            problems.append(f"{name}: [templates] must be a table")
+        if problems:
+            raise WorkspaceError("\n".join(problems), problems)
+        merged = {**defaults, **data}
+        merged["templates"] = {**defaults["templates"], **data.get("templates", {})}
+        merged["seeds"] = [s.strip() for s in merged["seeds"] if s.strip()]
+        return merged
+
+    def save_prompts(self, prompts: dict[str, Any]) -> Path:
+        return atomic_write_toml(self.prompts_path, prompts)
+
+
+def validate_demos(data: Any, name: str = "data/data.json") -> list[dict[str, str]]:
+    """Check parsed demonstrations; raise WorkspaceError listing every problem."""
+    if not isinstance(data, list):
+        raise WorkspaceError(
+            f'{name}: expected a JSON list of {{"input": ..., "output": ...}} objects, '
+            f"found a JSON {type(data).__name__ if not isinstance(data, dict) else 'object'}"
+        )
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    demos: list[dict[str, str]] = []
+    for i, entry in enumerate(data, start=1):
+        where = f"{name}: entry {i}"
+        if not isinstance(entry, dict):
+            problems.append(
+                f'{where}: expected an object with "input" and "output", found {type(entry).__name__}'
+            )
+            continue
+        ok = True
+        for key in ("input", "output"):
+            if key not in entry:
+                problems.append(f'{where}: missing field "{key}"')
+                ok = False
+            elif not isinstance(entry[key], str):
+                problems.append(
+                    f'{where}: field "{key}" must be text, found {type(entry[key]).__name__}'
+                )
+                ok = False
+            elif not entry[key].strip():
+                problems.append(f'{where}: field "{key}" is empty')
+                ok = False
+        if not ok:
+            continue
+        key = _norm(entry["input"])
+        if key in seen:
+            problems.append(f"{where}: duplicate of entry {seen[key]} (same input)")
+            continue
+        seen[key] = i
+        demos.append({"input": entry["input"].strip(), "output": entry["output"].strip()})
+    if not problems and len(demos) < MIN_DEMOS:
+        problems.append(
+            f"{name}: {len(demos)} demonstration(s); at least {MIN_DEMOS} are needed (about 10 is best)"
+        )
+    if problems:
+        raise WorkspaceError("\n".join(problems), problems)
+    return demos
+
+
+def validate_demos_text(text: str, name: str = "data/data.json") -> list[dict[str, str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkspaceError(
+            f"{name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from e
+    return validate_demos(data, name)
+
+
+def find_workspace(start: str | Path | None = None) -> Workspace:
+    """The nearest folder at or above ``start`` holding persona.toml (else ``start``)."""
+    here = Path(start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "persona.toml").exists():
+            return Workspace(p)
+    return Workspace(here)
+
+
+def init_workspace(root: str | Path, *, force: bool = False) -> Workspace:
+    """Create a workspace with the example data. Never overwrites existing files unless ``force``."""
+    ws = Workspace(Path(root))
+    ws.root.mkdir(parents=True, exist_ok=True)
+    for d in (ws.data_dir, ws.results_dir, ws.runs_dir):
+        d.mkdir(exist_ok=True)
+    example = json.loads(EXAMPLE_DATA.read_text(encoding="utf-8")) if EXAMPLE_DATA.exists() else []
+    writes: list[tuple[Path, Any]] = [
+        (ws.config_path, PERSONA_TOML_TEMPLATE),
+        (ws.prompts_path, PROMPTS_TOML_TEMPLATE),
+        (ws.data_dir / "data.example.json", example),
+        (ws.demos_path, example),
+    ]
+    for path, content in writes:
+        if path.exists() and not force:
+            continue
+        if isinstance(content, str):
+            atomic_write_text(path, content)
+        else:
+            atomic_write_json(path, content)
+    if not ws.env_path.exists():
+        atomic_write_text(
+            ws.env_path,
+            "# Secrets for Persona. Never committed, never written to logs or results.\n"
+            "# TINKER_API_KEY=\n# WANDB_API_KEY=\n",
+        )
+    gi = ws.root / ".gitignore"
+    if not gi.exists():
+        atomic_write_text(gi, ".env\nruns/\nwandb/\n")
+    return ws

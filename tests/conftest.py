@@ -1,0 +1,78 @@
+"""Shared fixtures: a temporary workspace on the tiny random model, small budgets everywhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # works without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from engine.atomic import atomic_write_text  # noqa: E402
+from engine.workspace import Workspace, init_workspace  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY = "persona/tiny-random"
+
+TINY_TOML = f'''
+[backend]
+name = "local"
+
+[models]
+policy = "{TINY}"
+teacher = "{TINY}"
+judge = "{TINY}"
+
+[sampling]
+max_tokens = 16
+temperature = 1.0
+concurrency = 4
+
+[synth_inputs]
+per_seed = 3
+max_seeds = 2
+retries = 1
+max_tokens = 48
+
+[synth_outputs]
+max_tokens = 16
+concurrency = 4
+
+[sft]
+steps = 4
+batch_size = 2
+rank = 4
+checkpoint_every = 2
+max_length = 256
+val_fraction = 0.25
+train_on = "non-rejected"
+'''
+
+
+def make_tiny_workspace(root: Path) -> Workspace:
+    ws = init_workspace(root)
+    atomic_write_text(ws.config_path, TINY_TOML)
+    return ws
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return make_tiny_workspace(tmp_path / "ws")
+
+
+def backend_ready() -> bool:
+    try:
+        from engine.backends import make_service_client  # noqa: F401
+        from engine.backends.local import LocalServiceClient  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_backend = pytest.mark.skipif(not backend_ready(), reason="engine.backends (local) not available yet")

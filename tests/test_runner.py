@@ -1,0 +1,160 @@
+"""Runner with fake stages: run folders, events.jsonl, listeners, failures, cancel, replay, status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from engine.context import StageContext, StageError
+from engine.events import LogLine, Metric, Progress, StageFailed, StageFinished, StageStarted, event_to_dict
+from engine.runner import RUNNING_MARKER, Runner, list_runs, load_run_events, stage_status
+from engine.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Spec:
+    run: Any
+    trains: bool = False
+
+
+async def ok_stage(ctx: StageContext):
+    yield LogLine(f"model {ctx.model('policy')}")
+    for i in range(3):
+        yield Metric("train/loss", i + 1, 1.0 / (i + 1))
+        yield Progress(i + 1, 3)
+    yield StageFinished(stage=ctx.stage, outputs=("results/x.json",), summary="3 steps")
+
+
+async def crash_stage(ctx: StageContext):
+    yield LogLine("about to crash")
+    raise RuntimeError("boom")
+
+
+async def bad_input_stage(ctx: StageContext):
+    ctx.workspace.load_demos()
+    yield LogLine("unreachable")
+
+
+async def slow_stage(ctx: StageContext):
+    for i in range(1000):
+        ctx.check_cancel()
+        await asyncio.sleep(0.01)
+        yield Progress(i + 1, 1000)
+    yield StageFinished(stage=ctx.stage)
+
+
+async def failing_stage(ctx: StageContext):
+    yield LogLine("x")
+    raise StageError("Do this to fix it.")
+
+
+def make_runner(ws: Workspace, **stages: Any) -> Runner:
+    return Runner(ws, stages={k.replace("_", "-"): Spec(v) for k, v in stages.items()})
+
+
+async def test_run_writes_events_config_and_notifies(ws: Workspace):
+    ws.env_path.write_text("TINKER_API_KEY=tk-very-secret-1\n")
+    seen = []
+
+    async def alistener(ev):
+        seen.append(("async", type(ev).__name__))
+
+    runner = make_runner(ws, baseline=ok_stage)
+    runner.add_listener(lambda ev: seen.append(("sync", type(ev).__name__)))
+    runner.add_listener(alistener)
+    events = [ev async for ev in runner.run_stage("baseline", ["sampling.max_tokens=7"])]
+    assert isinstance(events[0], StageStarted) and isinstance(events[-1], StageFinished)
+    assert events[-1].summary == "3 steps"
+    assert [e.value for e in events if isinstance(e, Metric)] == [1.0, 0.5, 1.0 / 3]
+    assert ("sync", "StageFinished") in seen and ("async", "StageStarted") in seen
+    (run,) = list_runs(ws, "baseline")
+    assert run.name.startswith("baseline-2") and events[0].run_dir == str(run)
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["sampling"]["max_tokens"] == 7
+    lines = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [x["type"] for x in lines] == [type(e).__name__ for e in events]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (run / RUNNING_MARKER).exists()
+    for p in run.rglob("*"):
+        if p.is_file():
+            assert "tk-very-secret-1" not in p.read_text()
+    # replay gives the same events
+    assert [event_to_dict(e) for e in load_run_events(run)] == [event_to_dict(e) for e in events]
+
+
+async def test_crash_becomes_actionable_failure(ws: Workspace):
+    final = await make_runner(ws, baseline=crash_stage).run("baseline")
+    assert isinstance(final, StageFailed) and not final.cancelled
+    assert "RuntimeError: boom" in final.message and "events.jsonl" in final.message
+    (run,) = list_runs(ws, "baseline")
+    events = load_run_events(run)
+    assert any(isinstance(e, LogLine) and e.level == "error" and "Traceback" in e.message for e in events)
+    st = {s.name: s for s in stage_status(ws)}
+    assert st["baseline"].state == "failed" and "boom" in st["baseline"].message
+
+
+async def test_workspace_errors_pass_through(ws: Workspace):
+    ws.demos_path.write_text("[{}]")
+    final = await make_runner(ws, demos=bad_input_stage).run("demos")
+    assert isinstance(final, StageFailed)
+    assert final.message.startswith("data/data.json: entry 1: missing field")
+    final = await make_runner(ws, prompting=failing_stage).run("prompting")
+    assert final.message == "Do this to fix it."
+
+
+async def test_cancel_stops_quickly(ws: Workspace):
+    runner = make_runner(ws, baseline=slow_stage)
+    n = 0
+    final = None
+    async for ev in runner.run_stage("baseline"):
+        if isinstance(ev, Progress):
+            n += 1
+            if n == 5:
+                runner.cancel()
+        final = ev
+    assert isinstance(final, StageFailed) and final.cancelled
+    assert n <= 7
+    assert stage_status(ws)[1].state == "cancelled"
+
+
+async def test_consumer_leaving_stops_the_stage(ws: Workspace):
+    runner = make_runner(ws, baseline=slow_stage)
+    agen = runner.run_stage("baseline")
+    async for ev in agen:
+        if isinstance(ev, Progress):
+            break
+    await agen.aclose()
+    assert runner.running is None
+    (run,) = list_runs(ws, "baseline")
+    assert not (run / RUNNING_MARKER).exists()
+
+
+async def test_unknown_and_unimplemented_and_bad_override(ws: Workspace):
+    r = Runner(ws)
+    final = await r.run("nope")
+    assert isinstance(final, StageFailed) and "Unknown stage 'nope'" in final.message and "baseline" in final.message
+    final = await r.run("rlaif")
+    assert "not implemented yet" in final.message
+    final = await make_runner(ws, baseline=ok_stage).run("baseline", ["backend.name=\"gpu\""])
+    assert isinstance(final, StageFailed) and "backend.name" in final.message
+
+
+def test_status_lists_every_stage_and_interrupted_runs(ws: Workspace):
+    st = stage_status(ws)
+    assert [s.name for s in st] == [
+        "demos", "baseline", "prompting", "synth-inputs", "synth-outputs", "sft",
+        "reward-model", "rl-prompts", "rlaif", "ditto", "evaluate",
+    ]
+    assert st[0].state == "done" and st[0].outputs == ["data/data.json"]
+    assert st[1].state == "not run" and st[8].state == "not implemented"
+    # a killed run: events without an end, a marker naming a dead process
+    run = ws.runs_dir / "sft-20240101-000000"
+    run.mkdir(parents=True)
+    (run / "events.jsonl").write_text(json.dumps(event_to_dict(StageStarted("sft"))) + "\n{\"type\": \"Metr")
+    (run / RUNNING_MARKER).write_text(json.dumps({"pid": 999999999}))
+    sft = {s.name: s for s in stage_status(ws)}["sft"]
+    assert sft.state == "interrupted" and "resume" in sft.message
+    assert len(load_run_events(run)) == 1  # the torn last line is skipped
