@@ -63,11 +63,10 @@ def write(
     overwrite: bool,
 ) -> None:
     """Write a checkpoint folder atomically (a temp folder renamed into place)."""
-    if folder.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"Checkpoint {folder} already exists; pass overwrite=True or choose another name."
-            )
+    if folder.exists() and not overwrite:
+        raise FileExistsError(
+            f"Checkpoint {folder} already exists; pass overwrite=True or choose another name."
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

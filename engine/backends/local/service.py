@@ -8,6 +8,7 @@ awaitable future at once while the work runs on the service's worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import weakref
@@ -200,10 +201,8 @@ class LocalServiceClient:
 
 
 def _release_adapter(worker: Worker, rt: BaseRuntime, name: str) -> None:
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed service has nothing left to free
         worker.submit(lambda: rt.host.remove(name))
-    except RuntimeError:  # service closed: nothing left to free
-        pass
 
 
 def _tensor(td: Any) -> torch.Tensor:
