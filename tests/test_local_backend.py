@@ -1,0 +1,323 @@
+"""The local service against Tinker's interface, on the tiny random model (fp32, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from tinker import types
+from transformers import AutoModelForCausalLM
+
+from engine.backends import BackendConfigError, make_service_client
+from engine.backends.local import TINY_MODEL, LocalServiceClient, ensure_model_dir
+from engine.backends.local.checkpoint_io import CheckpointNotFoundError
+from engine.backends.renderers import get_renderer_for
+
+ADAM = types.AdamParams(learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> LocalServiceClient:
+    svc = LocalServiceClient(tmp_path_factory.mktemp("ckpt"), device="cpu", dtype="float32")
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """The same tiny model loaded plainly by transformers, to check numbers by hand."""
+    model = AutoModelForCausalLM.from_pretrained(ensure_model_dir(TINY_MODEL), dtype=torch.float32)
+    return model.eval()
+
+
+def datum(tokens: list[int], **inputs) -> types.Datum:
+    """Input tokens[:-1] predicting tokens[1:], with extra per-position inputs."""
+    n = len(tokens) - 1
+    loss_inputs = {"target_tokens": types.TensorData.from_torch(torch.tensor(tokens[1:]))}
+    for key, values in inputs.items():
+        loss_inputs[key] = types.TensorData.from_torch(torch.tensor(values[:n], dtype=torch.float32))
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=loss_inputs)
+
+
+def hand_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens[:-1]])).logits[0]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+SEQ_A = [1, 4093, 198, 19556, 665, 2, 198, 1, 520, 9531]
+SEQ_B = [1, 520, 9531, 198, 26843, 17, 1073]
+
+
+async def test_losses_match_hand_computation(service, reference_model):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    lp_a, lp_b = hand_logprobs(reference_model, SEQ_A), hand_logprobs(reference_model, SEQ_B)
+    w_a = [0, 0, 1, 1, 1, 0.5, 1, 1, 1]
+    w_b = [1, 1, 0, 0, 1, 1]
+
+    out = await tc.forward([datum(SEQ_A, weights=w_a), datum(SEQ_B, weights=w_b)], "cross_entropy")
+    expected = -(lp_a * torch.tensor(w_a)).sum() - (lp_b * torch.tensor(w_b)).sum()
+    assert out.metrics["loss:sum"] == pytest.approx(float(expected), rel=1e-4)
+    assert torch.allclose(out.loss_fn_outputs[0]["logprobs"].to_torch(), lp_a, atol=1e-4)
+
+    q_a, q_b = lp_a - 0.3, lp_b + 0.2  # the "sampler's" logprobs
+    adv_a, adv_b = [1.0] * 9, [-2.0] * 6
+    batch = [
+        datum(SEQ_A, logprobs=q_a.tolist(), advantages=adv_a),
+        datum(SEQ_B, logprobs=q_b.tolist(), advantages=adv_b),
+    ]
+    ratio_a, ratio_b = torch.exp(lp_a - q_a), torch.exp(lp_b - q_b)
+    is_loss = -(ratio_a * 1.0).sum() - (ratio_b * -2.0).sum()
+    out = await tc.forward(batch, "importance_sampling")
+    assert out.metrics["loss:sum"] == pytest.approx(float(is_loss), rel=1e-4)
+
+    ppo_a = -torch.minimum(ratio_a * 1.0, ratio_a.clamp(0.8, 1.2) * 1.0).sum()
+    ppo_b = -torch.minimum(ratio_b * -2.0, ratio_b.clamp(0.8, 1.2) * -2.0).sum()
+    out = await tc.forward(batch, "ppo")
+    assert out.metrics["loss:sum"] == pytest.approx(float(ppo_a + ppo_b), rel=1e-4)
+    assert float(ratio_a[0]) > 1.2  # the clip really bites in this example
+
+
+async def test_optim_step_moves_only_lora_weights(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    rt = tc._rt
+    base_before = {k: v.clone() for k, v in rt.model.state_dict().items() if "lora" not in k}
+    lora_before = [p.clone() for p in rt.host.parameters(tc.model_id)]
+    for _ in range(2):  # B starts at zero, so A first moves on the second step
+        fb = tc.forward_backward([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy")
+        step = tc.optim_step(ADAM)
+        await fb
+        response = await step
+        assert response.metrics["grad_norm"] > 0
+    for key, value in rt.model.state_dict().items():
+        if key in base_before:
+            assert torch.equal(value, base_before[key]), key
+    moved = [not torch.equal(a, b) for a, b in zip(lora_before, rt.host.parameters(tc.model_id), strict=True)]
+    assert all(moved)
+
+
+async def test_training_lowers_the_loss(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=8, seed=1)
+    batch = [datum(SEQ_A, weights=[1.0] * 9), datum(SEQ_B, weights=[1.0] * 6)]
+    losses = []
+    for _ in range(6):
+        fb = tc.forward_backward(batch, "cross_entropy")
+        tc.optim_step(ADAM)
+        losses.append((await fb).metrics["loss:sum"])
+    assert losses[-1] < 0.7 * losses[0]
+
+
+async def test_save_load_round_trips_weights_and_optimizer(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    batch = [datum(SEQ_A, weights=[1.0] * 9)]
+    for _ in range(2):
+        tc.forward_backward(batch, "cross_entropy")
+        await tc.optim_step(ADAM)
+    saved = await tc.save_state("two-steps")
+    assert saved.path.startswith("local://")
+    before = (await tc.forward(batch, "cross_entropy")).loss_fn_outputs[0]["logprobs"].to_torch()
+
+    restored = await service.create_training_client_from_state_with_optimizer(saved.path)
+    after = (await restored.forward(batch, "cross_entropy")).loss_fn_outputs[0]["logprobs"].to_torch()
+    assert torch.allclose(before, after, atol=1e-6)
+    original_state = tc._optimizer.state_dict()["state"]
+    restored_state = restored._optimizer.state_dict()["state"]
+    assert restored._step == 2
+    assert all(torch.equal(original_state[k]["exp_avg"], restored_state[k]["exp_avg"]) for k in original_state)
+
+    # The next step from either client lands on the same weights.
+    for client in (tc, restored):
+        client.forward_backward(batch, "cross_entropy")
+        await client.optim_step(ADAM)
+    a = (await tc.forward(batch, "cross_entropy")).metrics["loss:sum"]
+    b = (await restored.forward(batch, "cross_entropy")).metrics["loss:sum"]
+    assert a == pytest.approx(b, rel=1e-5)
+
+    weights_only = await service.create_training_client_from_state(saved.path)
+    assert weights_only._optimizer is None
+
+
+async def test_saved_sampler_weights_load_in_peft(service):
+    from peft import PeftModel
+
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0, train_unembed=False)
+    tc.forward_backward([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy")
+    await tc.optim_step(types.AdamParams(learning_rate=5e-2))
+    path = (await tc.save_weights_for_sampler("peft-check")).path
+    sampler = await service.create_sampling_client(model_path=path)
+    ours = await sampler.compute_logprobs(types.ModelInput.from_ints(SEQ_A))
+
+    base = AutoModelForCausalLM.from_pretrained(ensure_model_dir(TINY_MODEL), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, path.removeprefix("local://")).eval()
+    theirs = hand_logprobs(peft_model, SEQ_A)
+    assert ours[0] is None
+    assert torch.allclose(torch.tensor(ours[1:]), theirs, atol=1e-4)
+
+
+async def test_sampling_honours_params(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    sampler = await tc.save_weights_and_get_sampling_client()
+    tokenizer = sampler.get_tokenizer()
+    prompt = types.ModelInput.from_ints(SEQ_A)
+
+    params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    result = await sampler.sample(prompt, 5, params)
+    assert len(result.sequences) == 5
+    assert all(len(s.tokens) <= 12 and len(s.logprobs) == len(s.tokens) for s in result.sequences)
+    assert any(s.stop_reason == "length" for s in result.sequences)
+    again = await sampler.sample(prompt, 5, params)
+    assert [s.tokens for s in again.sequences] == [s.tokens for s in result.sequences]
+    other = await sampler.sample(prompt, 5, types.SamplingParams(max_tokens=12, temperature=1.0, seed=8))
+    assert [s.tokens for s in other.sequences] != [s.tokens for s in result.sequences]
+
+    # Stop on a string: pick a string the unconstrained sample contains, then ask to stop there.
+    long = (await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0))).sequences[0]
+    text = tokenizer.decode(long.tokens)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip()
+    cut = (await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]))).sequences[0]
+    assert cut.stop_reason == "stop"
+    assert stop in tokenizer.decode(cut.tokens)
+    assert stop not in tokenizer.decode(cut.tokens[:-1])  # the stop is included, nothing after it
+    assert cut.tokens == long.tokens[: len(cut.tokens)]
+
+    # Stop on a token id.
+    stop_id = long.tokens[4]
+    by_id = (await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[stop_id]))).sequences[0]
+    assert by_id.tokens[-1] == stop_id and by_id.stop_reason == "stop"
+
+
+async def test_sample_logprobs_match_compute_logprobs(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    tc.forward_backward([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy")
+    await tc.optim_step(ADAM)
+    sampler = await tc.save_weights_and_get_sampling_client()
+    seqs = (await sampler.sample(
+        types.ModelInput.from_ints(SEQ_B), 3, types.SamplingParams(max_tokens=10, temperature=1.0, seed=3)
+    )).sequences
+    for seq in seqs:
+        full = await sampler.compute_logprobs(types.ModelInput.from_ints(SEQ_B + seq.tokens))
+        assert full[0] is None
+        assert torch.allclose(torch.tensor(full[-len(seq.tokens):]), torch.tensor(seq.logprobs), atol=1e-4)
+
+
+async def test_snapshot_is_frozen_while_training_continues(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    batch = [datum(SEQ_A, weights=[1.0] * 9)]
+    tc.forward_backward(batch, "cross_entropy")
+    await tc.optim_step(ADAM)
+    snapshot = await tc.save_weights_and_get_sampling_client()
+    probe = types.ModelInput.from_ints(SEQ_B)
+    before = await snapshot.compute_logprobs(probe)
+    for _ in range(3):
+        tc.forward_backward(batch, "cross_entropy")
+        await tc.optim_step(ADAM)
+    assert await snapshot.compute_logprobs(probe) == before
+    live = await tc.save_weights_and_get_sampling_client()
+    assert await live.compute_logprobs(probe) != before
+    base = await service.create_sampling_client(base_model=TINY_MODEL)
+    assert await base.compute_logprobs(probe) != before
+
+
+async def test_requests_run_in_submission_order(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    batch = [datum(SEQ_A, weights=[1.0] * 9)]
+    futures = []
+    for _ in range(3):  # submit everything before awaiting anything
+        futures.append(tc.forward_backward(batch, "cross_entropy"))
+        futures.append(tc.optim_step(ADAM))
+    futures.append(tc.forward(batch, "cross_entropy"))
+    results = [await f for f in futures]
+    losses = [r.metrics["loss:sum"] for r in results[0:6:2]] + [results[6].metrics["loss:sum"]]
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == 4
+    assert [r.metrics["step"] for r in results[1:6:2]] == [1.0, 2.0, 3.0]
+
+
+async def test_event_loop_stays_responsive_while_training(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    long_batch = [datum(list(range(3, 900)), weights=[1.0] * 896)] * 4
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    for _ in range(3):
+        tc.forward_backward(long_batch, "cross_entropy")
+        await tc.optim_step(ADAM)
+    elapsed = time.perf_counter() - started
+    task.cancel()
+    assert ticks >= 0.3 * elapsed / 0.005  # the loop kept ticking during the compute
+
+
+async def test_bad_input_is_reported_and_the_service_keeps_working(service):
+    tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=0)
+    good = datum(SEQ_A, weights=[1.0] * 9)
+    with pytest.raises(ValueError, match="Empty batch"):
+        tc.forward_backward([], "cross_entropy")
+    with pytest.raises(ValueError, match="Unsupported loss_fn 'dro'"):
+        tc.forward_backward([good], "dro")
+    mismatched = types.Datum(
+        model_input=types.ModelInput.from_ints(SEQ_A[:-1]),
+        loss_fn_inputs={"target_tokens": SEQ_A[1:4], "weights": [1.0, 1.0, 1.0]},
+    )
+    with pytest.raises(ValueError, match=r"Datum 1: loss_fn_inputs\['target_tokens'\] has length 3"):
+        tc.forward_backward([good, mismatched], "cross_entropy")
+    with pytest.raises(ValueError, match="needs loss_fn_inputs\\['logprobs'\\]"):
+        tc.forward_backward([good], "importance_sampling")
+    with pytest.raises(CheckpointNotFoundError, match="No local checkpoint"):
+        service.create_training_client_from_state("/nonexistent/checkpoint")
+    with pytest.raises(CheckpointNotFoundError, match="Tinker checkpoint"):
+        service.create_sampling_client(model_path="tinker://run/sampler_weights/x")
+    with pytest.raises(ValueError, match="Unknown base_model 'no/such-model'"):
+        await service.create_lora_training_client("no/such-model")
+    out = await tc.forward_backward([good], "cross_entropy")  # still serving
+    assert out.metrics["loss:sum"] > 0
+
+
+async def test_cookbook_style_sync_use(service):
+    """tinker-cookbook's DPO loop uses the creation future as the client, synchronously."""
+    tc = service.create_lora_training_client(TINY_MODEL, rank=4)
+    reference = tc.save_weights_and_get_sampling_client()
+    logprobs = reference.compute_logprobs(types.ModelInput.from_ints(SEQ_B)).result()
+    assert len(logprobs) == len(SEQ_B)
+    assert (await tc.forward_backward_async([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy")).result().metrics
+
+
+def test_renderer_matches_the_models_chat_template():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model_dir(TINY_MODEL))
+    renderer = get_renderer_for(TINY_MODEL, tokenizer)
+    for convo in (
+        [{"role": "user", "content": "Write to Dr. Lee about my cleaning."}],
+        [
+            {"role": "system", "content": "You write like Sam: short, warm, signed '- S'."},
+            {"role": "user", "content": "Decline the panel, politely.\nThanks!"},
+            {"role": "assistant", "content": "Hi Ana,\n\nI can't make it this time.\n\n- S"},
+            {"role": "user", "content": "Shorter?"},
+        ],
+    ):
+        ours = renderer.build_generation_prompt(convo).to_ints()
+        theirs = tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ours == theirs
+    full = [*convo, {"role": "assistant", "content": "Sure.\n\n- S"}]
+    supervised, weights = renderer.build_supervised_example(full)
+    template = tokenizer.apply_chat_template(full, tokenize=True, return_dict=False)
+    assert supervised.to_ints() == template[: supervised.length]
+    assert template[supervised.length :] == tokenizer.encode("\n")  # only the template's trailing newline
+    assert tokenizer.decode([t for t, w in zip(supervised.to_ints(), weights.tolist(), strict=True) if w]) == "Sure.\n\n- S<|im_end|>"
+    assert renderer.get_stop_sequences() == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_tinker_backend_needs_a_key():
+    with pytest.raises(BackendConfigError, match="TINKER_API_KEY"):
+        make_service_client("tinker", env={})
+    with pytest.raises(BackendConfigError, match="Unknown backend"):
+        make_service_client("gpu-cluster", env={})
