@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -20,7 +21,9 @@ ADAM = types.AdamParams(learning_rate=1e-2)
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> LocalServiceClient:
-    svc = LocalServiceClient(tmp_path_factory.mktemp("ckpt"), device="cpu", dtype="float32")
+    # PERSONA_TEST_DEVICE=cuda runs the same checks on a GPU.
+    device = os.environ.get("PERSONA_TEST_DEVICE", "cpu")
+    svc = LocalServiceClient(tmp_path_factory.mktemp("ckpt"), device=device, dtype="float32")
     yield svc
     svc.close()
 
@@ -37,8 +40,12 @@ def datum(tokens: list[int], **inputs) -> types.Datum:
     n = len(tokens) - 1
     loss_inputs = {"target_tokens": types.TensorData.from_torch(torch.tensor(tokens[1:]))}
     for key, values in inputs.items():
-        loss_inputs[key] = types.TensorData.from_torch(torch.tensor(values[:n], dtype=torch.float32))
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=loss_inputs)
+        loss_inputs[key] = types.TensorData.from_torch(
+            torch.tensor(values[:n], dtype=torch.float32)
+        )
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=loss_inputs
+    )
 
 
 def hand_logprobs(model, tokens: list[int]) -> torch.Tensor:
@@ -94,7 +101,10 @@ async def test_optim_step_moves_only_lora_weights(service):
     for key, value in rt.model.state_dict().items():
         if key in base_before:
             assert torch.equal(value, base_before[key]), key
-    moved = [not torch.equal(a, b) for a, b in zip(lora_before, rt.host.parameters(tc.model_id), strict=True)]
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(lora_before, rt.host.parameters(tc.model_id), strict=True)
+    ]
     assert all(moved)
 
 
@@ -120,12 +130,17 @@ async def test_save_load_round_trips_weights_and_optimizer(service):
     before = (await tc.forward(batch, "cross_entropy")).loss_fn_outputs[0]["logprobs"].to_torch()
 
     restored = await service.create_training_client_from_state_with_optimizer(saved.path)
-    after = (await restored.forward(batch, "cross_entropy")).loss_fn_outputs[0]["logprobs"].to_torch()
+    after = (
+        (await restored.forward(batch, "cross_entropy")).loss_fn_outputs[0]["logprobs"].to_torch()
+    )
     assert torch.allclose(before, after, atol=1e-6)
     original_state = tc._optimizer.state_dict()["state"]
     restored_state = restored._optimizer.state_dict()["state"]
     assert restored._step == 2
-    assert all(torch.equal(original_state[k]["exp_avg"], restored_state[k]["exp_avg"]) for k in original_state)
+    assert all(
+        torch.equal(original_state[k]["exp_avg"], restored_state[k]["exp_avg"])
+        for k in original_state
+    )
 
     # The next step from either client lands on the same weights.
     for client in (tc, restored):
@@ -169,15 +184,23 @@ async def test_sampling_honours_params(service):
     assert any(s.stop_reason == "length" for s in result.sequences)
     again = await sampler.sample(prompt, 5, params)
     assert [s.tokens for s in again.sequences] == [s.tokens for s in result.sequences]
-    other = await sampler.sample(prompt, 5, types.SamplingParams(max_tokens=12, temperature=1.0, seed=8))
+    other = await sampler.sample(
+        prompt, 5, types.SamplingParams(max_tokens=12, temperature=1.0, seed=8)
+    )
     assert [s.tokens for s in other.sequences] != [s.tokens for s in result.sequences]
 
     # Stop on a string: pick a string the unconstrained sample contains, then ask to stop there.
-    long = (await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0))).sequences[0]
+    long = (
+        await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0))
+    ).sequences[0]
     text = tokenizer.decode(long.tokens)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip()
-    cut = (await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]))).sequences[0]
+    cut = (
+        await sampler.sample(
+            prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[stop])
+        )
+    ).sequences[0]
     assert cut.stop_reason == "stop"
     assert stop in tokenizer.decode(cut.tokens)
     assert stop not in tokenizer.decode(cut.tokens[:-1])  # the stop is included, nothing after it
@@ -185,7 +208,11 @@ async def test_sampling_honours_params(service):
 
     # Stop on a token id.
     stop_id = long.tokens[4]
-    by_id = (await sampler.sample(prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[stop_id]))).sequences[0]
+    by_id = (
+        await sampler.sample(
+            prompt, 1, types.SamplingParams(max_tokens=30, temperature=0.0, stop=[stop_id])
+        )
+    ).sequences[0]
     assert by_id.tokens[-1] == stop_id and by_id.stop_reason == "stop"
 
 
@@ -194,13 +221,19 @@ async def test_sample_logprobs_match_compute_logprobs(service):
     tc.forward_backward([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy")
     await tc.optim_step(ADAM)
     sampler = await tc.save_weights_and_get_sampling_client()
-    seqs = (await sampler.sample(
-        types.ModelInput.from_ints(SEQ_B), 3, types.SamplingParams(max_tokens=10, temperature=1.0, seed=3)
-    )).sequences
+    seqs = (
+        await sampler.sample(
+            types.ModelInput.from_ints(SEQ_B),
+            3,
+            types.SamplingParams(max_tokens=10, temperature=1.0, seed=3),
+        )
+    ).sequences
     for seq in seqs:
         full = await sampler.compute_logprobs(types.ModelInput.from_ints(SEQ_B + seq.tokens))
         assert full[0] is None
-        assert torch.allclose(torch.tensor(full[-len(seq.tokens):]), torch.tensor(seq.logprobs), atol=1e-4)
+        assert torch.allclose(
+            torch.tensor(full[-len(seq.tokens) :]), torch.tensor(seq.logprobs), atol=1e-4
+        )
 
 
 async def test_snapshot_is_frozen_while_training_continues(service):
@@ -267,7 +300,9 @@ async def test_bad_input_is_reported_and_the_service_keeps_working(service):
         model_input=types.ModelInput.from_ints(SEQ_A[:-1]),
         loss_fn_inputs={"target_tokens": SEQ_A[1:4], "weights": [1.0, 1.0, 1.0]},
     )
-    with pytest.raises(ValueError, match=r"Datum 1: loss_fn_inputs\['target_tokens'\] has length 3"):
+    with pytest.raises(
+        ValueError, match=r"Datum 1: loss_fn_inputs\['target_tokens'\] has length 3"
+    ):
         tc.forward_backward([good, mismatched], "cross_entropy")
     with pytest.raises(ValueError, match="needs loss_fn_inputs\\['logprobs'\\]"):
         tc.forward_backward([good], "importance_sampling")
@@ -287,7 +322,11 @@ async def test_cookbook_style_sync_use(service):
     reference = tc.save_weights_and_get_sampling_client()
     logprobs = reference.compute_logprobs(types.ModelInput.from_ints(SEQ_B)).result()
     assert len(logprobs) == len(SEQ_B)
-    assert (await tc.forward_backward_async([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy")).result().metrics
+    assert (
+        (await tc.forward_backward_async([datum(SEQ_A, weights=[1.0] * 9)], "cross_entropy"))
+        .result()
+        .metrics
+    )
 
 
 def test_renderer_matches_the_models_chat_template():
@@ -305,14 +344,23 @@ def test_renderer_matches_the_models_chat_template():
         ],
     ):
         ours = renderer.build_generation_prompt(convo).to_ints()
-        theirs = tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True, return_dict=False)
+        theirs = tokenizer.apply_chat_template(
+            convo, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert ours == theirs
     full = [*convo, {"role": "assistant", "content": "Sure.\n\n- S"}]
     supervised, weights = renderer.build_supervised_example(full)
     template = tokenizer.apply_chat_template(full, tokenize=True, return_dict=False)
     assert supervised.to_ints() == template[: supervised.length]
-    assert template[supervised.length :] == tokenizer.encode("\n")  # only the template's trailing newline
-    assert tokenizer.decode([t for t, w in zip(supervised.to_ints(), weights.tolist(), strict=True) if w]) == "Sure.\n\n- S<|im_end|>"
+    assert template[supervised.length :] == tokenizer.encode(
+        "\n"
+    )  # only the template's trailing newline
+    assert (
+        tokenizer.decode(
+            [t for t, w in zip(supervised.to_ints(), weights.tolist(), strict=True) if w]
+        )
+        == "Sure.\n\n- S<|im_end|>"
+    )
     assert renderer.get_stop_sequences() == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 

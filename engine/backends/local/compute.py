@@ -129,20 +129,26 @@ class BaseRuntime:
                 position_ids=step_pos,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,  # the prefill needs the last position's logits only
             ).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)
             probs = _sampling_probs(logits, temperature, top_p, top_k)
+            # One device-to-host copy per step, not one per row (matters on a GPU).
+            choices = logits.argmax(-1).cpu() if probs is None else probs.cpu()
             next_ids = torch.full((n,), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                if not done[i]:
+                    next_ids[i] = (
+                        int(choices[i]) if probs is None
+                        else int(torch.multinomial(choices[i], 1, generator=r.generator))
+                    )
+            chosen_logp = logp.gather(1, next_ids.to(self.device)[:, None])[:, 0].cpu().tolist()
             for i, r in enumerate(rows):
                 if done[i]:
                     continue
-                if probs is None:
-                    tok = int(torch.argmax(logits[i]))
-                else:
-                    tok = int(torch.multinomial(probs[i].cpu(), 1, generator=r.generator))
-                next_ids[i] = tok
+                tok = int(next_ids[i])
                 out_tokens[i].append(tok)
-                out_logprobs[i].append(float(logp[i, tok]))
+                out_logprobs[i].append(chosen_logp[i])
                 if tok in r.stop_ids or self._hit_stop_string(out_tokens[i], r.stop_strings):
                     done[i], stop_reason[i] = True, "stop"
                 elif len(out_tokens[i]) >= r.max_tokens:

@@ -107,9 +107,9 @@ class LoraHost:
             if wrapper.kind not in spec.targets:
                 continue
             base = wrapper.base
-            a = torch.empty(spec.rank, base.in_features, device=base.weight.device)
+            a = torch.empty(spec.rank, base.in_features)  # drawn on the CPU: seeds mean the same everywhere
             bound = 1.0 / math.sqrt(base.in_features)
-            a.uniform_(-bound, bound, generator=generator)
+            a = a.uniform_(-bound, bound, generator=generator).to(base.weight.device)
             b = torch.zeros(base.out_features, spec.rank, device=base.weight.device)
             wrapper.lora_A[name] = a.requires_grad_(True)
             wrapper.lora_B[name] = b.requires_grad_(True)

@@ -328,7 +328,7 @@ class LocalTrainingClient:
         loss.backward()
         outputs = [{"logprobs": types.TensorData.from_torch(lp.detach().float().cpu())} for lp in logps]
         metrics = {k: float(v) for k, v in dict(metrics).items()}
-        metrics.setdefault("loss:sum", float(loss))
+        metrics.setdefault("loss:sum", float(loss.detach()))
         return types.ForwardBackwardOutput(
             loss_fn_output_type="custom", loss_fn_outputs=outputs, metrics=metrics
         )
