@@ -147,6 +147,9 @@ class Runner:
     ) -> AsyncIterator[Event]:
         """Yield every event of one run of stage ``name`` (the last is StageFinished or StageFailed)."""
         ws = self.workspace
+        if self.running is not None:
+            yield StageFailed(stage=name, message=f"{self.running} is still running; wait for it or cancel it first.")
+            return
         self._cancel = threading.Event()
         spec = self.stages.get(name)
         if spec is None:
@@ -267,6 +270,7 @@ class Runner:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            await _close_service(ctx)
             events_file.close()
             metrics_file.close()
             if wandb_listener is not None:
@@ -274,6 +278,18 @@ class Runner:
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / RUNNING_MARKER).unlink()
             self.running = None
+
+
+async def _close_service(ctx: StageContext) -> None:
+    """Free the run's service client (the local one holds models and a worker thread)."""
+    svc, ctx._service = ctx._service, None
+    close = getattr(svc, "close", None)
+    if close is None:
+        return
+    with contextlib.suppress(Exception):
+        r = await asyncio.to_thread(close)
+        if inspect.isawaitable(r):
+            await r
 
 
 # -- replay and status ----------------------------------------------------------

@@ -75,4 +75,54 @@ def backend_ready() -> bool:
     return True
 
 
-needs_backend = pytest.mark.skipif(not backend_ready(), reason="engine.backends (local) not available yet")
+needs_backend = pytest.mark.skipif(
+    not backend_ready(), reason="engine.backends (local) not available yet"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _models_materialized():
+    """Build the default model before the tiny one (the tiny one borrows its tokenizer)."""
+    if backend_ready():
+        from engine.backends.local import DEFAULT_MODEL, ensure_model_dir
+
+        ensure_model_dir(DEFAULT_MODEL)
+        ensure_model_dir(TINY)
+    yield
+
+
+class FakeTeacher:
+    """A service whose sampling clients reply with canned texts (in call order), tokenized for real."""
+
+    def __init__(self, replies):
+        self.replies = replies if callable(replies) else list(replies)
+        self.prompts: list[str] = []
+
+    def __call__(self, backend, *, checkpoint_dir, env):  # the service factory
+        return self
+
+    def create_sampling_client(self, base_model=None, model_path=None, **_):
+        return self
+
+    def get_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from engine.backends.local import ensure_model_dir
+
+        if not hasattr(self, "_tok"):
+            self._tok = AutoTokenizer.from_pretrained(ensure_model_dir(TINY))
+        return self._tok
+
+    async def sample(self, prompt, num_samples, sampling_params):
+        from types import SimpleNamespace
+
+        tok = self.get_tokenizer()
+        self.prompts.append(tok.decode(prompt.to_ints()))
+        if callable(self.replies):
+            text = self.replies(self.prompts[-1])
+        else:
+            text = self.replies.pop(0) if self.replies else ""
+        tokens = tok.encode(text, add_special_tokens=False) + [2]
+        return SimpleNamespace(
+            sequences=[SimpleNamespace(tokens=tokens, logprobs=None, stop_reason="stop")]
+        )

@@ -12,7 +12,9 @@ def test_preamble_offer_tokens_removed():
 
 
 def test_let_me_know_and_subject():
-    out, _ = fix_output("Subject: Moving our call\n\nHi Ana —\n\nCan we move it?\n\nLet me know if you'd like any changes!")
+    out, _ = fix_output(
+        "Subject: Moving our call\n\nHi Ana —\n\nCan we move it?\n\nLet me know if you'd like any changes!"
+    )
     assert out == "Hi Ana —\n\nCan we move it?"
 
 
@@ -32,4 +34,7 @@ def test_signoff_enforced():
 def test_repetition_trimmed():
     loop = "I will be there on time. " * 6
     assert trim_repetition("Hi Bob —\n" + loop).count("I will be there") == 1
-    assert trim_repetition("A long repeated line here\nA long repeated line here\nThanks!") == "A long repeated line here\nThanks!"
+    assert (
+        trim_repetition("A long repeated line here\nA long repeated line here\nThanks!")
+        == "A long repeated line here\nThanks!"
+    )

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.context import StageContext, StageError
-from engine.events import LogLine, Metric, Progress, StageFailed, StageFinished, StageStarted, event_to_dict
+from engine.events import (
+    LogLine,
+    Metric,
+    Progress,
+    StageFailed,
+    StageFinished,
+    StageStarted,
+    event_to_dict,
+)
 from engine.runner import RUNNING_MARKER, Runner, list_runs, load_run_events, stage_status
 from engine.workspace import Workspace
 
@@ -91,7 +99,9 @@ async def test_crash_becomes_actionable_failure(ws: Workspace):
     assert "RuntimeError: boom" in final.message and "events.jsonl" in final.message
     (run,) = list_runs(ws, "baseline")
     events = load_run_events(run)
-    assert any(isinstance(e, LogLine) and e.level == "error" and "Traceback" in e.message for e in events)
+    assert any(
+        isinstance(e, LogLine) and e.level == "error" and "Traceback" in e.message for e in events
+    )
     st = {s.name: s for s in stage_status(ws)}
     assert st["baseline"].state == "failed" and "boom" in st["baseline"].message
 
@@ -135,26 +145,53 @@ async def test_consumer_leaving_stops_the_stage(ws: Workspace):
 async def test_unknown_and_unimplemented_and_bad_override(ws: Workspace):
     r = Runner(ws)
     final = await r.run("nope")
-    assert isinstance(final, StageFailed) and "Unknown stage 'nope'" in final.message and "baseline" in final.message
+    assert (
+        isinstance(final, StageFailed)
+        and "Unknown stage 'nope'" in final.message
+        and "baseline" in final.message
+    )
     final = await r.run("rlaif")
     assert "not implemented yet" in final.message
-    final = await make_runner(ws, baseline=ok_stage).run("baseline", ["backend.name=\"gpu\""])
+    final = await make_runner(ws, baseline=ok_stage).run("baseline", ['backend.name="gpu"'])
     assert isinstance(final, StageFailed) and "backend.name" in final.message
 
 
 def test_status_lists_every_stage_and_interrupted_runs(ws: Workspace):
     st = stage_status(ws)
     assert [s.name for s in st] == [
-        "demos", "baseline", "prompting", "synth-inputs", "synth-outputs", "sft",
-        "reward-model", "rl-prompts", "rlaif", "ditto", "evaluate",
+        "demos",
+        "baseline",
+        "prompting",
+        "synth-inputs",
+        "synth-outputs",
+        "sft",
+        "reward-model",
+        "rl-prompts",
+        "rlaif",
+        "ditto",
+        "evaluate",
     ]
     assert st[0].state == "done" and st[0].outputs == ["data/data.json"]
     assert st[1].state == "not run" and st[8].state == "not implemented"
     # a killed run: events without an end, a marker naming a dead process
     run = ws.runs_dir / "sft-20240101-000000"
     run.mkdir(parents=True)
-    (run / "events.jsonl").write_text(json.dumps(event_to_dict(StageStarted("sft"))) + "\n{\"type\": \"Metr")
+    (run / "events.jsonl").write_text(
+        json.dumps(event_to_dict(StageStarted("sft"))) + '\n{"type": "Metr'
+    )
     (run / RUNNING_MARKER).write_text(json.dumps({"pid": 999999999}))
     sft = {s.name: s for s in stage_status(ws)}["sft"]
     assert sft.state == "interrupted" and "resume" in sft.message
     assert len(load_run_events(run)) == 1  # the torn last line is skipped
+
+
+async def test_one_stage_at_a_time(ws: Workspace):
+    runner = make_runner(ws, baseline=slow_stage, prompting=ok_stage)
+    agen = runner.run_stage("baseline")
+    await agen.__anext__()
+    final = await runner.run("prompting")
+    assert isinstance(final, StageFailed) and "baseline is still running" in final.message
+    runner.cancel()
+    async for _ in agen:
+        pass
+    assert isinstance(await runner.run("prompting"), StageFinished)

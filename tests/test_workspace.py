@@ -10,10 +10,23 @@ from pathlib import Path
 import pytest
 
 from engine.atomic import atomic_write_json, atomic_write_text
-from engine.config import ConfigError, apply_overrides, load_config, model_for, parse_scalar, snapshot
+from engine.config import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    model_for,
+    parse_scalar,
+    snapshot,
+)
 from engine.parsing import dedupe, parse_requests
 from engine.templates import DEFAULT_SEEDS, fill
-from engine.workspace import EXAMPLE_DATA, Workspace, WorkspaceError, init_workspace, validate_demos_text
+from engine.workspace import (
+    EXAMPLE_DATA,
+    Workspace,
+    WorkspaceError,
+    init_workspace,
+    validate_demos_text,
+)
 
 
 def test_example_data_is_ten_demos_in_one_style():
@@ -28,7 +41,14 @@ def test_example_data_is_ten_demos_in_one_style():
 
 def test_init_creates_workspace_and_does_not_clobber(tmp_path: Path):
     ws = init_workspace(tmp_path / "w")
-    for p in (ws.config_path, ws.prompts_path, ws.demos_path, ws.env_path, ws.results_dir, ws.runs_dir):
+    for p in (
+        ws.config_path,
+        ws.prompts_path,
+        ws.demos_path,
+        ws.env_path,
+        ws.results_dir,
+        ws.runs_dir,
+    ):
         assert p.exists(), p
     assert len(ws.load_demos()) == 10
     prompts = ws.load_prompts()
@@ -44,12 +64,32 @@ def test_init_creates_workspace_and_does_not_clobber(tmp_path: Path):
 BAD = [
     ("not json", "{ nope", "not valid JSON (line 1"),
     ("wrong type", '{"input": "a", "output": "b"}', "expected a JSON list"),
-    ("entry not object", '[1, {"input": "a b", "output": "c"}, {"input": "d", "output": "e"}]', "entry 1: expected an object"),
-    ("missing field", '[{"input": "a"}, {"input": "b", "output": "c"}, {"input": "d", "output": "e"}]', 'entry 1: missing field "output"'),
-    ("not text", '[{"input": "a", "output": 5}, {"input": "b", "output": "c"}, {"input": "d", "output": "e"}]', 'entry 1: field "output" must be text'),
-    ("empty text", '[{"input": "a", "output": "x"}, {"input": "  ", "output": "c"}, {"input": "d", "output": "e"}]', 'entry 2: field "input" is empty'),
+    (
+        "entry not object",
+        '[1, {"input": "a b", "output": "c"}, {"input": "d", "output": "e"}]',
+        "entry 1: expected an object",
+    ),
+    (
+        "missing field",
+        '[{"input": "a"}, {"input": "b", "output": "c"}, {"input": "d", "output": "e"}]',
+        'entry 1: missing field "output"',
+    ),
+    (
+        "not text",
+        '[{"input": "a", "output": 5}, {"input": "b", "output": "c"}, {"input": "d", "output": "e"}]',
+        'entry 1: field "output" must be text',
+    ),
+    (
+        "empty text",
+        '[{"input": "a", "output": "x"}, {"input": "  ", "output": "c"}, {"input": "d", "output": "e"}]',
+        'entry 2: field "input" is empty',
+    ),
     ("too few", '[{"input": "a", "output": "x"}, {"input": "b", "output": "c"}]', "at least 3"),
-    ("duplicate", '[{"input": "Write to Bob", "output": "x"}, {"input": "b", "output": "c"}, {"input": "write  to bob", "output": "e"}]', "entry 3: duplicate of entry 1"),
+    (
+        "duplicate",
+        '[{"input": "Write to Bob", "output": "x"}, {"input": "b", "output": "c"}, {"input": "write  to bob", "output": "e"}]',
+        "entry 3: duplicate of entry 1",
+    ),
 ]
 
 
@@ -83,11 +123,24 @@ def test_prompts_validation(ws: Workspace):
         ws.load_prompts()
     ws.save_prompts({"system_prompt": "Be brief.", "seeds": ["a topic"]})
     p = ws.load_prompts()
-    assert p["system_prompt"] == "Be brief." and p["seeds"] == ["a topic"] and "revise" in p["templates"]
+    assert (
+        p["system_prompt"] == "Be brief."
+        and p["seeds"] == ["a topic"]
+        and "revise" in p["templates"]
+    )
 
 
 def test_config_overrides_and_models(tmp_path: Path):
-    cfg = load_config(None, ["sft.lr=1e-5", "sft.epochs=2", "wandb.project=\"x\"", "sampling.trim_repeats=false", "a.b=hello there"])
+    cfg = load_config(
+        None,
+        [
+            "sft.lr=1e-5",
+            "sft.epochs=2",
+            'wandb.project="x"',
+            "sampling.trim_repeats=false",
+            "a.b=hello there",
+        ],
+    )
     assert cfg["sft"]["lr"] == 1e-5 and cfg["sft"]["epochs"] == 2 and cfg["wandb"]["project"] == "x"
     assert cfg["sampling"]["trim_repeats"] is False and cfg["a"]["b"] == "hello there"
     assert model_for(cfg, "policy") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -95,12 +148,12 @@ def test_config_overrides_and_models(tmp_path: Path):
     assert model_for(t, "policy") == "Qwen/Qwen3-4B-Instruct-2507"
     assert model_for(t, "teacher") == "Qwen/Qwen3-235B-A22B-Instruct-2507"
     assert model_for(t, "judge") == "Qwen/Qwen3-30B-A3B-Instruct-2507"
-    assert model_for(apply_overrides(t, ["models.policy=\"m\""]), "policy") == "m"
+    assert model_for(apply_overrides(t, ['models.policy="m"']), "policy") == "m"
     assert parse_scalar("3") == 3 and parse_scalar("true") is True and parse_scalar("x y") == "x y"
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["nonsense"])
     with pytest.raises(ConfigError, match="backend.name"):
-        load_config(None, ["backend.name=\"gpu\""])
+        load_config(None, ['backend.name="gpu"'])
     bad = tmp_path / "persona.toml"
     bad.write_text("[sft\n")
     with pytest.raises(ConfigError, match="persona.toml: not valid TOML"):
@@ -108,7 +161,7 @@ def test_config_overrides_and_models(tmp_path: Path):
 
 
 def test_snapshot_has_no_secrets():
-    cfg = load_config(None, ["wandb.project=\"sk-secret-123\""])
+    cfg = load_config(None, ['wandb.project="sk-secret-123"'])
     snap = snapshot(cfg, {"TINKER_API_KEY": "sk-secret-123"})
     assert "sk-secret-123" not in json.dumps(snap)
 
@@ -129,16 +182,21 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path):
 
 
 def test_fill_leaves_other_braces():
-    assert fill("{n} items as JSON {like: this} on {seed}", n=3, seed="x") == "3 items as JSON {like: this} on x"
+    assert (
+        fill("{n} items as JSON {like: this} on {seed}", n=3, seed="x")
+        == "3 items as JSON {like: this} on x"
+    )
 
 
 def test_parse_requests_formats():
     a = "Email Bob Smith about the budget meeting on Friday March 3."
     b = "Write to Dr. Lee to cancel my appointment on 4/2 at 9am."
     assert parse_requests(f'["{a}", "{b}"]') == [a, b]
-    assert parse_requests(f'Sure! Here they are:\n```json\n{{"requests": ["{a}", {{"request": "{b}"}}]}}\n```') == [a, b]
+    assert parse_requests(
+        f'Sure! Here they are:\n```json\n{{"requests": ["{a}", {{"request": "{b}"}}]}}\n```'
+    ) == [a, b]
     assert parse_requests(f"Here are 2 requests:\n1. {a}\n2) {b}\n3. ok\n") == [a, b]
-    assert parse_requests(f"- {a}\n* \"{b}\"\n") == [a, b]
+    assert parse_requests(f'- {a}\n* "{b}"\n') == [a, b]
     assert parse_requests(f"{a}\n\n{b}") == [a, b]
     assert parse_requests("random ## ++ 12 34\n!!!\n") == []
     seen = {"email bob smith about the budget meeting on friday march 3"}

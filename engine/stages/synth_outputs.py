@@ -9,8 +9,8 @@ format tinker-cookbook's conversation datasets read:
 
 Status: new rows get ``synth_outputs.default_status`` ("pending": not reviewed yet); the
 review screen sets "accepted", "rejected" or "edited". Rows whose text is empty after the
-fix-ups are "rejected" with a reason. A rerun keeps rows the user already reviewed (same id
-and request) and regenerates only the rest.
+fix-ups are "rejected" with a "reason". A rerun keeps rows the user already reviewed (same id
+and request) and regenerates only the rest (auto-rejected rows included).
 
 With ``synth_outputs.critique = true`` each answer is drafted, critiqued against the system
 prompt, and revised; the draft is kept in the row.
@@ -140,7 +140,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     kept: dict[tuple[str, str], dict[str, Any]] = {}
     if out_path.exists():
         for r in read_jsonl(out_path):
-            if r.get("status") in REVIEWED:
+            if r.get("status") in REVIEWED and not r.get("reason"):  # auto-rejected rows are retried
                 kept[(str(r.get("id")), row_input(r))] = r
     todo = [r for r in inputs if (str(r.get("id")), r["input"]) not in kept]
     if kept:

@@ -80,6 +80,9 @@ class LocalServiceClient:
         self.close()
 
     def close(self, status: str = "success", detail: str | None = None) -> AwaitableConcurrentFuture:
+        """Finish queued work, then free the models; later calls fail with a clear error."""
+        with contextlib.suppress(RuntimeError):  # already closed
+            self._worker.submit(self._runtimes.clear)
         self._worker.close()
         return _done(None)
 
