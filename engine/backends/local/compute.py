@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .lora import LoraHost
 from .models import ComputePlan, choose_compute, ensure_model_dir
@@ -80,10 +79,8 @@ class BaseRuntime:
         try:
             with torch.set_grad_enabled(grad):
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp = -F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]),
-                    tgt.reshape(-1),
-                    reduction="none",
+                logp = _TargetLogprob.apply(
+                    logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)
                 ).reshape(tgt.shape)
         finally:
             self.model.eval()
@@ -167,6 +164,45 @@ class BaseRuntime:
         span = max(len(s) for s in stops) + 1  # a string of c chars spans at most c tokens
         tail = self.tokenizer.decode(tokens[-span:], skip_special_tokens=False)
         return any(s in tail for s in stops)
+
+
+# Rows of logits turned into float32 at a time by _TargetLogprob: small enough to stay in
+# cache (16 x 49k vocab x 4 B = 3 MB), large enough to amortize the per-chunk dispatch.
+LOGPROB_CHUNK_ROWS = 16
+
+
+class _TargetLogprob(torch.autograd.Function):
+    """log_softmax(logits)[target] per row, in float32, without a float32 copy of the logits.
+
+    Same numbers as ``-cross_entropy(logits.float(), target, reduction="none")``, but the
+    float32 log-softmax is computed a few rows at a time, forward and backward: only the
+    model's (bf16) logits and one float per row are kept for the backward pass, instead of
+    two full float32 (tokens x vocab) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
+            rows = slice(start, start + LOGPROB_CHUNK_ROWS)
+            lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+        picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1).float()
+        ctx.save_for_backward(logits, target, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        logits, target, lse = ctx.saved_tensors
+        grad = grad.float()
+        out = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
+            rows = slice(start, start + LOGPROB_CHUNK_ROWS)
+            g = grad[rows].unsqueeze(-1)
+            # d logp[t] / d logits = onehot(t) - softmax(logits)
+            part = torch.exp(logits[rows].float() - lse[rows].unsqueeze(-1)).mul_(-g)
+            part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
+            out[rows] = part
+        return out, None
 
 
 def _sampling_probs(

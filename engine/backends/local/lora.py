@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -71,7 +72,12 @@ class LoraLinear(nn.Module):
             return out
         a = self.lora_A[name].to(x.dtype)
         b = self.lora_B[name].to(x.dtype)
-        return out + (x @ a.t()) @ b.t() * self.scales[name]
+        # out += scale * (x A^T) B^T as one GEMM accumulating into the base output in place
+        # (the base linear's backward does not read its output): no scale or add passes and
+        # no copy of the (tokens x out_features) result, which matters for lm_head.
+        h = F.linear(x, a).reshape(-1, a.shape[0])
+        out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=self.scales[name])
+        return out
 
 
 class LoraHost:

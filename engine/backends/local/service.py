@@ -365,7 +365,8 @@ class LocalTrainingClient:
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._step += 1
-        return types.OptimStepResponse(metrics={"grad_norm": grad_norm, "step": float(self._step)})
+        # No "step" key: the cookbook's loops merge these metrics into their own step's row.
+        return types.OptimStepResponse(metrics={"grad_norm": grad_norm})
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -605,26 +606,43 @@ class LocalSamplingClient:
         return AwaitableConcurrentFuture(future)
 
     def _logprobs(self, tokens: list[int]) -> list[float | None]:
-        if len(tokens) < 2:
-            return [None] * len(tokens)
-        lp = self._rt.token_logprobs(self._adapter, [tokens[:-1]], [tokens[1:]], grad=False)[0]
-        return [None] + lp.tolist()
+        return self._batch_logprobs([tokens])[0]
+
+    def _batch_logprobs(self, rows: list[list[int]]) -> list[list[float | None]]:
+        """[None, log p(t1 | t0), ...] for each row, in micro-batches of similar length."""
+        out: list[list[float | None]] = [[None] * len(r) for r in rows]
+        order = sorted((i for i, r in enumerate(rows) if len(r) > 1), key=lambda i: len(rows[i]))
+        batch: list[int] = []
+        for pos, i in enumerate(order):
+            batch.append(i)
+            last = pos == len(order) - 1
+            if last or len(rows[order[pos + 1]]) * (len(batch) + 1) > TRAIN_TOKENS_PER_MICROBATCH:
+                logps = self._rt.token_logprobs(
+                    self._adapter, [rows[j][:-1] for j in batch], [rows[j][1:] for j in batch], grad=False
+                )
+                for j, lp in zip(batch, logps, strict=True):
+                    out[j] = [None, *lp.tolist()]
+                batch = []
+        return out
 
     def compute_logprobs(
         self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
     ) -> AwaitableConcurrentFuture:
+        """Queued like a sample: concurrent requests on one model run as one batch."""
         tokens = prompt.to_ints()
         if not tokens:
             raise ValueError("The prompt is empty.")
 
-        def run() -> list[float | None]:
-            values = self._logprobs(tokens)
+        def finish(results: list[list[float | None]]) -> list[float | None]:
+            values = results[0]
             if prompt_logprobs_last_n is not None:
                 cut = len(values) - prompt_logprobs_last_n
                 values = [None] * cut + values[cut:]
             return values
 
-        return self.service._submit(run)
+        key = ("logprobs", id(self._rt), self._adapter)
+        future = self.service._worker.submit_sample(key, [tokens], self._batch_logprobs, finish)
+        return AwaitableConcurrentFuture(future)
 
     def get_tokenizer(self) -> Any:
         return self._rt.tokenizer
