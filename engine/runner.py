@@ -148,7 +148,10 @@ class Runner:
         """Yield every event of one run of stage ``name`` (the last is StageFinished or StageFailed)."""
         ws = self.workspace
         if self.running is not None:
-            yield StageFailed(stage=name, message=f"{self.running} is still running; wait for it or cancel it first.")
+            yield StageFailed(
+                stage=name,
+                message=f"{self.running} is still running; wait for it or cancel it first.",
+            )
             return
         self._cancel = threading.Event()
         spec = self.stages.get(name)

@@ -9,7 +9,9 @@ running them ahead of queued training requests changes no result.
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -17,6 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_BATCH_ROWS = 64
+_live_workers: weakref.WeakSet[Worker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Let each worker finish its request in flight before the interpreter tears torch down;
+    a thread still inside torch at exit aborts the process ("terminate called...")."""
+    for worker in list(_live_workers):
+        worker.close(drop_pending=True)
+    for worker in list(_live_workers):
+        worker.join(timeout=10)
 
 
 @dataclass
@@ -41,6 +54,7 @@ class Worker:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _live_workers.add(self)
 
     def submit(self, fn: Callable[[], Any]) -> Future:
         future: Future = Future()
@@ -65,10 +79,18 @@ class Worker:
             self._queue.append(item)
             self._cv.notify()
 
-    def close(self) -> None:
+    def close(self, drop_pending: bool = False) -> None:
         with self._cv:
             self._closed = True
+            if drop_pending:
+                for item in self._queue:
+                    item.future.cancel()
+                self._queue.clear()
             self._cv.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _next(self) -> list[_Call | _Sample] | None:
         with self._cv:

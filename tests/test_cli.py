@@ -1,0 +1,111 @@
+"""The command line: init, run (exit codes, messages naming file and entry), --set, status, backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, needs_backend
+from test_workspace import BAD
+
+from engine.cli import main
+from engine.workspace import Workspace
+
+
+def persona(
+    *args: str, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_init_then_status_in_a_subprocess(tmp_path: Path):
+    r = persona("init", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "w" / "data" / "data.json").exists()
+    r = persona("status", "--json", cwd=tmp_path / "w")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert [s["name"] for s in st][:6] == [
+        "demos",
+        "baseline",
+        "prompting",
+        "synth-inputs",
+        "synth-outputs",
+        "sft",
+    ]
+    assert (
+        st[0]["state"] == "done"
+        and st[5]["state"] == "not run"
+        and st[10]["state"] == "not implemented"
+    )
+    # bad data: non-zero exit, the message names file and entry, the file is unchanged
+    data = tmp_path / "w" / "data" / "data.json"
+    data.write_text(
+        '[{"input": "a", "output": "b"}, {"input": "c"}, {"input": "d", "output": "e"}]'
+    )
+    r = persona("run", "demos", cwd=tmp_path / "w")
+    assert r.returncode == 1
+    assert 'data/data.json: entry 2: missing field "output"' in r.stderr
+    assert (
+        data.read_text()
+        == '[{"input": "a", "output": "b"}, {"input": "c"}, {"input": "d", "output": "e"}]'
+    )
+
+
+@pytest.mark.parametrize(("label", "text", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_bad_data_exits_nonzero_naming_file_and_entry(ws: Workspace, capsys, label, text, expected):
+    ws.demos_path.write_text(text)
+    for stage in ("demos", "baseline"):
+        code = main(["-C", str(ws.root), "run", stage])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert "data/data.json" in " ".join(err.split()) and expected in " ".join(err.split())
+    assert ws.demos_path.read_text() == text
+
+
+def test_usage_errors(ws: Workspace, tmp_path: Path, capsys):
+    assert main(["-C", str(ws.root), "run", "sft", "--set", "nonsense"]) == 2
+    assert "section.key=value" in capsys.readouterr().err
+    assert main(["-C", str(tmp_path / "empty"), "run", "baseline"]) == 2
+    assert "persona init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "no-such-stage"])
+    assert main(["-C", str(ws.root), "run", "rlaif"]) == 1
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_status_table(ws: Workspace, capsys):
+    assert main(["-C", str(ws.root), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "synth-outputs" in out and "not implemented" in out
+
+
+@needs_backend
+def test_tinker_without_key_is_actionable(ws: Workspace, capsys, monkeypatch):
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    code = main(["-C", str(ws.root), "run", "baseline", "--backend", "tinker"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1
+    assert "TINKER_API_KEY" in err and ".env" in err
+
+
+@needs_backend
+def test_run_baseline_on_tiny_model(ws: Workspace, capsys):
+    code = main(["-C", str(ws.root), "run", "baseline", "--set", "sampling.max_tokens=8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "✓ baseline" in out and "results/baseline_results.json" in out
+    rows = json.loads(ws.result("baseline_results.json").read_text())
+    assert len(rows) == 10

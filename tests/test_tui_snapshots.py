@@ -1,0 +1,49 @@
+"""SVG snapshots of the main tabs at 80x24 (pytest-textual-snapshot).
+
+Update after an intended change with: pytest tests/test_tui_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+from tui_helpers import write_method_outputs, write_past_run, write_synthetic
+
+from engine.workspace import Workspace
+from tui.app import create_app
+
+
+def app_for(ws: Workspace, theme: str = "textual-dark"):
+    app = create_app(ws, compare_seed=0, theme=theme)
+    app.sub_title = "workspace"  # the temporary path differs on every run
+    return app
+
+
+def test_snapshot_demos(ws: Workspace, snap_compare):
+    assert snap_compare(app_for(ws), terminal_size=(80, 24))
+
+
+def test_snapshot_synthetic_light(ws: Workspace, snap_compare):
+    write_synthetic(ws, 40)
+    assert snap_compare(
+        app_for(ws, "textual-light"), press=["f3", "a", "r", "ctrl+s"], terminal_size=(80, 24)
+    )
+
+
+def test_snapshot_train_replay(ws: Workspace, snap_compare):
+    write_past_run(ws, "sft", steps=8)
+
+    async def replay(pilot):
+        await pilot.app.wait_ready()
+        await pilot.press("f4")
+        await pilot.pause()
+        names = [s.name for s in pilot.app.train.statuses]
+        pilot.app.query_one("#stage-table").move_cursor(row=names.index("sft"))
+        await pilot.press("r")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause(0.4)
+
+    assert snap_compare(app_for(ws), run_before=replay, terminal_size=(80, 24))
+
+
+def test_snapshot_compare_blind(ws: Workspace, snap_compare):
+    write_method_outputs(ws)
+    assert snap_compare(app_for(ws), press=["f5", "b"], terminal_size=(80, 24))

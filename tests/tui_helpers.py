@@ -1,0 +1,76 @@
+"""Builders shared by the TUI tests: synthetic rows, method outputs, a fake past run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.atomic import atomic_write_json, atomic_write_jsonl
+from engine.events import LogLine, Metric, Progress, StageFinished, StageStarted, event_to_dict
+from engine.workspace import Workspace
+
+SEEDS = ("turn down request", "social events", "cold emailing")
+
+
+def synthetic_rows(n: int, status: str = "pending") -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "id": f"in-{i + 1:04d}",
+                "seed": SEEDS[i % len(SEEDS)],
+                "status": status,
+                "messages": [
+                    {"role": "system", "content": "Write like Maya."},
+                    {
+                        "role": "user",
+                        "content": f"Request {i + 1}: email Sam about [red]lunch[/red] #{i}",
+                    },
+                    {
+                        "role": "assistant",
+                        "content": f"Hi Sam — lunch Thu {i % 12 + 1}/6? [/b] — Maya",
+                    },
+                ],
+            }
+        )
+    return rows
+
+
+def write_synthetic(ws: Workspace, n: int, status: str = "pending") -> Path:
+    return atomic_write_jsonl(
+        ws.result("synthetic_personalized_data.jsonl"), synthetic_rows(n, status)
+    )
+
+
+def write_method_outputs(ws: Workspace, methods=("baseline", "prompting", "sft")) -> None:
+    from tui.compare import METHOD_FILES
+
+    demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
+    for m in methods:
+        rows = [
+            {
+                "input": d["input"],
+                "expected_output": d["output"],
+                "output": f"{m} says [bold]hi[/] to #{i}",
+            }
+            for i, d in enumerate(demos)
+        ]
+        atomic_write_json(ws.result(METHOD_FILES[m]), rows)
+
+
+def write_past_run(ws: Workspace, stage: str = "sft", steps: int = 5) -> Path:
+    run = ws.runs_dir / f"{stage}-20250101-000000"
+    run.mkdir(parents=True, exist_ok=True)
+    events = [StageStarted(stage=stage, run_dir=str(run)), LogLine("replayed [/b] line")]
+    for s in range(1, steps + 1):
+        events += [
+            Metric("train/loss", s, 3.0 / s),
+            Metric("val/loss", s, 3.2 / s),
+            Progress(s, steps, "sft: steps"),
+        ]
+    events.append(Metric("dev/win_rate", steps, 0.6))
+    events.append(StageFinished(stage=stage, outputs=(), summary="5 steps"))
+    (run / "events.jsonl").write_text(
+        "".join(json.dumps(event_to_dict(e)) + "\n" for e in events), encoding="utf-8"
+    )
+    return run

@@ -1,0 +1,169 @@
+"""Prompts & Rubric tab: system prompt, rubric and topic seeds -> data/prompts.toml; f8 tries it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
+
+from engine.events import StageFailed, StageFinished
+from engine.workspace import Workspace, WorkspaceError
+from tui.common import EngineEvent, one_line, plain
+
+PROMPTING_FILE = "prompt_engineering_results.json"
+
+
+class PromptsPane(Vertical):
+    BINDINGS = [Binding("f8", "try_it", "Try it", id="prompts.try")]
+
+    def __init__(self, workspace: Workspace, **kw) -> None:
+        super().__init__(**kw)
+        self.ws = workspace
+        self.prompts: dict[str, Any] = {}
+        self.dirty = False
+        self._loading = False
+        self.trying = False
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="prompts-status", classes="status-line")
+        with Horizontal(id="prompts-body"):
+            with TabbedContent(id="prompt-editors"):
+                with TabPane("System prompt", id="ed-system"):
+                    yield TextArea(id="system-prompt", soft_wrap=True)
+                with TabPane("Rubric", id="ed-rubric"):
+                    yield TextArea(id="rubric", soft_wrap=True)
+                with TabPane("Topic seeds", id="ed-seeds"):
+                    yield TextArea(id="seeds", soft_wrap=True)
+            with Vertical(id="try-panel"):
+                yield Label("Try it on (f8 runs the prompting stage):")
+                yield Select([], id="try-demo", prompt="demonstration", allow_blank=True)
+                with VerticalScroll(id="try-out"):
+                    yield Static(id="try-result")
+
+    def on_mount(self) -> None:
+        self.load()
+
+    def load(self) -> None:
+        self._loading = True
+        try:
+            self.prompts = self.ws.load_prompts()
+            error = ""
+        except WorkspaceError as e:
+            self.prompts = {"system_prompt": "", "rubric": "", "seeds": [], "templates": {}}
+            error = str(e)
+        self.query_one("#system-prompt", TextArea).text = str(self.prompts.get("system_prompt", ""))
+        self.query_one("#rubric", TextArea).text = str(self.prompts.get("rubric", ""))
+        self.query_one("#seeds", TextArea).text = "\n".join(self.prompts.get("seeds", []))
+        self.dirty = False
+        self._loading = False
+        self.reload_demos()
+        self.show_status(error)
+        self.show_try()
+
+    def reload_demos(self) -> None:
+        demos = []
+        try:
+            raw = json.loads(self.ws.demos_path.read_text(encoding="utf-8"))
+            demos = [str(d.get("input", "")) for d in raw if isinstance(d, dict)]
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError):
+            pass
+        sel = self.query_one("#try-demo", Select)
+        old = sel.value
+        sel.set_options([(Text(one_line(s, 26)), i) for i, s in enumerate(demos)])
+        if demos:
+            sel.value = old if isinstance(old, int) and old < len(demos) else 0
+        self.demo_inputs = demos
+
+    def show_status(self, error: str = "") -> None:
+        t = Text(f"{self.ws.rel(self.ws.prompts_path)}")
+        if self.dirty:
+            t.append("  ● unsaved (ctrl+s)", style="bold yellow")
+        if self.trying:
+            t.append("  ⟳ trying…", style="cyan")
+        if error:
+            t.append("  " + error, style="red")
+        self.query_one("#prompts-status", Static).update(t)
+
+    @on(TextArea.Changed)
+    def _changed(self) -> None:
+        cur = self.current()
+        dirty = any(cur[k] != self.prompts.get(k) for k in ("system_prompt", "rubric", "seeds"))
+        if dirty != self.dirty:
+            self.dirty = dirty
+            self.show_status()
+
+    def current(self) -> dict[str, Any]:
+        seeds = [s.strip() for s in self.query_one("#seeds", TextArea).text.splitlines() if s.strip()]
+        out = dict(self.prompts)
+        out["system_prompt"] = self.query_one("#system-prompt", TextArea).text
+        out["rubric"] = self.query_one("#rubric", TextArea).text
+        out["seeds"] = seeds
+        return out
+
+    def save(self) -> bool:
+        data = self.current()
+        if not data["seeds"]:
+            self.app.notify_plain("Add at least one topic seed (one per line).", title="Not saved", severity="error")
+            return False
+        self.ws.save_prompts(data)
+        self.prompts = data
+        self.dirty = False
+        self.show_status()
+        self.app.notify_plain(f"Saved {self.ws.rel(self.ws.prompts_path)}", timeout=2)
+        return True
+
+    def focus_default(self) -> None:
+        self.query_one("#system-prompt", TextArea).focus()
+
+    # -- try it --------------------------------------------------------------
+    def action_try_it(self) -> None:
+        if self.dirty and not self.save():
+            return
+        if self.app.launch_stage("prompting", source="prompts"):
+            self.trying = True
+            self.show_status()
+            self.query_one("#try-result", Static).update(Text("running the prompting stage…", style="dim"))
+
+    @on(Select.Changed, "#try-demo")
+    def show_try(self) -> None:
+        box = self.query_one("#try-result", Static)
+        sel = self.query_one("#try-demo", Select)
+        demos = getattr(self, "demo_inputs", [])
+        if not isinstance(sel.value, int) or sel.value >= len(demos):
+            box.update(Text("No demonstration selected.", style="dim"))
+            return
+        try:
+            raw = json.loads(self.ws.result(PROMPTING_FILE).read_text(encoding="utf-8"))
+            rows = {r.get("input"): r for r in raw if isinstance(r, dict)}
+        except (OSError, json.JSONDecodeError, TypeError):
+            rows = {}
+        req = demos[sel.value]
+        try:
+            own = json.loads(self.ws.demos_path.read_text(encoding="utf-8"))[sel.value]["output"]
+        except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
+            own = ""
+        t = Text()
+        t.append("Your text\n", style="bold")
+        t.append_text(plain(own))
+        t.append("\n\nWith the system prompt\n", style="bold")
+        row = rows.get(req)
+        if row is None:
+            t.append("(not run yet: press f8)", style="dim")
+        else:
+            t.append_text(plain(str(row.get("output", ""))))
+        box.update(t)
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        ev = message.event
+        if isinstance(ev, StageFinished | StageFailed) and ev.stage == "prompting":
+            self.trying = False
+            self.show_status()
+            self.show_try()
+            if isinstance(ev, StageFailed):
+                self.query_one("#try-result", Static).update(plain(ev.message, "red"))

@@ -1,0 +1,286 @@
+"""Synthetic data tab: review the teacher's rows. a/r/e decide, A accepts all shown, f/s filter.
+
+Decisions are written back to results/synthetic_personalized_data.jsonl (atomically, a moment
+after the last key press, and at once on ctrl+s or quit).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.timer import Timer
+from textual.widgets import DataTable, Static
+
+from engine.atomic import atomic_write_jsonl
+from engine.events import StageFinished
+from engine.workspace import Workspace
+from tui.common import EngineEvent, PairEditScreen, cell, plain
+
+DATA_FILE = "synthetic_personalized_data.jsonl"
+STATUSES = ("pending", "accepted", "rejected", "edited")
+STATUS_STYLE = {"pending": "yellow", "accepted": "green", "rejected": "red", "edited": "cyan"}
+SAVE_DELAY = 0.4
+
+
+def row_text(row: dict[str, Any], role: str) -> str:
+    msgs = row.get("messages", [])
+    if role == "assistant":
+        msgs = list(reversed(msgs))
+    for m in msgs:
+        if isinstance(m, dict) and m.get("role") == role:
+            return str(m.get("content", ""))
+    return ""
+
+
+def set_output(row: dict[str, Any], text: str) -> None:
+    for m in reversed(row.get("messages", [])):
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            m["content"] = text
+            return
+    row.setdefault("messages", []).append({"role": "assistant", "content": text})
+
+
+def status_cell(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+class SyntheticPane(Vertical):
+    BINDINGS = [
+        Binding("a", "decide('accepted')", "Accept", id="synth.accept"),
+        Binding("r", "decide('rejected')", "Reject", id="synth.reject"),
+        Binding("e", "edit", "Edit", id="synth.edit"),
+        Binding("p", "decide('pending')", "Unreview", id="synth.pending", show=False),
+        Binding("A", "accept_all", "Accept shown", id="synth.accept_all"),
+        Binding("f", "cycle_status", "Status filter", id="synth.filter_status"),
+        Binding("s", "cycle_seed", "Seed filter", id="synth.filter_seed"),
+    ]
+
+    def __init__(self, workspace: Workspace, **kw) -> None:
+        super().__init__(**kw)
+        self.ws = workspace
+        self.rows: list[dict[str, Any]] = []
+        self.view: list[int] = []  # indexes into rows, in table order
+        self.status_filter = "all"
+        self.seed_filter = "all"
+        self.seeds: list[str] = []
+        self.dirty = False
+        self.error = ""
+        self._save_timer: Timer | None = None
+
+    @property
+    def path(self):
+        return self.ws.result(DATA_FILE)
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="synth-status", classes="status-line")
+        table = DataTable(id="synth-table", cursor_type="row", zebra_stripes=True)
+        table.add_column("status", key="status", width=8)
+        table.add_column("seed", key="seed", width=14)
+        table.add_column("request", key="input", width=28)
+        table.add_column("answer", key="output")
+        yield table
+        with VerticalScroll(id="synth-detail-box", classes="detail"):
+            yield Static(id="synth-detail")
+
+    def on_mount(self) -> None:
+        self.load()
+
+    # -- data ----------------------------------------------------------------
+    def load(self) -> None:
+        self.rows, self.error = [], ""
+        if self.path.exists():
+            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    self.error = f"{self.ws.rel(self.path)}: line {n} is not valid JSON (skipped)"
+                    continue
+                if isinstance(row, dict):
+                    self.rows.append(row)
+        self.seeds = sorted({str(r.get("seed", "")) for r in self.rows})
+        if self.seed_filter not in self.seeds:
+            self.seed_filter = "all"
+        self.dirty = False
+        self.rebuild()
+
+    def save(self) -> bool:
+        if self._save_timer is not None:
+            self._save_timer.stop()
+            self._save_timer = None
+        if not self.dirty:
+            return True
+        atomic_write_jsonl(self.path, self.rows)
+        self.dirty = False
+        self.show_status()
+        return True
+
+    def _mark_dirty(self) -> None:
+        self.dirty = True
+        if self._save_timer is not None:
+            self._save_timer.stop()
+        self._save_timer = self.set_timer(SAVE_DELAY, self.save)
+
+    # -- view ----------------------------------------------------------------
+    def _visible(self, row: dict[str, Any]) -> bool:
+        if self.status_filter != "all" and row.get("status", "pending") != self.status_filter:
+            return False
+        return self.seed_filter == "all" or str(row.get("seed", "")) == self.seed_filter
+
+    def rebuild(self) -> None:
+        table = self.query_one("#synth-table", DataTable)
+        table.clear()
+        self.view = [i for i, r in enumerate(self.rows) if self._visible(r)]
+        table.add_rows(
+            
+                (
+                    status_cell(str(r.get("status", "pending"))),
+                    cell(str(r.get("seed", "")), 14),
+                    cell(row_text(r, "user"), 40),
+                    cell(row_text(r, "assistant"), 90),
+                )
+                for r in (self.rows[i] for i in self.view)
+            
+        )
+        self.show_status()
+        self.show_detail()
+
+    def show_status(self) -> None:
+        counts = {s: 0 for s in STATUSES}
+        for r in self.rows:
+            s = r.get("status", "pending")
+            counts[s] = counts.get(s, 0) + 1
+        t = Text(f"showing {len(self.view)} of {len(self.rows)}  ")
+        for s in STATUSES:
+            t.append(f"{s} {counts.get(s, 0)}  ", style=STATUS_STYLE[s])
+        t.append(f"· filter: {self.status_filter}", style="bold")
+        t.append(" / seed: ")
+        t.append(plain(self.seed_filter if len(self.seed_filter) < 30 else self.seed_filter[:29] + "…", "bold"))
+        if self.dirty:
+            t.append("  ● saving", style="yellow")
+        if self.error:
+            t.append("  " + self.error, style="red")
+        if not self.rows:
+            t = Text(
+                f"No synthetic rows yet ({self.ws.rel(self.path)}): run synth-inputs and synth-outputs in the Train tab.",
+                style="dim",
+            )
+        self.query_one("#synth-status", Static).update(t)
+
+    def current_index(self) -> int | None:
+        table = self.query_one("#synth-table", DataTable)
+        i = table.cursor_row
+        if 0 <= i < len(self.view):
+            return self.view[i]
+        return None
+
+    @on(DataTable.RowHighlighted, "#synth-table")
+    def show_detail(self) -> None:
+        idx = self.current_index()
+        box = self.query_one("#synth-detail", Static)
+        if idx is None:
+            box.update("")
+            return
+        r = self.rows[idx]
+        t = Text()
+        t.append(f"{r.get('id', '')} · {r.get('status', 'pending')}", style="bold")
+        if r.get("reason"):
+            t.append(f" ({r['reason']})", style="dim")
+        t.append("\nRequest: ", style="bold")
+        t.append_text(plain(row_text(r, "user")))
+        t.append("\n")
+        t.append_text(plain(row_text(r, "assistant")))
+        box.update(t)
+
+    def focus_default(self) -> None:
+        self.query_one("#synth-table", DataTable).focus()
+
+    def _update_row(self, pos: int) -> None:
+        table = self.query_one("#synth-table", DataTable)
+        r = self.rows[self.view[pos]]
+        key = table.coordinate_to_cell_key((pos, 0)).row_key
+        table.update_cell(key, "status", status_cell(str(r.get("status", "pending"))))
+        table.update_cell(key, "output", cell(row_text(r, "assistant"), 90))
+
+    # -- actions -------------------------------------------------------------
+    def action_decide(self, status: str) -> None:
+        table = self.query_one("#synth-table", DataTable)
+        pos = table.cursor_row
+        if not 0 <= pos < len(self.view):
+            return
+        self.rows[self.view[pos]]["status"] = status
+        self._update_row(pos)
+        self._mark_dirty()
+        self.show_status()
+        if pos + 1 < len(self.view):
+            table.move_cursor(row=pos + 1)
+        else:
+            self.show_detail()
+
+    def action_accept_all(self) -> None:
+        n = 0
+        for i in self.view:
+            if self.rows[i].get("status") != "accepted":
+                self.rows[i]["status"] = "accepted"
+                n += 1
+        if n:
+            self._mark_dirty()
+            pos = self.query_one("#synth-table", DataTable).cursor_row
+            self.rebuild()
+            if self.view:
+                self.query_one("#synth-table", DataTable).move_cursor(row=min(pos, len(self.view) - 1))
+        self.app.notify_plain(f"accepted {n} rows", timeout=2)
+
+    @on(DataTable.RowSelected, "#synth-table")
+    def action_edit(self) -> None:
+        idx = self.current_index()
+        if idx is None:
+            return
+        pos = self.query_one("#synth-table", DataTable).cursor_row
+        row = self.rows[idx]
+
+        def done(result: tuple[str, str] | None) -> None:
+            if result is None:
+                return
+            set_output(row, result[1])
+            row["status"] = "edited"
+            if 0 <= pos < len(self.view) and self.view[pos] == idx:
+                self._update_row(pos)
+            self._mark_dirty()
+            self.show_status()
+            self.show_detail()
+
+        self.app.push_screen(
+            PairEditScreen(
+                f"Row {row.get('id', idx + 1)}",
+                row_text(row, "user"),
+                row_text(row, "assistant"),
+                labels=("Request", "Answer (edit it to your style)"),
+                first_editable=False,
+            ),
+            done,
+        )
+
+    def action_cycle_status(self) -> None:
+        order = ("all", *STATUSES)
+        self.status_filter = order[(order.index(self.status_filter) + 1) % len(order)]
+        self.rebuild()
+
+    def action_cycle_seed(self) -> None:
+        order = ["all", *self.seeds]
+        i = order.index(self.seed_filter) if self.seed_filter in order else 0
+        self.seed_filter = order[(i + 1) % len(order)]
+        self.rebuild()
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        ev = message.event
+        if isinstance(ev, StageFinished) and ev.stage == "synth-outputs" and not message.replay:
+            self.save()
+            self.load()

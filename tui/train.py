@@ -1,0 +1,310 @@
+"""Train tab: every stage with its state; enter launches, x cancels, r replays the last run.
+
+A live log, live curves (loss on one chart, rewards / win rates / other metrics on another),
+and a progress bar with ETA. Replayed runs (runs/<stage>-<time>/events.jsonl) go through the
+very same handler as live events.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Input, Label, ProgressBar, RichLog, Static
+from textual_plotext import PlotextPlot
+
+from engine.events import (
+    CheckpointSaved,
+    LogLine,
+    Metric,
+    Progress,
+    SampleProduced,
+    StageFailed,
+    StageFinished,
+    StageStarted,
+)
+from engine.runner import list_runs, load_run_events, stage_status
+from engine.workspace import Workspace
+from tui.common import EngineEvent, one_line, plain
+
+STATE_STYLE = {
+    "done": "green",
+    "running": "bold cyan",
+    "failed": "red",
+    "cancelled": "yellow",
+    "interrupted": "yellow",
+    "not run": "dim",
+    "not implemented": "dim italic",
+}
+LOSS = ("train/loss", "val/loss")
+REDRAW_EVERY = 0.25  # seconds: charts redraw at most this often
+MAX_REPLAY_LOG = 400
+
+
+class MetricChart(PlotextPlot):
+    """A plotext chart fed point by point; redraws on a timer, only when something changed."""
+
+    def __init__(self, title: str, **kw) -> None:
+        super().__init__(**kw)
+        self.title = title
+        self.series: dict[str, list[tuple[float, float]]] = {}
+        self._dirty = True
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.set_interval(REDRAW_EVERY, self._maybe_redraw)
+        self._draw()
+
+    def clear_series(self) -> None:
+        self.series.clear()
+        self._dirty = True
+
+    def add_point(self, name: str, step: float, value: float) -> None:
+        self.series.setdefault(name, []).append((step, value))
+        self._dirty = True
+
+    @property
+    def points(self) -> int:
+        return sum(len(v) for v in self.series.values())
+
+    def _maybe_redraw(self) -> None:
+        if self._dirty:
+            self._draw()
+
+    def _draw(self) -> None:
+        self._dirty = False
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(self.title)
+        for name, pts in self.series.items():
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            plt.plot(xs, ys, label=name, marker="braille")
+        if not self.series:
+            plt.xlabel("no points yet")
+        self.refresh()
+
+
+class StageTable(DataTable):
+    BINDINGS = [Binding("enter", "select_cursor", "Launch", id="train.launch")]
+
+
+class TrainPane(Vertical):
+    BINDINGS = [
+        Binding("x", "cancel_stage", "Cancel run", id="train.cancel"),
+        Binding("r", "replay", "Replay last run", id="train.replay"),
+        Binding("o", "focus_overrides", "Overrides", id="train.overrides"),
+    ]
+
+    def __init__(self, workspace: Workspace, **kw) -> None:
+        super().__init__(**kw)
+        self.ws = workspace
+        self.statuses = []
+        self.current: str | None = None  # stage whose events are on screen
+        self.running: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="train-top"):
+            with Vertical(id="stage-col"):
+                table = StageTable(id="stage-table", cursor_type="row")
+                table.add_column("#", key="n", width=2)
+                table.add_column("stage", key="stage", width=13)
+                table.add_column("state", key="state", width=15)
+                yield table
+                yield Input(
+                    placeholder="overrides: sft.steps=20 sft.lr=1e-4",
+                    id="overrides",
+                )
+            with Vertical(id="chart-col"):
+                yield MetricChart("loss", id="loss-chart")
+                yield MetricChart("reward / win rate", id="metric-chart")
+        with Horizontal(id="progress-row"):
+            yield Label("idle", id="progress-label")
+            yield ProgressBar(id="progress", show_eta=True)
+        yield Static(id="stage-info", classes="status-line")
+        yield RichLog(id="log", max_lines=2000, wrap=True, markup=False, highlight=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#metric-chart").display = False
+        if "engine.stages" in sys.modules:
+            self.refresh_stages()
+        else:  # the app loads the engine in a thread, then calls refresh_stages
+            self.query_one("#stage-info", Static).update(Text("loading the engine…", style="dim"))
+
+    def focus_default(self) -> None:
+        self.query_one("#stage-table", DataTable).focus()
+
+    # -- stages table --------------------------------------------------------
+    def refresh_stages(self) -> None:
+        self.statuses = stage_status(self.ws)
+        table = self.query_one("#stage-table", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for st in self.statuses:
+            state = "running" if st.name == self.running else st.state
+            table.add_row(
+                str(st.number),
+                st.name,
+                Text(state, style=STATE_STYLE.get(state, "")),
+                key=st.name,
+            )
+        if self.statuses:
+            table.move_cursor(row=max(0, min(row, len(self.statuses) - 1)))
+        self.show_info()
+
+    def selected(self) -> str | None:
+        table = self.query_one("#stage-table", DataTable)
+        i = table.cursor_row
+        return self.statuses[i].name if 0 <= i < len(self.statuses) else None
+
+    @on(DataTable.RowHighlighted, "#stage-table")
+    def show_info(self) -> None:
+        name = self.selected()
+        st = next((s for s in self.statuses if s.name == name), None)
+        info = self.query_one("#stage-info", Static)
+        if st is None:
+            info.update("")
+            return
+        t = Text()
+        t.append(f"{st.number}. {st.title}", style="bold")
+        if st.outputs:
+            t.append("  → " + ", ".join(st.outputs), style="green")
+        ck = st.checkpoint
+        if ck.get("sampler_path"):
+            t.append(f"  checkpoint step {ck.get('step', '?')}: ", style="dim")
+            t.append(one_line(str(ck["sampler_path"]), 60), style="dim")
+        if st.message and st.state in ("failed", "interrupted", "cancelled"):
+            t.append("\n")
+            t.append_text(plain(st.message, STATE_STYLE.get(st.state, "")))
+        info.update(t)
+
+    def overrides(self) -> list[str]:
+        return self.query_one("#overrides", Input).value.split()
+
+    # -- actions -------------------------------------------------------------
+    def action_launch(self) -> None:
+        name = self.selected()
+        if name:
+            self.app.launch_stage(name, overrides=self.overrides(), source="train")
+
+    @on(DataTable.RowSelected, "#stage-table")
+    def _row_selected(self) -> None:
+        self.action_launch()
+
+    @on(Input.Submitted, "#overrides")
+    def _overrides_done(self) -> None:
+        self.focus_default()
+
+    def action_focus_overrides(self) -> None:
+        self.query_one("#overrides", Input).focus()
+
+    def action_cancel_stage(self) -> None:
+        self.app.cancel_stage()
+
+    def action_replay(self) -> None:
+        name = self.selected()
+        if name is None:
+            return
+        if self.running:
+            self.app.notify_plain("A stage is running; replay when it ends.", severity="warning")
+            return
+        runs = list_runs(self.ws, name)
+        if not runs:
+            self.app.notify_plain(f"{name} has no past runs.", severity="warning")
+            return
+        self.replay(runs[-1])
+
+    @work(thread=True, exclusive=True, group="replay")
+    def replay(self, run_dir: Path) -> None:
+        events = load_run_events(run_dir)
+        self.app.call_from_thread(self._apply_replay, run_dir, events)
+
+    def _apply_replay(self, run_dir: Path, events: list) -> None:
+        self.reset_view()
+        log = self.query_one("#log", RichLog)
+        log.write(Text(f"replay of {self.ws.rel(run_dir)} ({len(events)} events)", style="bold"))
+        logs = [e for e in events if isinstance(e, LogLine | SampleProduced)]
+        skip = set(map(id, logs[:-MAX_REPLAY_LOG])) if len(logs) > MAX_REPLAY_LOG else set()
+        if skip:
+            log.write(Text(f"… {len(skip)} earlier log lines not shown", style="dim"))
+        for ev in events:
+            if id(ev) not in skip:
+                self.handle(ev, replay=True)
+
+    # -- events --------------------------------------------------------------
+    def reset_view(self) -> None:
+        for chart in self.query(MetricChart):
+            chart.clear_series()
+        self.query_one("#metric-chart").display = False
+        self.query_one("#log", RichLog).clear()
+        bar = self.query_one("#progress", ProgressBar)
+        bar.update(total=None, progress=0)
+        self.query_one("#progress-label", Label).update("idle")
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        self.handle(message.event, replay=message.replay)
+
+    def handle(self, ev, replay: bool = False) -> None:
+        log = self.query_one("#log", RichLog)
+        if isinstance(ev, StageStarted):
+            if not replay:
+                self.reset_view()
+                self.running = ev.stage
+                self.refresh_stages()
+            self.current = ev.stage
+            log.write(Text(f"▶ {ev.stage}  {self.ws.rel(ev.run_dir) if ev.run_dir else ''}", style="bold cyan"))
+        elif isinstance(ev, Metric):
+            if ev.name in LOSS or ev.name.endswith("/loss"):
+                self.query_one("#loss-chart", MetricChart).add_point(ev.name, ev.step, ev.value)
+            else:
+                chart = self.query_one("#metric-chart", MetricChart)
+                chart.display = True
+                chart.add_point(ev.name, ev.step, ev.value)
+        elif isinstance(ev, Progress):
+            bar = self.query_one("#progress", ProgressBar)
+            bar.update(total=ev.total or None, progress=ev.done)
+            self.query_one("#progress-label", Label).update(
+                Text(f"{one_line(ev.label or self.current or '', 28)} {ev.done}/{ev.total}")
+            )
+        elif isinstance(ev, LogLine):
+            style = {"warning": "yellow", "error": "red"}.get(ev.level, "")
+            log.write(plain(ev.message, style))
+        elif isinstance(ev, SampleProduced):
+            t = Text()
+            t.append(f"{ev.source or 'sample'} ", style="cyan")
+            t.append(one_line(ev.input, 40), style="dim")
+            t.append(" → ")
+            t.append(one_line(ev.output, 120))
+            log.write(t)
+        elif isinstance(ev, CheckpointSaved):
+            log.write(Text(f"✓ checkpoint {ev.name} at step {ev.step}", style="green"))
+        elif isinstance(ev, StageFinished):
+            t = Text(f"✓ {ev.stage} done", style="bold green")
+            if ev.summary:
+                t.append("  ")
+                t.append_text(plain(ev.summary))
+            log.write(t)
+            self.query_one("#progress-label", Label).update(Text(f"{ev.stage} done", style="green"))
+            self._finish(replay)
+        elif isinstance(ev, StageFailed):
+            style = "yellow" if ev.cancelled else "bold red"
+            t = Text(f"✗ {ev.stage} {'cancelled' if ev.cancelled else 'failed'}: ", style=style)
+            t.append_text(plain(ev.message))
+            log.write(t)
+            self.query_one("#progress-label", Label).update(
+                Text(f"{ev.stage} {'cancelled' if ev.cancelled else 'failed'}", style=style)
+            )
+            self._finish(replay)
+
+    def _finish(self, replay: bool) -> None:
+        if not replay:
+            self.running = None
+            self.refresh_stages()
