@@ -290,7 +290,7 @@ async def _close_service(ctx: StageContext) -> None:
     if close is None:
         return
     with contextlib.suppress(Exception):
-        r = await asyncio.to_thread(close)
+        r = await asyncio.to_thread(close, "success")  # tinker requires a status
         if inspect.isawaitable(r):
             await r
 
