@@ -14,7 +14,7 @@ Each part runs in a subprocess of this script (``--part ours`` / ``--part trl``)
 ``HF_HUB_OFFLINE=1``, one after the other, so their peaks and timings do not mix. The last
 line printed is one JSON object.
 
-    .venv/bin/python bench/local_backend.py            # full run (~3-4 minutes on 2 cores)
+    .venv/bin/python bench/local_backend.py            # full run (about 2-3 minutes on 2 idle cores)
     .venv/bin/python bench/local_backend.py --quick    # fewer steps
 """
 
@@ -68,6 +68,7 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["load_s"] = round(time.perf_counter() - t0, 2)
         rt = tc._rt
         out["dtype"] = rt.plan.dtype_name
+        out["gradient_checkpointing"] = bool(getattr(rt, "gradient_checkpointing", True))
         data = [
             types.Datum(
                 model_input=types.ModelInput.from_ints(row[:-1]),
@@ -100,7 +101,8 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["train_loss_per_token"] = [round(x, 4) for x in losses]
         out["train_peak_rss_mb"] = _peak_rss_mb()
 
-        sc = svc.create_sampling_client(base_model=DEFAULT_MODEL).result()
+        # Sample from the adapter just trained (as RL and DPO rounds do): LoRA is in the path.
+        sc = tc.save_weights_and_get_sampling_client().result()
         prompt = types.ModelInput.from_ints(rt.tokenizer.encode(PROMPT))
         sampling = {}
         for n in SAMPLE_COUNTS:
@@ -266,7 +268,8 @@ def main() -> None:
     print(f"load average before/after: {load_before} / {load_after} ({os.cpu_count()} CPUs)")
     print(
         f"ours  train: {ours['train_tokens_per_s']:7.1f} tok/s  steps {ours['train_step_s']} s  "
-        f"({ours['dtype']}, warm-up {ours['train_warmup_s']} s)"
+        f"({ours['dtype']}, gradient checkpointing {ours['gradient_checkpointing']}, "
+        f"warm-up {ours['train_warmup_s']} s)"
     )
     if trl:
         print(
@@ -288,6 +291,7 @@ def main() -> None:
         "seq_len": SEQ_LEN,
         "lora_rank": RANK,
         "timed_steps": args.steps,
+        "gradient_checkpointing": ours["gradient_checkpointing"],
         "train_tokens_per_s": round(ours["train_tokens_per_s"], 1),
         "trl_train_tokens_per_s": round(trl["train_tokens_per_s"], 1) if trl else None,
         "train_ratio_vs_trl": round(train_ratio, 2) if trl else None,

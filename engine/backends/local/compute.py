@@ -5,6 +5,7 @@ Everything here runs on the service's worker thread; nothing here knows about fu
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,27 @@ from .models import ComputePlan, choose_compute, ensure_model_dir
 # Micro-batches for training are cut to about this many (padded) tokens, so memory stays
 # flat however large the batch a caller sends.
 TRAIN_TOKENS_PER_MICROBATCH = 2048
+
+# Gradient checkpointing recomputes each layer's forward during backward: with a frozen
+# base (LoRA) that is about a third of a training step. It is used only when a full
+# micro-batch's activations would exceed this budget. Measured on SmolLM2-135M in bf16 at
+# 2048 tokens: about 37 bytes of saved activations per token x layer x hidden unit (peak
+# RSS 3.5 GB without checkpointing, 2.3 GB with it, step 1.5x faster without).
+# PERSONA_GRADIENT_CHECKPOINTING=1/0 forces it on/off.
+ACTIVATION_BUDGET_BYTES = 3 * 2**30
+_ACTIVATION_BYTES_PER_UNIT = 20  # x dtype size, per token x layer x hidden unit
+
+
+def _want_checkpointing(config, dtype: torch.dtype) -> bool:  # noqa: ANN001
+    forced = os.environ.get("PERSONA_GRADIENT_CHECKPOINTING")
+    if forced:
+        return forced.lower() not in ("0", "false", "no", "off")
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    if not layers or not hidden:
+        return True
+    per_unit = _ACTIVATION_BYTES_PER_UNIT * torch.empty((), dtype=dtype).element_size()
+    return TRAIN_TOKENS_PER_MICROBATCH * layers * hidden * per_unit > ACTIVATION_BUDGET_BYTES
 
 
 class BaseRuntime:
@@ -35,7 +57,8 @@ class BaseRuntime:
         model.to(self.device)
         model.eval()
         model.config.use_cache = True
-        if hasattr(model, "gradient_checkpointing_enable"):
+        self.gradient_checkpointing = _want_checkpointing(model.config, self.dtype)
+        if self.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.host = LoraHost(model)

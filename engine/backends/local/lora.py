@@ -64,14 +64,32 @@ class LoraLinear(nn.Module):
         self.lora_A: dict[str, torch.Tensor] = {}
         self.lora_B: dict[str, torch.Tensor] = {}
         self.scales: dict[str, float] = {}
+        # name -> (A, B, (their versions, dtype), A and B cast): for forwards without grad
+        self._cast: dict[str, tuple] = {}
+
+    def _weights(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A[name], self.lora_B[name]
+        if a.dtype == dtype or torch.is_grad_enabled():
+            return a.to(dtype), b.to(dtype)  # the cast stays in the autograd graph
+        # Sampling: two casts per layer per token add up, so keep the cast copies until the
+        # adapter changes (optimizer steps and loads bump the tensors' version counters).
+        hit = self._cast.get(name)
+        if not (
+            hit is not None
+            and hit[0] is a
+            and hit[1] is b
+            and hit[2] == (a._version, b._version, dtype)
+        ):
+            hit = (a, b, (a._version, b._version, dtype), a.detach().to(dtype), b.detach().to(dtype))
+            self._cast[name] = hit
+        return hit[3], hit[4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         name = self.switch.active
         if name is None or name not in self.lora_A:
             return out
-        a = self.lora_A[name].to(x.dtype)
-        b = self.lora_B[name].to(x.dtype)
+        a, b = self._weights(name, x.dtype)
         # out += scale * (x A^T) B^T as one GEMM accumulating into the base output in place
         # (the base linear's backward does not read its output): no scale or add passes and
         # no copy of the (tokens x out_features) result, which matters for lm_head.
@@ -136,6 +154,7 @@ class LoraHost:
             wrapper.lora_A.pop(name, None)
             wrapper.lora_B.pop(name, None)
             wrapper.scales.pop(name, None)
+            wrapper._cast.pop(name, None)
         if self.switch.active == name:
             self.switch.active = None
 
