@@ -7,6 +7,8 @@ types stay as they are.
 
 from __future__ import annotations
 
+import json
+
 DEFAULT_SEEDS = [
     "research project communication",
     "turn down request",
@@ -45,18 +47,7 @@ rubric = """
 7. No assistant artifacts: no "Sure, here's...", no offers to revise, no subject line.
 """
 
-seeds = [
-    "research project communication",
-    "turn down request",
-    "open source outreach",
-    "job & career context",
-    "social events",
-    "time-sensitive crisis communications",
-    "reimbursement request",
-    "communication with health care providers (e.g., dentist, insurance companies)",
-    "legal & compliance",
-    "cold emailing",
-]
+seeds = __SEEDS__
 
 [templates]
 synth_inputs = """
@@ -94,6 +85,9 @@ Problems found:
 Rewrite the email so it fixes every problem. Output only the email.
 """
 '''
+PROMPTS_TOML_TEMPLATE = PROMPTS_TOML_TEMPLATE.replace(
+    "__SEEDS__", "[\n" + "".join(f"    {json.dumps(seed)},\n" for seed in DEFAULT_SEEDS) + "]"
+)
 
 
 def fill(template: str, **values: object) -> str:
