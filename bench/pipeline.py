@@ -28,7 +28,6 @@ from engine.workspace import init_workspace  # noqa: E402
 CHAIN = ["baseline", "prompting", "synth-inputs", "synth-outputs", "sft"]
 BUDGET = [
     "sampling.max_tokens=120",
-    "sampling.concurrency=4",
     "synth_inputs.max_seeds=5",
     "synth_inputs.per_seed=4",
     "synth_inputs.max_tokens=200",

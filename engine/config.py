@@ -40,7 +40,8 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 0.7,
         "top_p": 0.95,
         "seed": 0,
-        "concurrency": 4,
+        # requests in flight; the local backend batches them into one generation pass
+        "concurrency": 16,
         "trim_repeats": True,
     },
     "synth_inputs": {
@@ -50,10 +51,10 @@ DEFAULTS: dict[str, Any] = {
         "max_tokens": 400,
         "temperature": 0.8,
         "max_seeds": 0,  # 0 = every seed in prompts.toml
-        "concurrency": 4,
+        "concurrency": 16,
     },
     "synth_outputs": {
-        "concurrency": 4,
+        "concurrency": 16,
         "max_tokens": 200,
         "temperature": 0.7,
         "critique": False,  # draft -> critique -> revise
@@ -106,7 +107,7 @@ max_tokens = 160
 temperature = 0.7
 top_p = 0.95
 seed = 0
-concurrency = 4
+concurrency = 16  # requests in flight (the local backend samples them as one batch)
 trim_repeats = true  # drop repeated trailing lines (small models loop)
 
 [synth_inputs]
@@ -118,7 +119,7 @@ temperature = 0.8
 max_seeds = 0  # 0 = all seeds
 
 [synth_outputs]
-concurrency = 4
+concurrency = 16
 max_tokens = 200
 temperature = 0.7
 critique = false  # draft -> critique -> revise

@@ -116,7 +116,7 @@ async def generate_many(
     sampler: Sampler,
     conversations: list[list[dict[str, str]]],
     *,
-    concurrency: int = 4,
+    concurrency: int = 16,
     seed: int = 0,
     **kwargs: Any,
 ) -> AsyncIterator[tuple[int, str]]:

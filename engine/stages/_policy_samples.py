@@ -34,7 +34,7 @@ async def sample_demo_inputs(
         ctx,
         sampler,
         convs,
-        concurrency=int(cfg.get("concurrency", 4)),
+        concurrency=int(cfg.get("concurrency", 16)),
         seed=int(cfg.get("seed", 0)),
         **kwargs,
     ):

@@ -44,7 +44,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     sampler = await open_sampler(ctx, role="teacher")
     seen = {normalize(d["input"]) for d in demos}  # never echo a demonstration back
     raw_log = open(ctx.run_dir / "teacher_replies.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 4))))
+    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 16))))
     gen_kwargs = {
         "max_tokens": int(cfg.get("max_tokens", 400)),
         "temperature": float(cfg.get("temperature", 0.8)),

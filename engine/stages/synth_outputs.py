@@ -151,7 +151,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         + (" (draft -> critique -> revise)" if cfg.get("critique") else "")
     )
     sampler = await open_sampler(ctx, role="teacher")
-    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 4))))
+    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 16))))
     seed0 = int(ctx.section("sampling").get("seed", 0))
 
     async def one(i: int, row: dict[str, Any]) -> tuple[int, dict[str, Any]]:
