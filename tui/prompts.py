@@ -125,7 +125,9 @@ class PromptsPane(Vertical):
     def action_try_it(self) -> None:
         if self.dirty and not self.save():
             return
-        if self.app.launch_stage("prompting", source="prompts"):
+        sel = self.query_one("#try-demo", Select)
+        only = [f"prompting.only=[{sel.value}]"] if isinstance(sel.value, int) else []
+        if self.app.launch_stage("prompting", only, source="prompts"):
             self.trying = True
             self.show_status()
             self.query_one("#try-result", Static).update(Text("running the prompting stage…", style="dim"))

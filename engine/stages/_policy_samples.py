@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,8 +20,13 @@ async def sample_demo_inputs(
     *,
     system_prompt: str | None,
     source: str,
+    all_demos: list[dict[str, str]] | None = None,
 ) -> AsyncIterator[Event]:
-    """Sample ``sampler`` on each demo input, stream the samples, write ``out_path`` atomically at the end."""
+    """Sample ``sampler`` on each demo input, stream the samples, write ``out_path`` atomically at the end.
+
+    With ``all_demos`` (a run on some of them), the other demos' earlier rows in ``out_path``
+    are kept, in the order of ``all_demos``.
+    """
     cfg = ctx.section("sampling")
     kwargs = sampling_kwargs(cfg)
     convs = []
@@ -51,5 +57,19 @@ async def sample_demo_inputs(
         yield LogLine(
             f"{empty} of {len(rows)} outputs are empty (the model stopped at once)", "warning"
         )
+    if all_demos is not None:
+        by_input = {r["input"]: r for r in _previous_rows(out_path)}
+        by_input.update({r["input"]: r for r in rows})
+        rows = [by_input[d["input"]] for d in all_demos if d["input"] in by_input]
     atomic_write_json(out_path, rows)
     yield LogLine(f"wrote {ctx.workspace.rel(out_path)} ({len(rows)} rows)")
+
+
+def _previous_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not isinstance(rows, list):
+        return []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("input"), str)]
