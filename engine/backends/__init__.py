@@ -23,6 +23,8 @@ def make_service_client(
     """A ServiceClient for ``backend``: the in-process local service or the real Tinker SDK."""
     env = os.environ if env is None else env
     if backend == "local":
+        # Everything local is read from disk; make any stray hub lookup fail fast instead.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from .local import LocalServiceClient
 
         return LocalServiceClient(checkpoint_dir=checkpoint_dir)
