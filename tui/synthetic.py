@@ -72,6 +72,8 @@ class SyntheticPane(Vertical):
         self.dirty = False
         self.error = ""
         self._save_timer: Timer | None = None
+        self._touched: set[int] = set()  # rows reviewed here since the last load or save
+        self._loaded_signature: tuple[int, int] | None = None
 
     @property
     def path(self):
@@ -92,8 +94,8 @@ class SyntheticPane(Vertical):
         self.load()
 
     # -- data ----------------------------------------------------------------
-    def load(self) -> None:
-        self.rows, self.error = [], ""
+    def _read_rows(self) -> list[dict]:
+        rows: list[dict] = []
         if self.path.exists():
             for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
@@ -104,7 +106,25 @@ class SyntheticPane(Vertical):
                     self.error = f"{self.ws.rel(self.path)}: line {n} is not valid JSON (skipped)"
                     continue
                 if isinstance(row, dict):
-                    self.rows.append(row)
+                    rows.append(row)
+        return rows
+
+    def _disk_signature(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    @staticmethod
+    def _row_key(row: dict) -> tuple[str, str]:
+        return (str(row.get("id", "")), row_text(row, "user"))
+
+    def load(self) -> None:
+        self.error = ""
+        self.rows = self._read_rows()
+        self._loaded_signature = self._disk_signature()
+        self._touched = set()
         self.seeds = sorted({str(r.get("seed", "")) for r in self.rows})
         if self.seed_filter not in self.seeds:
             self.seed_filter = "all"
@@ -117,12 +137,21 @@ class SyntheticPane(Vertical):
             self._save_timer = None
         if not self.dirty:
             return True
+        if self._disk_signature() != self._loaded_signature:
+            # A stage (or another terminal) rewrote the file since we read it: apply only the
+            # rows reviewed here to what is on disk now, so neither side's work is lost.
+            mine = {self._row_key(self.rows[i]): self.rows[i] for i in self._touched if i < len(self.rows)}
+            self.rows = [mine.get(self._row_key(r), r) for r in self._read_rows()]
+            self.rebuild()
         atomic_write_jsonl(self.path, self.rows)
+        self._loaded_signature = self._disk_signature()
+        self._touched = set()
         self.dirty = False
         self.show_status()
         return True
 
-    def _mark_dirty(self) -> None:
+    def _mark_dirty(self, *indices: int) -> None:
+        self._touched.update(indices)
         self.dirty = True
         if self._save_timer is not None:
             self._save_timer.stop()
@@ -217,7 +246,7 @@ class SyntheticPane(Vertical):
             return
         self.rows[self.view[pos]]["status"] = status
         self._update_row(pos)
-        self._mark_dirty()
+        self._mark_dirty(self.view[pos])
         self.show_status()
         if pos + 1 < len(self.view):
             table.move_cursor(row=pos + 1)
@@ -225,13 +254,12 @@ class SyntheticPane(Vertical):
             self.show_detail()
 
     def action_accept_all(self) -> None:
-        n = 0
-        for i in self.view:
-            if self.rows[i].get("status") != "accepted":
-                self.rows[i]["status"] = "accepted"
-                n += 1
+        changed = [i for i in self.view if self.rows[i].get("status") != "accepted"]
+        for i in changed:
+            self.rows[i]["status"] = "accepted"
+        n = len(changed)
         if n:
-            self._mark_dirty()
+            self._mark_dirty(*changed)
             pos = self.query_one("#synth-table", DataTable).cursor_row
             self.rebuild()
             if self.view:
@@ -253,7 +281,7 @@ class SyntheticPane(Vertical):
             row["status"] = "edited"
             if 0 <= pos < len(self.view) and self.view[pos] == idx:
                 self._update_row(pos)
-            self._mark_dirty()
+            self._mark_dirty(idx)
             self.show_status()
             self.show_detail()
 
