@@ -21,10 +21,17 @@ PREAMBLE = re.compile(
     re.IGNORECASE,
 )
 SUBJECT = re.compile(r"^\s*\**subject:?\**[^\n]*\n+", re.IGNORECASE)
-# A closing paragraph that offers more help: "If you want, I can...", "Let me know if you'd like..."
+# A closing paragraph that offers more help, in an assistant's voice: "If you want, I can...",
+# "Let me know if you'd like any changes", "Hope this helps", "Note: ...". It must start a new
+# paragraph, and plain email sentences ("Let me know if Tuesday works.", "If you need anything
+# else...") are not offers, so a real sign-off after them is never cut.
 CLOSING_OFFER = re.compile(
-    r"\n+\s*(?:---+\s*\n+)?\s*(?:if you(?:'d)? (?:want|like|need)|let me know if|i can also|would you like me to|"
-    r"feel free to (?:ask|let me know)|i hope this (?:helps|draft)|hope this helps|(?:note|notes):)[^\n]*(?:\n[^\n]+)*\s*$",
+    r"\n\s*\n\s*(?:---+\s*\n+\s*)?"
+    r"(?:if you(?:'d)? (?:want|like|prefer)(?:,)? (?:i can|i could|me to)|"
+    r"let me know if you(?:'d)? (?:like|want|need) (?:me to|any (?:changes|edits|adjustments|tweaks))|"
+    r"i can also|would you like me to|feel free to ask|i hope this (?:helps|draft)|hope this helps|"
+    r"(?:note|notes):)"
+    r"[^\n]*(?:\n[^\n]+)*\s*$",
     re.IGNORECASE,
 )
 PLACEHOLDER = re.compile(

@@ -38,3 +38,13 @@ def test_repetition_trimmed():
         trim_repetition("A long repeated line here\nA long repeated line here\nThanks!")
         == "A long repeated line here\nThanks!"
     )
+
+
+def test_email_sentences_and_signoff_are_not_offers():
+    email = (
+        "Hi Dr. Lee,\n\nCould we move my cleaning to next week?\nLet me know if Tuesday works.\n\n"
+        "If you need anything else from me, just ask.\nThanks,\nMaya"
+    )
+    assert fix_output(email) == (email, [])
+    offer = email + "\n\nLet me know if you'd like me to make it shorter!"
+    assert fix_output(offer) == (email, ["closing_offer"])
