@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 from collections.abc import Iterable
@@ -227,10 +228,19 @@ class PersonaApp(App[None]):
                     return
             if choice in ("save", "discard"):
                 if self.running_stage:
+                    # Let the stage stop at its step boundary and save its checkpoint first.
                     self.runner.cancel()
+                    self.notify_plain(f"stopping {self.running_stage} and saving a checkpoint…")
+                    self.run_worker(self._exit_when_stage_stops(), group="quit")
+                    return
                 self.exit()
 
         self.push_screen(ConfirmScreen(" ".join(parts), choices), answer)
+
+    async def _exit_when_stage_stops(self, timeout: float = 120) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stage_done.wait(), timeout)
+        self.exit()
 
     def notify_plain(self, message: str, **kw: Any) -> None:
         """notify() with markup off: messages may quote user text or paths."""
