@@ -28,13 +28,17 @@ def registry_path(results_dir: str | Path) -> Path:
     return Path(results_dir) / REGISTRY
 
 
-def read_registry(results_dir: str | Path) -> dict[str, dict[str, Any]]:
+def read_registry(results_dir: str | Path, *, strict: bool = False) -> dict[str, dict[str, Any]]:
+    """The registry; an unreadable one reads as empty, or raises with ``strict`` (before a write,
+    so one bad edit never erases every other stage's entry)."""
     path = registry_path(results_dir)
     if not path.exists():
         return {}
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if strict:
+            raise ValueError(f"{path}: not valid TOML ({e}); fix or delete it, then rerun.") from e
         return {}
 
 
@@ -44,7 +48,7 @@ def latest_checkpoint(results_dir: str | Path, stage: str) -> dict[str, Any] | N
 
 def record_checkpoint(results_dir: str | Path, stage: str, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into the stage's entry and write the registry atomically."""
-    reg = read_registry(results_dir)
+    reg = read_registry(results_dir, strict=True)
     entry = dict(reg.get(stage, {}))
     entry.update({k: v for k, v in fields.items() if v is not None})
     entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -175,12 +175,16 @@ class Runner:
             )
             return
         secrets = ws.secrets()
-        run_dir = new_run_dir(ws, name)
+        try:
+            run_dir = new_run_dir(ws, name)
+            atomic_write_toml(run_dir / "config.toml", snapshot(cfg, secrets))
+            atomic_write_json(
+                run_dir / RUNNING_MARKER, {"pid": os.getpid(), "stage": name, "started": time.time()}
+            )
+        except OSError as e:  # disk full, permissions: say so, and leave nothing marked running
+            yield StageFailed(stage=name, message=f"cannot create the run folder under {ws.rel(ws.runs_dir)}: {e}")
+            return
         self.run_dir, self.running = run_dir, name
-        atomic_write_toml(run_dir / "config.toml", snapshot(cfg, secrets))
-        atomic_write_json(
-            run_dir / RUNNING_MARKER, {"pid": os.getpid(), "stage": name, "started": time.time()}
-        )
         ctx = StageContext(
             workspace=ws,
             config=cfg,

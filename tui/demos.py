@@ -58,6 +58,12 @@ class DemosPane(Vertical):
                 raw = []
                 self.load_error = f"{self.ws.rel(path)}: not valid JSON (line {e.lineno}: {e.msg}); fix it in an editor."
             if isinstance(raw, list):
+                skipped = [i + 1 for i, e in enumerate(raw) if not isinstance(e, dict)]
+                if skipped:
+                    self.load_error = (
+                        f"{self.ws.rel(path)}: entry {skipped[0]} is not an object with input/output; "
+                        "fix it in an editor."
+                    )
                 for entry in raw:
                     if isinstance(entry, dict):
                         demos.append(
@@ -76,6 +82,13 @@ class DemosPane(Vertical):
 
     def save(self) -> bool:
         """Validate and write atomically (engine's save_demos). Returns True when written."""
+        if self.load_error:  # saving now would drop what could not be read
+            self.app.notify_plain(
+                f"{self.load_error} Saving here would lose it, so nothing was written.",
+                title="Not saved",
+                severity="error",
+            )
+            return False
         try:
             self.ws.save_demos(self.demos)
         except WorkspaceError as e:

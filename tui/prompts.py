@@ -145,7 +145,7 @@ class PromptsPane(Vertical):
             rows = {r.get("input"): r for r in raw if isinstance(r, dict)}
         except (OSError, json.JSONDecodeError, TypeError):
             rows = {}
-        req = demos[sel.value]
+        req = demos[sel.value].strip()  # the stage records inputs trimmed
         try:
             own = json.loads(self.ws.demos_path.read_text(encoding="utf-8"))[sel.value]["output"]
         except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
