@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from dataclasses import asdict
@@ -212,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hub_offline_for_local(ws: Workspace, backend: str | None, overrides: list[str]) -> None:
+    """The local backend reads everything from disk: switch the HF hub off before anything
+    imports huggingface_hub (it reads the setting once). Tinker's SDK fetches its tokenizers."""
+    try:
+        name = backend or ws.config(overrides)["backend"]["name"]
+    except Exception:  # a bad config is reported by the run itself
+        return
+    if name == "local":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[red]No persona.toml in {escape(str(ws.root))}[/red]: run `persona init` first."
             )
             return 2
+        _hub_offline_for_local(ws, args.backend, args.overrides)
         return asyncio.run(
             _run(ws, args.stage, args.overrides, args.backend, console, args.verbose)
         )

@@ -18,6 +18,7 @@ model and rank are unchanged; ``--set sft.resume=false`` starts over.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -180,8 +181,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         mi, weights = renderer.build_supervised_example(msgs)
         return datum_from_model_input_weights(mi, weights, max_length=max_length)
 
-    train_data = [to_datum(c) for c in train_convs]
-    val_data = [to_datum(c) for c in val_convs]
+    # Tokenizing thousands of rows takes seconds: keep it off the event loop (the TUI's).
+    train_data = await asyncio.to_thread(lambda: [to_datum(c) for c in train_convs])
+    val_data = await asyncio.to_thread(lambda: [to_datum(c) for c in val_convs])
     can_eval = bool(val_data) and hasattr(tc, "forward")
     if val_data and not can_eval:
         yield LogLine("this backend has no forward(); skipping validation loss", "warning")
