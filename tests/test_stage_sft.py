@@ -193,3 +193,20 @@ async def test_cancel_saves_a_checkpoint_and_resumes(ws: Workspace):
     assert "running.json" not in [p.name for p in run.iterdir()]
     events = [e async for e in Runner(ws).run_stage("sft", ["sft.steps=5", *ARGS[2:]])]
     assert min(_losses(events)) == reg["step"] + 1 and isinstance(events[-1], StageFinished)
+
+
+async def test_resume_from_a_deleted_checkpoint_starts_over(ws):
+    import shutil
+
+    from engine.checkpoints import latest_checkpoint, record_checkpoint
+
+    write_data(ws)
+    overrides = [*ARGS, "sft.steps=2", "sft.checkpoint_every=1"]
+    assert isinstance(await Runner(ws).run("sft", overrides), StageFinished)
+    entry = latest_checkpoint(ws.results_dir, "sft")
+    record_checkpoint(ws.results_dir, "sft", finished=False, step=1)  # as if killed after step 1
+    shutil.rmtree(entry["state_path"].removeprefix("local://"))
+    events = [e async for e in Runner(ws).run_stage("sft", overrides)]
+    assert isinstance(events[-1], StageFinished)
+    assert any(isinstance(e, LogLine) and "cannot resume" in e.message for e in events)
+    assert latest_checkpoint(ws.results_dir, "sft")["finished"] is True

@@ -122,8 +122,13 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     rank = int(cfg.get("rank", 16))
     seed = int(cfg.get("seed", 0))
     max_length = int(cfg.get("max_length", 768))
+    # What a resumed run must share with the one it continues (data, model, split, batches).
     fingerprint = hashlib.sha256(
-        json.dumps([convs, model, rank, max_length, ctx.backend], sort_keys=True).encode()
+        json.dumps(
+            [convs, model, rank, max_length, ctx.backend, seed,
+             cfg.get("val_fraction", 0.2), cfg.get("batch_size", 4)],
+            sort_keys=True,
+        ).encode()
     ).hexdigest()[:16]
 
     # split
@@ -147,7 +152,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     svc = ctx.service_client()
     prev = latest_checkpoint(ws.results_dir, "sft")
-    start_step = 0
+    start_step, resumed = 0, False
     if (
         bool(cfg.get("resume", True))
         and prev
@@ -156,10 +161,16 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         and prev.get("fingerprint") == fingerprint
         and int(prev.get("step", 0)) < total_steps
     ):
-        start_step = int(prev["step"])
-        yield LogLine(f"resuming from step {start_step} ({prev['state_path']})")
-        tc = await resolve(svc.create_training_client_from_state_with_optimizer(prev["state_path"]))
-    else:
+        try:
+            tc = await resolve(
+                svc.create_training_client_from_state_with_optimizer(prev["state_path"])
+            )
+            start_step, resumed = int(prev["step"]), True
+            yield LogLine(f"resuming from step {start_step} ({prev['state_path']})")
+        except FileNotFoundError as e:
+            yield LogLine(f"cannot resume ({e}); starting over", "warning")
+            prev = None
+    if not resumed:
         if (
             prev
             and not prev.get("finished", False)
