@@ -192,6 +192,6 @@ async def test_one_stage_at_a_time(ws: Workspace):
     final = await runner.run("prompting")
     assert isinstance(final, StageFailed) and "baseline is still running" in final.message
     runner.cancel()
-    async for _ in agen:
-        pass
+    rest = [e async for e in agen]
+    assert isinstance(rest[-1], StageFailed) and rest[-1].cancelled
     assert isinstance(await runner.run("prompting"), StageFinished)

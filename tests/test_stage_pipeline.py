@@ -68,8 +68,12 @@ def test_policy_outputs(chain, stage, name):
 def test_synthetic_files(chain):
     ws, events = chain
     inputs = [json.loads(x) for x in ws.result("synthetic_inputs.jsonl").read_text().splitlines()]
-    assert 1 <= len(inputs) <= 6 and all(r["input"].strip() and r["seed"] for r in inputs)
-    assert "yield" in events["synth-inputs"][-1].summary
+    # 2 seeds x 3 requests asked; the file holds exactly what the stage counted as valid.
+    valid = [e for e in events["synth-inputs"] if isinstance(e, Metric) and e.name == "synth_inputs/valid"]
+    assert len(inputs) == int(valid[-1].value) >= 1
+    assert f"yield {len(inputs)}/6 " in events["synth-inputs"][-1].summary
+    assert {r["seed"] for r in inputs} <= set(ws.load_prompts()["seeds"][:2])
+    assert all(r["input"].strip() for r in inputs)
     data = [
         json.loads(x)
         for x in ws.result("synthetic_personalized_data.jsonl").read_text().splitlines()
