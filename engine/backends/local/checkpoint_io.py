@@ -8,15 +8,13 @@ keep peft's adapter layout and a ``persona_checkpoint.json`` describing the run.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .folders import publish_folder
 from .lora import LoraSpec
 
 SCHEME = "local://"
@@ -62,47 +60,21 @@ def write(
     optimizer_state: dict[str, Any] | None,
     overwrite: bool,
 ) -> None:
-    """Write a checkpoint folder atomically (a temp folder renamed into place)."""
+    """Write a checkpoint folder atomically."""
     if folder.exists() and not overwrite:
         raise FileExistsError(
             f"Checkpoint {folder} already exists; pass overwrite=True or choose another name."
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         save_file({k: v.float().cpu() for k, v in adapter.items()}, str(tmp / ADAPTER_FILE))
         (tmp / "adapter_config.json").write_text(json.dumps(_peft_config(meta), indent=2))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _fsync_tree(tmp)  # the registry that will point here is fsynced too
-        old = None
-        if folder.exists():  # overwrite: set the old one aside until the new one is in place
-            old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+    # durable: results/checkpoints.toml (fsynced) will point here
+    publish_folder(folder, build, replace=True, durable=True)
 
 def read_adapter(path: str) -> dict[str, torch.Tensor]:
     return load_file(str(resolve(path) / ADAPTER_FILE))

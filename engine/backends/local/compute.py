@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def _want_checkpointing(config, dtype: torch.dtype) -> bool:  # noqa: ANN001
         return True
     per_unit = _ACTIVATION_BYTES_PER_UNIT * torch.empty((), dtype=dtype).element_size()
     return TRAIN_TOKENS_PER_MICROBATCH * layers * hidden * per_unit > ACTIVATION_BUDGET_BYTES
+
+
+def token_budget_batches(
+    lengths: Sequence[int], budget: int = TRAIN_TOKENS_PER_MICROBATCH
+) -> list[list[int]]:
+    """Row indices, shortest first, cut so each padded batch holds about ``budget`` tokens."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if batches and lengths[i] * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class BaseRuntime:
@@ -108,6 +122,23 @@ class BaseRuntime:
         finally:
             self.model.eval()
         return [logp[i, :n] for i, n in enumerate(lengths)]
+
+    def microbatched_logprobs(
+        self,
+        adapter: str | None,
+        inputs: list[list[int]],
+        targets: list[list[int]],
+        *,
+        grad: bool,
+    ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """``token_logprobs`` in micro-batches of similar length: (row indices, their logprobs).
+
+        A caller that trains can backpropagate each micro-batch before the next is computed.
+        """
+        for batch in token_budget_batches([len(row) for row in inputs]):
+            yield batch, self.token_logprobs(
+                adapter, [inputs[i] for i in batch], [targets[i] for i in batch], grad=grad
+            )
 
     # ---- generation -----------------------------------------------------------------
 

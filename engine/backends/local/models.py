@@ -14,11 +14,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from .folders import publish_folder
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL = "persona/tiny-random"
@@ -59,21 +59,13 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _publish(build, target: Path) -> Path:
-    """Build into a temp folder beside ``target`` and rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    # A cache (rebuilt if lost): no fsync of half a gigabyte.
     try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_model_dir(target):  # another process won the race with a good folder
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
+        return publish_folder(target, build, replace=False, durable=False)
+    except OSError:
+        if not _is_model_dir(target):  # else another process won the race with a good folder
+            raise
+        return target
 
 def _build_smollm2(out: Path) -> None:
     import torch

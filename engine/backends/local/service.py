@@ -24,7 +24,7 @@ from tinker import types
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
 from . import checkpoint_io
-from .compute import TRAIN_TOKENS_PER_MICROBATCH, BaseRuntime, GenResult, GenRow, make_generator
+from .compute import BaseRuntime, GenResult, GenRow, make_generator
 from .lora import LoraSpec, targets_for
 from .losses import REQUIRED_INPUTS, SUPPORTED_LOSSES, datum_loss
 from .models import ComputePlan, choose_compute, ensure_model_dir
@@ -48,6 +48,18 @@ def _done(value: Any) -> AwaitableConcurrentFuture:
     future: Future = Future()
     future.set_result(value)
     return AwaitableConcurrentFuture(future)
+
+
+def _deprecated_async(name: str, *, awaits: bool = False) -> Callable[..., Any]:
+    """tinker's deprecated ``<name>_async`` form of a method: a coroutine returning the method's
+    future (``awaits=False``, as for training requests) or that future's result."""
+
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self, name)(*args, **kwargs)
+        return await result if awaits else result
+
+    method.__name__ = method.__qualname__ = f"{name}_async"
+    return method
 
 
 def default_checkpoint_dir() -> Path:
@@ -188,20 +200,14 @@ class LocalServiceClient:
             f"{self.checkpoint_dir}."
         )
 
-    async def create_lora_training_client_async(self, *a: Any, **k: Any) -> LocalTrainingClient:
-        return await self.create_lora_training_client(*a, **k)
-
-    async def create_training_client_from_state_async(self, *a: Any, **k: Any) -> LocalTrainingClient:
-        return await self.create_training_client_from_state(*a, **k)
-
-    async def create_training_client_from_state_with_optimizer_async(
-        self, *a: Any, **k: Any
-    ) -> LocalTrainingClient:
-        return await self.create_training_client_from_state_with_optimizer(*a, **k)
-
-    async def create_sampling_client_async(self, *a: Any, **k: Any) -> LocalSamplingClient:
-        return await self.create_sampling_client(*a, **k)
-
+    create_lora_training_client_async = _deprecated_async("create_lora_training_client", awaits=True)
+    create_training_client_from_state_async = _deprecated_async(
+        "create_training_client_from_state", awaits=True
+    )
+    create_training_client_from_state_with_optimizer_async = _deprecated_async(
+        "create_training_client_from_state_with_optimizer", awaits=True
+    )
+    create_sampling_client_async = _deprecated_async("create_sampling_client", awaits=True)
 
 def _release_adapter(worker: Worker, rt: BaseRuntime, name: str) -> None:
     with contextlib.suppress(RuntimeError):  # a closed service has nothing left to free
@@ -273,42 +279,32 @@ class LocalTrainingClient:
                         f"model_input has {len(tokens)} tokens; they must match (position t "
                         f"predicts target_tokens[t])."
                     )
-            bad = [t for t in tokens + inputs["target_tokens"].tolist() if not 0 <= t < vocab]
+            targets = inputs["target_tokens"].tolist()
+            bad = [t for t in tokens + targets if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"Datum {i}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).")
             inputs = {
                 k: (v.long() if k == "target_tokens" else v.float()).to(self._rt.device)
                 for k, v in inputs.items()
             }
-            prepared.append({"tokens": tokens, "inputs": inputs})
+            prepared.append({"tokens": tokens, "targets": targets, "inputs": inputs})
         return prepared
 
-    def _microbatches(self, prepared: list[dict[str, Any]]) -> list[list[int]]:
-        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i]["tokens"]))
-        batches: list[list[int]] = [[]]
-        for i in order:
-            width = len(prepared[i]["tokens"])
-            if batches[-1] and width * (len(batches[-1]) + 1) > TRAIN_TOKENS_PER_MICROBATCH:
-                batches.append([])
-            batches[-1].append(i)
-        return batches
+    def _microbatches(self, prepared: list[dict[str, Any]], grad: bool):
+        return self._rt.microbatched_logprobs(
+            self.model_id, [p["tokens"] for p in prepared], [p["targets"] for p in prepared], grad=grad
+        )
 
     def _run_loss(self, prepared, loss_fn, config, backward: bool) -> types.ForwardBackwardOutput:
         outputs: list[dict[str, types.TensorData] | None] = [None] * len(prepared)
         total = 0.0
-        for batch in self._microbatches(prepared):
-            logps = self._rt.token_logprobs(
-                self.model_id,
-                [prepared[i]["tokens"] for i in batch],
-                [prepared[i]["inputs"]["target_tokens"].tolist() for i in batch],
-                grad=backward,
-            )
+        for batch, logps in self._microbatches(prepared, backward):
             loss = sum(
                 datum_loss(loss_fn, lp, prepared[i]["inputs"], config)
                 for i, lp in zip(batch, logps, strict=True)
             )
             if backward:
-                loss.backward()
+                loss.backward()  # before the next micro-batch: only one graph is alive
             total += float(loss.detach())
             for i, lp in zip(batch, logps, strict=True):
                 outputs[i] = {"logprobs": types.TensorData.from_torch(lp.detach().float().cpu())}
@@ -318,13 +314,7 @@ class LocalTrainingClient:
 
     def _run_custom(self, data, prepared, loss_fn: Callable) -> types.ForwardBackwardOutput:
         logps: list[torch.Tensor | None] = [None] * len(prepared)
-        for batch in self._microbatches(prepared):
-            got = self._rt.token_logprobs(
-                self.model_id,
-                [prepared[i]["tokens"] for i in batch],
-                [prepared[i]["inputs"]["target_tokens"].tolist() for i in batch],
-                grad=True,
-            )
+        for batch, got in self._microbatches(prepared, True):
             for i, lp in zip(batch, got, strict=True):
                 logps[i] = lp
         loss, metrics = loss_fn(list(data), logps)
@@ -477,40 +467,21 @@ class LocalTrainingClient:
         )
 
     # ---- the deprecated *_async forms tinker-cookbook still calls ---------------------
+    # Training requests' forms return the future; the others return the result.
 
-    async def forward_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.forward(*a, **k)
-
-    async def forward_backward_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.forward_backward(*a, **k)
-
-    async def forward_backward_custom_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.forward_backward_custom(*a, **k)
-
-    async def optim_step_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.optim_step(*a, **k)
-
-    async def save_state_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.save_state(*a, **k)
-
-    async def save_weights_for_sampler_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.save_weights_for_sampler(*a, **k)
-
-    async def load_state_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.load_state(*a, **k)
-
-    async def load_state_with_optimizer_async(self, *a: Any, **k: Any) -> AwaitableConcurrentFuture:
-        return self.load_state_with_optimizer(*a, **k)
-
-    async def save_weights_and_get_sampling_client_async(self, *a: Any, **k: Any) -> LocalSamplingClient:
-        return await self.save_weights_and_get_sampling_client(*a, **k)
-
-    async def create_sampling_client_async(self, *a: Any, **k: Any) -> LocalSamplingClient:
-        return await self.create_sampling_client(*a, **k)
-
-    async def get_info_async(self) -> types.GetInfoResponse:
-        return self.get_info()
-
+    forward_async = _deprecated_async("forward")
+    forward_backward_async = _deprecated_async("forward_backward")
+    forward_backward_custom_async = _deprecated_async("forward_backward_custom")
+    optim_step_async = _deprecated_async("optim_step")
+    save_state_async = _deprecated_async("save_state")
+    save_weights_for_sampler_async = _deprecated_async("save_weights_for_sampler")
+    load_state_async = _deprecated_async("load_state")
+    load_state_with_optimizer_async = _deprecated_async("load_state_with_optimizer")
+    save_weights_and_get_sampling_client_async = _deprecated_async(
+        "save_weights_and_get_sampling_client", awaits=True
+    )
+    create_sampling_client_async = _deprecated_async("create_sampling_client", awaits=True)
+    get_info_async = _deprecated_async("get_info")
 
 def _stops(stop: Any, tokenizer: Any) -> tuple[frozenset[int], tuple[str, ...]]:
     if stop is None:
@@ -611,18 +582,13 @@ class LocalSamplingClient:
     def _batch_logprobs(self, rows: list[list[int]]) -> list[list[float | None]]:
         """[None, log p(t1 | t0), ...] for each row, in micro-batches of similar length."""
         out: list[list[float | None]] = [[None] * len(r) for r in rows]
-        order = sorted((i for i, r in enumerate(rows) if len(r) > 1), key=lambda i: len(rows[i]))
-        batch: list[int] = []
-        for pos, i in enumerate(order):
-            batch.append(i)
-            last = pos == len(order) - 1
-            if last or len(rows[order[pos + 1]]) * (len(batch) + 1) > TRAIN_TOKENS_PER_MICROBATCH:
-                logps = self._rt.token_logprobs(
-                    self._adapter, [rows[j][:-1] for j in batch], [rows[j][1:] for j in batch], grad=False
-                )
-                for j, lp in zip(batch, logps, strict=True):
-                    out[j] = [None, *lp.tolist()]
-                batch = []
+        scored = [i for i, r in enumerate(rows) if len(r) > 1]
+        pieces = self._rt.microbatched_logprobs(
+            self._adapter, [rows[i][:-1] for i in scored], [rows[i][1:] for i in scored], grad=False
+        )
+        for batch, logps in pieces:
+            for j, lp in zip(batch, logps, strict=True):
+                out[scored[j]] = [None, *lp.tolist()]
         return out
 
     def compute_logprobs(
@@ -650,11 +616,7 @@ class LocalSamplingClient:
     def get_base_model(self) -> str:
         return self.base_model
 
-    async def sample_async(self, *a: Any, **k: Any) -> types.SampleResponse:
-        return await self.sample(*a, **k)
-
-    async def compute_logprobs_async(self, *a: Any, **k: Any) -> list[float | None]:
-        return await self.compute_logprobs(*a, **k)
-
+    sample_async = _deprecated_async("sample", awaits=True)
+    compute_logprobs_async = _deprecated_async("compute_logprobs", awaits=True)
 
 __all__ = ["LocalServiceClient", "LocalTrainingClient", "LocalSamplingClient", "tinker"]
