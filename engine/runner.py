@@ -302,49 +302,83 @@ async def _close_service(ctx: StageContext) -> None:
 # -- replay and status ----------------------------------------------------------
 
 
+def _parse_event(line: bytes | str) -> Event | None:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        return event_from_dict(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
 def load_run_events(run_dir: str | Path) -> list[Event]:
     """Every event of a run, in order; a half-written last line (a crash) is skipped."""
     path = Path(run_dir) / "events.jsonl"
-    events: list[Event] = []
     if not path.exists():
-        return events
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            events.append(event_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return events
+        return []
+    parsed = (_parse_event(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return [e for e in parsed if e is not None]
+
+
+def last_run_event(run_dir: str | Path, block: int = 65536) -> Event | None:
+    """The last event ``load_run_events`` would give, read from the end of the file: status
+    checks stay cheap however long a run's log grows."""
+    try:
+        f = open(Path(run_dir) / "events.jsonl", "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        head = b""  # a line cut by the block boundary, completed by the next block back
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            lines = (f.read(step) + head).split(b"\n")
+            head = lines.pop(0) if pos > 0 else b""
+            for line in reversed(lines):
+                event = _parse_event(line)
+                if event is not None:
+                    return event
+        return _parse_event(head)
+
+
+def _is_run_of(run: Path, stage: str) -> bool:
+    rest = run.name[len(stage) + 1 :] if run.name.startswith(stage + "-") else ""
+    return rest[:1].isdigit()
 
 
 def list_runs(workspace: Workspace, stage: str | None = None) -> list[Path]:
     """Run folders, oldest first (optionally for one stage)."""
     if not workspace.runs_dir.exists():
         return []
-    runs = []
-    for p in workspace.runs_dir.iterdir():
-        if not p.is_dir() or not (p / "events.jsonl").exists():
-            continue
-        if stage is not None:
-            rest = p.name[len(stage) + 1 :] if p.name.startswith(stage + "-") else ""
-            if not rest[:1].isdigit():
-                continue
-        runs.append(p)
+    runs = [
+        p
+        for p in workspace.runs_dir.iterdir()
+        if p.is_dir()
+        and (p / "events.jsonl").exists()
+        and (stage is None or _is_run_of(p, stage))
+    ]
     return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def _marker_pid(run: Path) -> int | None:
+    """The pid in a run's running marker; None without a readable marker."""
+    marker = run / RUNNING_MARKER
+    if not marker.exists():
+        return None
+    try:
+        return int(json.loads(marker.read_text()).get("pid", 0))
+    except (ValueError, json.JSONDecodeError):
+        return None
 
 
 def _live_run(ws: Workspace, stage: str) -> Path | None:
     for run in list_runs(ws, stage):
-        marker = run / RUNNING_MARKER
-        if marker.exists():
-            try:
-                pid = int(json.loads(marker.read_text()).get("pid", 0))
-            except (ValueError, json.JSONDecodeError):
-                continue
-            if _pid_alive(pid) and pid != os.getpid():
-                return run
+        pid = _marker_pid(run)
+        if pid is not None and _pid_alive(pid) and pid != os.getpid():
+            return run
     return None
 
 
@@ -364,20 +398,13 @@ class StageStatus:
 
 def run_state(run_dir: Path) -> tuple[str, str, float | None]:
     """(state, message, ts) of one run folder."""
-    events = load_run_events(run_dir)
-    last = events[-1] if events else None
+    last = last_run_event(run_dir)
     if isinstance(last, StageFinished):
         return "done", last.summary, last.ts
     if isinstance(last, StageFailed):
         return ("cancelled" if last.cancelled else "failed"), last.message, last.ts
-    marker = run_dir / RUNNING_MARKER
-    if marker.exists():
-        try:
-            pid = int(json.loads(marker.read_text()).get("pid", 0))
-        except (ValueError, json.JSONDecodeError):
-            pid = 0
-        if _pid_alive(pid):
-            return "running", "", None
+    if _pid_alive(_marker_pid(run_dir) or 0):
+        return "running", "", None
     return (
         "interrupted",
         "The run stopped without finishing (killed or crashed); run it again to resume.",
@@ -390,6 +417,7 @@ def stage_status(workspace: Workspace | str | Path) -> list[StageStatus]:
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
     registry = read_registry(ws.results_dir)
+    all_runs = list_runs(ws)  # one listing for every stage
     out = []
     for name, spec in STAGES.items():
         outputs = [ws.rel(p) for p in spec.output_paths(ws) if p.exists()]
@@ -402,7 +430,7 @@ def stage_status(workspace: Workspace | str | Path) -> list[StageStatus]:
             outputs=outputs,
             checkpoint=dict(registry.get(name, {})),
         )
-        runs = list_runs(ws, name)
+        runs = [r for r in all_runs if _is_run_of(r, name)]
         if runs:
             state, msg, ts = run_state(runs[-1])
             st.state, st.message, st.finished_at, st.run_dir = state, msg, ts, ws.rel(runs[-1])

@@ -195,3 +195,19 @@ async def test_one_stage_at_a_time(ws: Workspace):
     rest = [e async for e in agen]
     assert isinstance(rest[-1], StageFailed) and rest[-1].cancelled
     assert isinstance(await runner.run("prompting"), StageFinished)
+
+
+def test_last_run_event_reads_from_the_end(tmp_path):
+    from engine.runner import last_run_event
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert last_run_event(run) is None
+    lines = [json.dumps(event_to_dict(Metric("train/loss", i, 1.0 / (i + 1)))) for i in range(50)]
+    long_line = json.dumps(event_to_dict(LogLine("x" * 5000)))
+    text = "\n".join([*lines, long_line, "", "not json", '{"type": "Metr'])  # torn tail
+    (run / "events.jsonl").write_text(text)
+    for block in (7, 64, 4096, 65536):  # block edges inside lines, and a line longer than a block
+        assert last_run_event(run, block=block) == load_run_events(run)[-1]
+    (run / "events.jsonl").write_text(lines[0])
+    assert last_run_event(run, block=5) == load_run_events(run)[0]
