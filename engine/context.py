@@ -62,10 +62,6 @@ class StageContext:
         return self._service
 
     # -- cancel --------------------------------------------------------------
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
-
     def check_cancel(self) -> None:
         if self.cancel_event.is_set():
             raise StageCancelled()

@@ -103,16 +103,11 @@ class Runner:
         self.service_factory = service_factory or default_service_factory
         self._stages = stages
         self._cancel = threading.Event()
-        self.run_dir: Path | None = None
         self.running: str | None = None
 
     # -- listeners / control -------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        with contextlib.suppress(ValueError):
-            self.listeners.remove(listener)
 
     def cancel(self) -> None:
         """Ask the running stage to stop (it finishes the step in flight, saves, and ends)."""
@@ -184,7 +179,7 @@ class Runner:
         except OSError as e:  # disk full, permissions: say so, and leave nothing marked running
             yield StageFailed(stage=name, message=f"cannot create the run folder under {ws.rel(ws.runs_dir)}: {e}")
             return
-        self.run_dir, self.running = run_dir, name
+        self.running = name
         ctx = StageContext(
             workspace=ws,
             config=cfg,

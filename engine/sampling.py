@@ -98,16 +98,12 @@ async def open_sampler(
     )
 
 
-def sampling_kwargs(
-    section: dict[str, Any], defaults: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    base = dict(defaults or {})
-    base.update(section)
+def sampling_kwargs(section: dict[str, Any]) -> dict[str, Any]:
     return {
-        "max_tokens": int(base.get("max_tokens", 160)),
-        "temperature": float(base.get("temperature", 0.7)),
-        "top_p": float(base.get("top_p", 1.0)),
-        "trim_repeats": bool(base.get("trim_repeats", True)),
+        "max_tokens": int(section.get("max_tokens", 160)),
+        "temperature": float(section.get("temperature", 0.7)),
+        "top_p": float(section.get("top_p", 1.0)),
+        "trim_repeats": bool(section.get("trim_repeats", True)),
     }
 
 

@@ -18,17 +18,11 @@ from textual.widgets import ContentSwitcher, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
 from engine.events import StageFinished
-from engine.workspace import Workspace
+from engine.workspace import RESULT_FILES, Workspace
 from tui.common import EngineEvent, one_line, plain
 from tui.preferences import append_preference, preference_record, read_preferences
 
-METHOD_FILES = {
-    "baseline": "baseline_results.json",
-    "prompting": "prompt_engineering_results.json",
-    "sft": "sft_model_outputs.json",
-    "rlaif": "rl_model_outputs.json",
-    "ditto": "ditto_model_outputs.json",
-}
+METHOD_FILES = {m: RESULT_FILES[m] for m in ("baseline", "prompting", "sft", "rlaif", "ditto")}
 HELD_OUT_FILE = "evaluation.json"  # optional: {"outputs": {method: [{"input", "expected_output", "output"}]}}
 
 

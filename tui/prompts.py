@@ -13,10 +13,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
 from engine.events import StageFailed, StageFinished
-from engine.workspace import Workspace, WorkspaceError
+from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.common import EngineEvent, one_line, plain
 
-PROMPTING_FILE = "prompt_engineering_results.json"
+PROMPTING_FILE = RESULT_FILES["prompting"]
 
 
 class PromptsPane(Vertical):

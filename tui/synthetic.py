@@ -19,10 +19,10 @@ from textual.widgets import DataTable, Static
 
 from engine.atomic import atomic_write_jsonl
 from engine.events import StageFinished
-from engine.workspace import Workspace
+from engine.workspace import RESULT_FILES, Workspace
 from tui.common import EngineEvent, PairEditScreen, cell, plain
 
-DATA_FILE = "synthetic_personalized_data.jsonl"
+DATA_FILE = RESULT_FILES["synth-outputs"]
 STATUSES = ("pending", "accepted", "rejected", "edited")
 STATUS_STYLE = {"pending": "yellow", "accepted": "green", "rejected": "red", "edited": "cyan"}
 SAVE_DELAY = 0.4
@@ -69,7 +69,6 @@ class SyntheticPane(Vertical):
         self.status_filter = "all"
         self.seed_filter = "all"
         self.seeds: list[str] = []
-        self.dirty = False
         self.error = ""
         self._save_timer: Timer | None = None
         self._touched: set[int] = set()  # rows reviewed here since the last load or save
@@ -94,6 +93,11 @@ class SyntheticPane(Vertical):
         self.load()
 
     # -- data ----------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        """Reviewed here and not yet saved."""
+        return bool(self._touched)
+
     def _read_rows(self) -> list[dict]:
         rows: list[dict] = []
         if self.path.exists():
@@ -128,7 +132,6 @@ class SyntheticPane(Vertical):
         self.seeds = sorted({str(r.get("seed", "")) for r in self.rows})
         if self.seed_filter not in self.seeds:
             self.seed_filter = "all"
-        self.dirty = False
         self.rebuild()
 
     def save(self) -> bool:
@@ -146,13 +149,11 @@ class SyntheticPane(Vertical):
         atomic_write_jsonl(self.path, self.rows)
         self._loaded_signature = self._disk_signature()
         self._touched = set()
-        self.dirty = False
         self.show_status()
         return True
 
     def _mark_dirty(self, *indices: int) -> None:
         self._touched.update(indices)
-        self.dirty = True
         if self._save_timer is not None:
             self._save_timer.stop()
         self._save_timer = self.set_timer(SAVE_DELAY, self.save)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.stages import baseline, demos, prompting, sft, synth_inputs, synth_outputs
-from engine.workspace import Workspace
+from engine.workspace import RESULT_FILES, Workspace
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,13 @@ class StageSpec:
     run: Callable[..., Any] | None
     outputs: tuple[str, ...] = ()  # workspace-relative
     trains: bool = False  # writes checkpoints; a rerun resumes
-    needs: tuple[str, ...] = field(default=())  # stages whose outputs it reads
 
     def output_paths(self, ws: Workspace) -> list[Path]:
         return [ws.root / o for o in self.outputs]
+
+
+def _result(stage: str) -> str:
+    return f"results/{RESULT_FILES[stage]}"
 
 
 _SPECS = [
@@ -32,48 +35,43 @@ _SPECS = [
         2,
         "Sample the base policy on each demo input",
         baseline.run,
-        ("results/baseline_results.json",),
-        needs=("demos",),
+        (_result("baseline"),),
     ),
     StageSpec(
         "prompting",
         3,
         "Sample the policy with the system prompt",
         prompting.run,
-        ("results/prompt_engineering_results.json",),
-        needs=("demos",),
+        (_result("prompting"),),
     ),
     StageSpec(
         "synth-inputs",
         4,
         "Teacher writes new requests per topic seed",
         synth_inputs.run,
-        ("results/synthetic_inputs.jsonl",),
-        needs=("demos",),
+        (_result("synth-inputs"),),
     ),
     StageSpec(
         "synth-outputs",
         5,
         "Teacher answers them in your style; you review",
         synth_outputs.run,
-        ("results/synthetic_personalized_data.jsonl",),
-        needs=("synth-inputs",),
+        (_result("synth-outputs"),),
     ),
     StageSpec(
         "sft",
         6,
         "LoRA SFT on the reviewed synthetic pairs",
         sft.run,
-        ("results/sft_model_outputs.json",),
+        (_result("sft"),),
         trains=True,
-        needs=("synth-outputs",),
     ),
     StageSpec(
         "reward-model",
         7,
         "Rubric-grounded pairwise judge",
         None,
-        ("results/rm_validation.json",),
+        (_result("reward-model"),),
         trains=True,
     ),
     StageSpec(
@@ -81,14 +79,14 @@ _SPECS = [
         8,
         "Synthesize RL prompts, split train/dev",
         None,
-        ("results/rl_train_data.jsonl", "results/rl_dev_data.jsonl"),
+        (_result("rl-prompts"), "results/rl_dev_data.jsonl"),
     ),
     StageSpec(
         "rlaif",
         9,
         "RL from the judge's pairwise tournament",
         None,
-        ("results/rl_model_outputs.json",),
+        (_result("rlaif"),),
         trains=True,
     ),
     StageSpec(
@@ -96,7 +94,7 @@ _SPECS = [
         10,
         "DITTO: SFT on demos, then online DPO rounds",
         None,
-        ("results/ditto_model_outputs.json",),
+        (_result("ditto"),),
         trains=True,
     ),
     StageSpec(
@@ -104,7 +102,7 @@ _SPECS = [
         11,
         "Compare every method on held-out requests",
         None,
-        ("results/report.md", "results/evaluation.json"),
+        (_result("evaluate"), "results/evaluation.json"),
     ),
 ]
 

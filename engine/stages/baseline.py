@@ -8,8 +8,9 @@ from engine.context import StageContext
 from engine.events import Event, LogLine, StageFinished
 from engine.sampling import open_sampler
 from engine.stages._policy_samples import sample_demo_inputs
+from engine.workspace import RESULT_FILES
 
-OUTPUT = "baseline_results.json"
+OUTPUT = RESULT_FILES["baseline"]
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:

@@ -12,8 +12,9 @@ from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, StageFinished
 from engine.sampling import open_sampler
 from engine.stages._policy_samples import sample_demo_inputs
+from engine.workspace import RESULT_FILES
 
-OUTPUT = "prompt_engineering_results.json"
+OUTPUT = RESULT_FILES["prompting"]
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:

@@ -28,15 +28,16 @@ from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, record_checkpoint
+from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
 from engine.context import StageCancelled, StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
 from engine.sampling import Sampler, resolve
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import OUTPUT as DATA_FILE
 from engine.stages.synth_outputs import read_jsonl
+from engine.workspace import RESULT_FILES
 
-OUTPUT = "sft_model_outputs.json"
+OUTPUT = RESULT_FILES["sft"]
 
 
 def select_rows(rows: list[dict[str, Any]], train_on: str) -> tuple[list[dict[str, Any]], str]:
@@ -275,6 +276,6 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         outputs.append(ws.rel(out))
     yield StageFinished(
         stage=ctx.stage,
-        outputs=(*outputs, ws.rel(ws.results_dir / "checkpoints.toml")),
+        outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
         summary=f"{step} steps on {len(train_convs)} rows; checkpoint {final.sampler_path}",
     )

@@ -21,8 +21,9 @@ from engine.events import Event, LogLine, Metric, Progress, StageFinished
 from engine.parsing import dedupe, normalize, parse_requests
 from engine.sampling import open_sampler
 from engine.templates import fill
+from engine.workspace import RESULT_FILES
 
-OUTPUT = "synthetic_inputs.jsonl"
+OUTPUT = RESULT_FILES["synth-inputs"]
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:

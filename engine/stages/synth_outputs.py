@@ -29,9 +29,10 @@ from engine.events import Event, LogLine, Metric, Progress, SampleProduced, Stag
 from engine.fixups import fix_output
 from engine.sampling import Sampler, open_sampler
 from engine.templates import fill
+from engine.workspace import RESULT_FILES
 
-OUTPUT = "synthetic_personalized_data.jsonl"
-INPUTS = "synthetic_inputs.jsonl"
+OUTPUT = RESULT_FILES["synth-outputs"]
+INPUTS = RESULT_FILES["synth-inputs"]
 REVIEWED = ("accepted", "rejected", "edited")
 STATUSES = ("pending", *REVIEWED)
 
