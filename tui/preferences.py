@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.jsonl import read_jsonl
+
 PREFERENCES_FILE = "human_preferences.jsonl"
 
 
@@ -47,10 +49,4 @@ def read_preferences(results_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(results_dir) / PREFERENCES_FILE
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(path, lambda n, e: None)  # a torn line (a crash mid-append) is skipped

@@ -6,7 +6,6 @@ after the last key press, and at once on ctrl+s or quit).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rich.text import Text
@@ -19,6 +18,7 @@ from textual.widgets import DataTable, Static
 
 from engine.atomic import atomic_write_jsonl
 from engine.events import StageFinished
+from engine.jsonl import read_jsonl
 from engine.workspace import RESULT_FILES, Workspace
 from tui.common import EngineEvent, PairEditScreen, cell, plain
 
@@ -99,19 +99,13 @@ class SyntheticPane(Vertical):
         return bool(self._touched)
 
     def _read_rows(self) -> list[dict]:
-        rows: list[dict] = []
-        if self.path.exists():
-            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    self.error = f"{self.ws.rel(self.path)}: line {n} is not valid JSON (skipped)"
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-        return rows
+        if not self.path.exists():
+            return []
+
+        def on_bad(n: int, _e: object) -> None:
+            self.error = f"{self.ws.rel(self.path)}: line {n} is not valid JSON (skipped)"
+
+        return [r for r in read_jsonl(self.path, on_bad) if isinstance(r, dict)]
 
     def _disk_signature(self) -> tuple[int, int] | None:
         try:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from engine import jsonl
 from engine.atomic import atomic_write_jsonl
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
@@ -37,16 +39,13 @@ REVIEWED = ("accepted", "rejected", "edited")
 STATUSES = ("pending", *REVIEWED)
 
 
-def read_jsonl(path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path.name}: line {n} is not valid JSON ({e.msg})") from e
-    return rows
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The stage's strict read: a bad line fails the stage, naming file and line."""
+
+    def on_bad(n: int, e: json.JSONDecodeError) -> None:
+        raise StageError(f"{path.name}: line {n} is not valid JSON ({e.msg})") from e
+
+    return jsonl.read_jsonl(path, on_bad)
 
 
 def row_input(row: dict[str, Any]) -> str:
