@@ -113,6 +113,30 @@ class Workspace:
             self.demos_path.read_text(encoding="utf-8"), self.rel(self.demos_path)
         )
 
+    def read_demos_as_written(self) -> tuple[list[dict[str, str]], str]:
+        """data/data.json as it stands, for screens that show or edit it even when invalid:
+        its object entries as text, and the problem that kept part of it unread ("" if none)."""
+        path, name = self.demos_path, self.rel(self.demos_path)
+        if not path.exists():
+            return [], ""
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            return [], f"{name}: not valid JSON (line {e.lineno}: {e.msg}); fix it in an editor."
+        if not isinstance(raw, list):
+            return [], f"{name}: expected a JSON list of demonstrations; fix it in an editor."
+        demos = [
+            {"input": str(e.get("input", "")), "output": str(e.get("output", ""))}
+            for e in raw
+            if isinstance(e, dict)
+        ]
+        skipped = [i + 1 for i, e in enumerate(raw) if not isinstance(e, dict)]
+        if skipped:
+            return demos, (
+                f"{name}: entry {skipped[0]} is not an object with input/output; fix it in an editor."
+            )
+        return demos, ""
+
     def save_demos(self, demos: list[dict[str, str]]) -> Path:
         """Validate, then write atomically. On a problem nothing is written."""
         text = json.dumps(demos, indent=2, ensure_ascii=False) + "\n"

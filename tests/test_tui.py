@@ -325,3 +325,15 @@ async def test_quit_while_training_saves_a_checkpoint_first(ws: Workspace):
         await pilot.pause()
     entry = tomllib.loads(ws.result("checkpoints.toml").read_text(encoding="utf-8"))["sft"]
     assert not entry["finished"] and 0 < entry["step"] < 500
+
+
+def test_compare_matches_demos_written_with_spaces(ws: Workspace):
+    from tui.compare import load_outputs
+
+    write_method_outputs(ws, methods=("baseline",))  # the stages record trimmed inputs
+    demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
+    demos[0]["input"] = f"  {demos[0]['input']}\n"
+    ws.demos_path.write_text(json.dumps(demos), encoding="utf-8")
+    requests, outputs = load_outputs(ws)
+    assert len(requests) == len(demos) and {r["kind"] for r in requests} == {"demo"}
+    assert requests[0]["input"] in outputs["baseline"]

@@ -30,15 +30,11 @@ def load_outputs(ws: Workspace) -> tuple[list[dict[str, Any]], dict[str, dict[st
     """(requests, {method: {input: output}}). Requests: the demos first, then any held-out ones."""
     outputs: dict[str, dict[str, str]] = {}
     requests: dict[str, dict[str, Any]] = {}
-    try:
-        demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
-        for d in demos if isinstance(demos, list) else []:
-            if isinstance(d, dict) and str(d.get("input", "")).strip():
-                requests.setdefault(
-                    str(d["input"]), {"input": str(d["input"]), "expected": str(d.get("output", "")), "kind": "demo"}
-                )
-    except (OSError, json.JSONDecodeError):
-        pass
+    demos, _error = ws.read_demos_as_written()
+    for d in demos:
+        inp = d["input"].strip()  # as the stages record it
+        if inp:
+            requests.setdefault(inp, {"input": inp, "expected": d["output"], "kind": "demo"})
     for method, name in METHOD_FILES.items():
         try:
             rows = json.loads(ws.result(name).read_text(encoding="utf-8"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 
 from rich.text import Text
 from textual import on
@@ -48,27 +47,7 @@ class DemosPane(Vertical):
     # -- data ----------------------------------------------------------------
     def load(self) -> None:
         """Read data/data.json as it is (even when invalid, so the problems can be fixed here)."""
-        self.load_error = ""
-        path = self.ws.demos_path
-        demos: list[dict[str, str]] = []
-        if path.exists():
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raw = []
-                self.load_error = f"{self.ws.rel(path)}: not valid JSON (line {e.lineno}: {e.msg}); fix it in an editor."
-            if isinstance(raw, list):
-                skipped = [i + 1 for i, e in enumerate(raw) if not isinstance(e, dict)]
-                if skipped:
-                    self.load_error = (
-                        f"{self.ws.rel(path)}: entry {skipped[0]} is not an object with input/output; "
-                        "fix it in an editor."
-                    )
-                for entry in raw:
-                    if isinstance(entry, dict):
-                        demos.append(
-                            {"input": str(entry.get("input", "")), "output": str(entry.get("output", ""))}
-                        )
+        demos, self.load_error = self.ws.read_demos_as_written()
         self.demos = demos
         self.dirty = False
         self.refresh_table()

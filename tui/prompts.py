@@ -26,6 +26,7 @@ class PromptsPane(Vertical):
         super().__init__(**kw)
         self.ws = workspace
         self.prompts: dict[str, Any] = {}
+        self.demos: list[dict[str, str]] = []  # for "try it", as data/data.json has them
         self.dirty = False
         self._loading = False
         self.trying = False
@@ -67,18 +68,13 @@ class PromptsPane(Vertical):
         self.show_try()
 
     def reload_demos(self) -> None:
-        demos = []
-        try:
-            raw = json.loads(self.ws.demos_path.read_text(encoding="utf-8"))
-            demos = [str(d.get("input", "")) for d in raw if isinstance(d, dict)]
-        except (OSError, json.JSONDecodeError, AttributeError, TypeError):
-            pass
+        demos, _error = self.ws.read_demos_as_written()  # the Demonstrations tab shows the error
         sel = self.query_one("#try-demo", Select)
         old = sel.value
-        sel.set_options([(Text(one_line(s, 26)), i) for i, s in enumerate(demos)])
+        sel.set_options([(Text(one_line(d["input"], 26)), i) for i, d in enumerate(demos)])
         if demos:
             sel.value = old if isinstance(old, int) and old < len(demos) else 0
-        self.demo_inputs = demos
+        self.demos = demos
 
     def show_status(self, error: str = "") -> None:
         t = Text(f"{self.ws.rel(self.ws.prompts_path)}")
@@ -136,7 +132,7 @@ class PromptsPane(Vertical):
     def show_try(self) -> None:
         box = self.query_one("#try-result", Static)
         sel = self.query_one("#try-demo", Select)
-        demos = getattr(self, "demo_inputs", [])
+        demos = self.demos
         if not isinstance(sel.value, int) or sel.value >= len(demos):
             box.update(Text("No demonstration selected.", style="dim"))
             return
@@ -145,11 +141,8 @@ class PromptsPane(Vertical):
             rows = {r.get("input"): r for r in raw if isinstance(r, dict)}
         except (OSError, json.JSONDecodeError, TypeError):
             rows = {}
-        req = demos[sel.value].strip()  # the stage records inputs trimmed
-        try:
-            own = json.loads(self.ws.demos_path.read_text(encoding="utf-8"))[sel.value]["output"]
-        except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
-            own = ""
+        req = demos[sel.value]["input"].strip()  # the stage records inputs trimmed
+        own = demos[sel.value]["output"]
         t = Text()
         t.append("Your text\n", style="bold")
         t.append_text(plain(own))
