@@ -37,9 +37,12 @@ RESULT_FILES = {
 class WorkspaceError(ValueError):
     """A problem with the user's files; ``str()`` names the file and what to fix."""
 
-    def __init__(self, message: str, problems: list[str] | None = None):
+    def __init__(
+        self, message: str, problems: list[str] | None = None, entries: set[int] | None = None
+    ):
         super().__init__(message)
         self.problems = problems or [message]
+        self.entries = entries or set()  # 0-based positions of the offending entries
 
 
 def _norm(text: str) -> str:
@@ -186,33 +189,34 @@ def validate_demos(data: Any, name: str = "data/data.json") -> list[dict[str, st
             f"found a JSON {type(data).__name__ if not isinstance(data, dict) else 'object'}"
         )
     problems: list[str] = []
+    bad: set[int] = set()
     seen: dict[str, int] = {}
     demos: list[dict[str, str]] = []
+
+    def flag(i: int, problem: str) -> None:
+        problems.append(f"{name}: entry {i}: {problem}")
+        bad.add(i - 1)
+
     for i, entry in enumerate(data, start=1):
-        where = f"{name}: entry {i}"
         if not isinstance(entry, dict):
-            problems.append(
-                f'{where}: expected an object with "input" and "output", found {type(entry).__name__}'
-            )
+            flag(i, f'expected an object with "input" and "output", found {type(entry).__name__}')
             continue
         ok = True
         for key in ("input", "output"):
             if key not in entry:
-                problems.append(f'{where}: missing field "{key}"')
+                flag(i, f'missing field "{key}"')
                 ok = False
             elif not isinstance(entry[key], str):
-                problems.append(
-                    f'{where}: field "{key}" must be text, found {type(entry[key]).__name__}'
-                )
+                flag(i, f'field "{key}" must be text, found {type(entry[key]).__name__}')
                 ok = False
             elif not entry[key].strip():
-                problems.append(f'{where}: field "{key}" is empty')
+                flag(i, f'field "{key}" is empty')
                 ok = False
         if not ok:
             continue
         key = _norm(entry["input"])
         if key in seen:
-            problems.append(f"{where}: duplicate of entry {seen[key]} (same input)")
+            flag(i, f"duplicate of entry {seen[key]} (same input)")
             continue
         seen[key] = i
         demos.append({"input": entry["input"].strip(), "output": entry["output"].strip()})
@@ -221,7 +225,7 @@ def validate_demos(data: Any, name: str = "data/data.json") -> list[dict[str, st
             f"{name}: {len(demos)} demonstration(s); at least {MIN_DEMOS} are needed (about 10 is best)"
         )
     if problems:
-        raise WorkspaceError("\n".join(problems), problems)
+        raise WorkspaceError("\n".join(problems), problems, bad)
     return demos
 
 

@@ -23,6 +23,7 @@ from tui.common import EngineEvent, one_line, plain
 from tui.preferences import append_preference, preference_record, read_preferences
 
 METHOD_FILES = {m: RESULT_FILES[m] for m in ("baseline", "prompting", "sft", "rlaif", "ditto")}
+RELOAD_AFTER = {*METHOD_FILES, "demos", "evaluate"}
 HELD_OUT_FILE = "evaluation.json"  # optional: {"outputs": {method: [{"input", "expected_output", "output"}]}}
 
 
@@ -217,5 +218,7 @@ class ComparePane(Vertical, can_focus=True):
         self.refresh_bindings()
 
     def on_engine_event(self, message: EngineEvent) -> None:
-        if isinstance(message.event, StageFinished) and not message.replay:
+        ev = message.event
+        # only stages whose files this tab shows (the synthesis and training logs are not)
+        if isinstance(ev, StageFinished) and not message.replay and ev.stage in RELOAD_AFTER:
             self.reload()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -52,12 +50,13 @@ class DemosPane(Vertical):
         self.dirty = False
         self.refresh_table()
 
-    def problems(self) -> list[str]:
+    def problems(self) -> tuple[list[str], set[int]]:
+        """Every validation problem, and the rows they are about."""
         try:
             validate_demos(self.demos, self.ws.rel(self.ws.demos_path))
         except WorkspaceError as e:
-            return e.problems
-        return []
+            return e.problems, e.entries
+        return [], set()
 
     def save(self) -> bool:
         """Validate and write atomically (engine's save_demos). Returns True when written."""
@@ -83,12 +82,7 @@ class DemosPane(Vertical):
     def refresh_table(self, cursor: int | None = None) -> None:
         table = self.query_one("#demos-table", DataTable)
         old = table.cursor_row if cursor is None else cursor
-        problems = self.problems()
-        bad = set()
-        for p in problems:
-            if ": entry " in p:
-                with contextlib.suppress(ValueError):
-                    bad.add(int(p.split(": entry ", 1)[1].split(":", 1)[0]) - 1)
+        problems, bad = self.problems()
         table.clear()
         for i, d in enumerate(self.demos):
             mark = "red" if i in bad else ""
