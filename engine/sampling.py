@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import tinker
 
 from engine.context import StageContext
 from engine.fixups import strip_chat_tokens, trim_repetition
+
+T = TypeVar("T")
 
 
 async def resolve(x: Any) -> Any:
@@ -107,6 +110,19 @@ def sampling_kwargs(section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def as_completed_tasks(coros: Iterable[Awaitable[T]]) -> AsyncIterator[T]:
+    """Run ``coros`` as tasks and yield each result as it finishes. Whatever is left is
+    cancelled and awaited when the caller stops: use it under ``contextlib.aclosing``."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        for fut in asyncio.as_completed(tasks):
+            yield await fut
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def generate_many(
     ctx: StageContext,
     sampler: Sampler,
@@ -128,12 +144,7 @@ async def generate_many(
             texts = await sampler.generate(msgs, seed=seed + i, **kwargs)
             return i, texts[0] if texts else ""
 
-    tasks = [asyncio.create_task(one(i, m)) for i, m in enumerate(conversations)]
-    try:
-        for fut in asyncio.as_completed(tasks):
-            yield await fut
+    async with aclosing(as_completed_tasks(one(i, m) for i, m in enumerate(conversations))) as done:
+        async for result in done:
+            yield result
             ctx.check_cancel()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -14,12 +14,13 @@ import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from engine.atomic import atomic_write_jsonl
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, StageFinished
 from engine.parsing import dedupe, normalize, parse_requests
-from engine.sampling import open_sampler
+from engine.sampling import as_completed_tasks, open_sampler
 from engine.templates import fill
 from engine.workspace import RESULT_FILES
 
@@ -85,23 +86,21 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     rows: list[dict[str, str]] = []
     per_seed_results: dict[int, list[str]] = {}
-    tasks = [asyncio.create_task(one_seed(i, s)) for i, s in enumerate(seeds)]
+    seed_jobs = as_completed_tasks(one_seed(i, s) for i, s in enumerate(seeds))
     try:
         yield Progress(0, len(seeds), "synth-inputs: seeds")
-        valid = 0
-        for done, fut in enumerate(asyncio.as_completed(tasks), start=1):
-            si, got, attempts = await fut
-            per_seed_results[si] = got
-            valid += len(got)
-            yield LogLine(
-                f"seed {seeds[si]!r}: {len(got)}/{per_seed} requests in {attempts} attempt(s)"
-            )
-            yield Metric("synth_inputs/yield", done, valid / (per_seed * done))
-            yield Progress(done, len(seeds), "synth-inputs: seeds")
+        valid = done = 0
+        async with aclosing(seed_jobs) as results:
+            async for si, got, attempts in results:
+                done += 1
+                per_seed_results[si] = got
+                valid += len(got)
+                yield LogLine(
+                    f"seed {seeds[si]!r}: {len(got)}/{per_seed} requests in {attempts} attempt(s)"
+                )
+                yield Metric("synth_inputs/yield", done, valid / (per_seed * done))
+                yield Progress(done, len(seeds), "synth-inputs: seeds")
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         raw_log.close()
 
     for si, seed in enumerate(seeds):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from engine.atomic import atomic_write_jsonl
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
 from engine.fixups import fix_output
-from engine.sampling import Sampler, open_sampler
+from engine.sampling import Sampler, as_completed_tasks, open_sampler
 from engine.templates import fill
 from engine.workspace import RESULT_FILES
 
@@ -180,12 +181,10 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         return i, out
 
     results: dict[int, dict[str, Any]] = {}
-    tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(todo)]
     fixed_count = 0
-    try:
-        yield Progress(0, len(todo), "synth-outputs: answers")
-        for fut in asyncio.as_completed(tasks):
-            i, row = await fut
+    yield Progress(0, len(todo), "synth-outputs: answers")
+    async with aclosing(as_completed_tasks(one(i, r) for i, r in enumerate(todo))) as answers:
+        async for i, row in answers:
             results[i] = row
             fixed_count += bool(row["fixups"])
             yield SampleProduced(
@@ -193,10 +192,6 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             )
             yield Progress(len(results), len(todo), "synth-outputs: answers")
             ctx.check_cancel()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     by_key = {(str(r.get("id")), r["input"]): results[i] for i, r in enumerate(todo)}
     rows = [
