@@ -225,6 +225,8 @@ class Runner:
             final: Event | None = None
             try:
                 await emit(StageStarted(stage=name, run_dir=str(run_dir)))
+                if wandb_listener is not None and wandb_listener.error:
+                    await emit(LogLine(wandb_listener.error, "warning"))
                 agen = spec.run(ctx)
                 try:
                     async for ev in agen:

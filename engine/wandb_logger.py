@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import snapshot
-from engine.events import Event, LogLine, Metric, StageFailed, StageFinished
+from engine.events import Event, Metric, StageFailed, StageFinished
 
 
 class WandbListener:
@@ -20,7 +20,7 @@ class WandbListener:
         self, cfg: dict[str, Any], stage: str, run_dir: Path, secrets: dict[str, str]
     ) -> None:
         self._run = None
-        self._error: str | None = None
+        self.error = ""  # why wandb is off, shown once as a warning by the runner
         w = cfg.get("wandb", {})
         try:
             import wandb
@@ -40,15 +40,10 @@ class WandbListener:
                 reinit="finish_previous",
             )
         except Exception as e:  # wandb is optional: never fail the stage for it
-            self._error = f"wandb disabled: {e}"
+            self.error = f"wandb disabled: {e}"
 
     def __call__(self, event: Event) -> Any:
         if self._run is None:
-            if self._error:
-                msg, self._error = self._error, None
-                return LogLine(
-                    msg, "warning"
-                )  # surfaced once (return value is ignored by the runner)
             return None
         if isinstance(event, Metric):
             # metrics of one run interleave steps (val at 0, train at 1...): log the step as a value

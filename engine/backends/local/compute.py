@@ -61,7 +61,6 @@ class BaseRuntime:
     def __init__(self, base_model: str, plan: ComputePlan | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.base_model = base_model
         self.model_dir: Path = ensure_model_dir(base_model)
         self.plan = plan or choose_compute()
         self.device = torch.device(self.plan.device)
