@@ -203,7 +203,8 @@ def training_target(
 
     ``verdict`` mode: ``[RESULT] X``. ``feedback`` mode: ``<feedback> [RESULT] X`` (the
     Preference-Collection ``output`` shape); without feedback text a one-line stand-in is
-    used so the target keeps the format the prompt asks for.
+    used so the target keeps the format the prompt asks for. ``comparison`` is the one the
+    target answers (see :func:`training_messages` for the whole training conversation).
     """
     verdict = verdict_text(preference)
     if mode == "verdict":
@@ -618,9 +619,10 @@ class Judge:
                 tasks.append(asyncio.ensure_future(self._answer(c.swap(), sem)))
         try:
             texts = await asyncio.gather(*tasks)
-        finally:
+        finally:  # on cancellation, nothing is left running behind the caller
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         step = 2 if self.both_orders else 1
         records = []
         for k in range(len(comparisons)):
