@@ -83,7 +83,7 @@ async def bench(root: Path, extra: list[str]) -> dict:
             "val_loss_start": round(val[0][1], 4) if val else None,
             "val_loss_end": round(val[-1][1], 4) if val else None,
         }
-    result["model"] = ws.config(overrides)["models"]["local"]["policy"]
+    result["model"] = ws.config(overrides).model("policy")
     return result
 
 

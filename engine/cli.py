@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.config import ConfigError, parse_override
+from engine.config import ConfigError
 from engine.events import (
     CheckpointSaved,
     Event,
@@ -213,14 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _hub_offline_for_local(ws: Workspace, backend: str | None, overrides: list[str]) -> None:
+def _hub_offline_for_local(backend: str) -> None:
     """The local backend reads everything from disk: switch the HF hub off before anything
     imports huggingface_hub (it reads the setting once). Tinker's SDK fetches its tokenizers."""
-    try:
-        name = backend or ws.config(overrides)["backend"]["name"]
-    except Exception:  # a bad config is reported by the run itself
-        return
-    if name == "local":
+    if backend == "local":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -238,18 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "run":
-        try:
-            for o in args.overrides:
-                parse_override(o)
-        except ConfigError as e:
-            Console(stderr=True).print(f"[red]{escape(str(e))}[/red]")
-            return 2
         if not ws.config_path.exists():
             Console(stderr=True).print(
                 f"[red]No persona.toml in {escape(str(ws.root))}[/red]: run `persona init` first."
             )
             return 2
-        _hub_offline_for_local(ws, args.backend, args.overrides)
+        try:  # every key checked before anything runs
+            cfg = ws.config(args.overrides, args.backend)
+        except ConfigError as e:
+            Console(stderr=True).print(f"[red]{escape(str(e))}[/red]")
+            return 2
+        _hub_offline_for_local(cfg.backend.name)
         return asyncio.run(
             _run(ws, args.stage, args.overrides, args.backend, console, args.verbose)
         )

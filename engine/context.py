@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import backend_name, model_for
+from engine.errors import PersonaError
+from engine.settings import PersonaConfig
+from engine.split import Split, workspace_split
 from engine.workspace import Workspace
 
 
@@ -16,7 +18,7 @@ class StageCancelled(Exception):
     """Raised by ``StageContext.check_cancel`` once the person has asked the stage to stop."""
 
 
-class StageError(Exception):
+class StageError(PersonaError):
     """A failure with a message a person can act on (shown as is, no traceback)."""
 
 
@@ -29,7 +31,7 @@ def default_service_factory(backend: str, *, checkpoint_dir: Path, env: dict[str
 @dataclass
 class StageContext:
     workspace: Workspace
-    config: dict[str, Any]
+    config: PersonaConfig
     stage: str
     run_dir: Path
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
@@ -40,13 +42,15 @@ class StageContext:
     # -- config helpers ------------------------------------------------------
     @property
     def backend(self) -> str:
-        return backend_name(self.config)
+        return self.config.backend.name
 
     def model(self, role: str) -> str:
-        return model_for(self.config, role)
+        return self.config.model(role)
 
-    def section(self, name: str) -> dict[str, Any]:
-        return dict(self.config.get(name, {}))
+    def split(self) -> Split:
+        """The held-out split (recorded in data/holdout.json on first use). Training stages
+        take ``split().train`` and nothing else from data/data.json."""
+        return workspace_split(self.workspace, self.config.data)
 
     # -- backend -------------------------------------------------------------
     @property

@@ -29,7 +29,8 @@ from typing import Any
 from engine.atomic import atomic_write_json, atomic_write_toml
 from engine.checkpoints import read_registry
 from engine.config import ConfigError, redact, snapshot
-from engine.context import StageCancelled, StageContext, StageError, default_service_factory
+from engine.context import StageCancelled, StageContext, default_service_factory
+from engine.errors import PersonaError
 from engine.events import (
     Event,
     LogLine,
@@ -40,7 +41,7 @@ from engine.events import (
     event_from_dict,
     event_to_dict,
 )
-from engine.workspace import Workspace, WorkspaceError
+from engine.workspace import Workspace
 
 Listener = Callable[[Event], Any]
 RUNNING_MARKER = "running.json"
@@ -73,9 +74,7 @@ def new_run_dir(workspace: Workspace, stage: str) -> Path:
 
 
 def _failure_message(stage: str, exc: BaseException, run_dir: Path, ws: Workspace) -> str:
-    if isinstance(exc, WorkspaceError | ConfigError | StageError) or type(exc).__name__.endswith(
-        ("ConfigError", "NotFoundError")
-    ):  # errors written for people (e.g. the backend's BackendConfigError): shown as they are
+    if isinstance(exc, PersonaError):  # written for people: shown as it is
         return str(exc)
     if isinstance(exc, ImportError) and "engine.backends" in str(exc):
         return f"The backend is not available (engine.backends failed to import: {exc}). Reinstall with `make install`."
@@ -191,7 +190,7 @@ class Runner:
         )
         listeners = list(self.listeners)
         wandb_listener = None
-        if str(cfg.get("wandb", {}).get("project", "")).strip():
+        if cfg.wandb.project.strip():
             from engine.wandb_logger import WandbListener
 
             wandb_listener = WandbListener(cfg, name, run_dir, secrets)
@@ -254,7 +253,7 @@ class Runner:
                 await emit(final)
                 raise
             except Exception as e:
-                if not isinstance(e, WorkspaceError | ConfigError | StageError):
+                if not isinstance(e, PersonaError):
                     await emit(LogLine("".join(traceback.format_exception(e)).rstrip(), "error"))
                 final = StageFailed(stage=name, message=_failure_message(name, e, run_dir, ws))
             await emit(final)

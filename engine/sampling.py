@@ -16,6 +16,7 @@ import tinker
 
 from engine.context import StageContext
 from engine.fixups import strip_chat_tokens, trim_repetition
+from engine.settings import SamplingConfig
 
 T = TypeVar("T")
 
@@ -63,7 +64,7 @@ class Sampler:
         *,
         max_tokens: int = 160,
         temperature: float = 0.7,
-        top_p: float = 1.0,
+        top_p: float = 0.95,
         seed: int | None = None,
         num_samples: int = 1,
         trim_repeats: bool = True,
@@ -101,12 +102,12 @@ async def open_sampler(
     )
 
 
-def sampling_kwargs(section: dict[str, Any]) -> dict[str, Any]:
+def sampling_kwargs(section: SamplingConfig) -> dict[str, Any]:
     return {
-        "max_tokens": int(section.get("max_tokens", 160)),
-        "temperature": float(section.get("temperature", 0.7)),
-        "top_p": float(section.get("top_p", 1.0)),
-        "trim_repeats": bool(section.get("trim_repeats", True)),
+        "max_tokens": section.max_tokens,
+        "temperature": section.temperature,
+        "top_p": section.top_p,
+        "trim_repeats": section.trim_repeats,
     }
 
 

@@ -11,17 +11,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.config import snapshot
+from engine.config import PersonaConfig, snapshot
 from engine.events import Event, Metric, StageFailed, StageFinished
 
 
 class WandbListener:
     def __init__(
-        self, cfg: dict[str, Any], stage: str, run_dir: Path, secrets: dict[str, str]
+        self, cfg: PersonaConfig, stage: str, run_dir: Path, secrets: dict[str, str]
     ) -> None:
         self._run = None
         self.error = ""  # why wandb is off, shown once as a warning by the runner
-        w = cfg.get("wandb", {})
+        w = cfg.wandb
         try:
             import wandb
 
@@ -30,8 +30,8 @@ class WandbListener:
             if key:
                 os.environ["WANDB_API_KEY"] = key
             self._run = wandb.init(
-                project=str(w["project"]),
-                entity=str(w.get("entity") or "") or None,
+                project=w.project,
+                entity=w.entity or None,
                 name=run_dir.name,
                 group=stage,
                 dir=str(run_dir),

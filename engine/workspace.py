@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_write_json, atomic_write_text, atomic_write_toml
-from engine.config import PERSONA_TOML_TEMPLATE, load_config, load_secrets
+from engine.config import PERSONA_TOML_TEMPLATE, PersonaConfig, load_config, load_secrets
+from engine.errors import PersonaError
 from engine.templates import PROMPTS_TOML_TEMPLATE
 
 MIN_DEMOS = 3
@@ -34,7 +35,7 @@ RESULT_FILES = {
 }
 
 
-class WorkspaceError(ValueError):
+class WorkspaceError(PersonaError):
     """A problem with the user's files; ``str()`` names the file and what to fix."""
 
     def __init__(
@@ -99,7 +100,7 @@ class Workspace:
     # -- config and secrets --------------------------------------------------
     def config(
         self, overrides: list[str] | dict[str, Any] | None = None, backend: str | None = None
-    ) -> dict[str, Any]:
+    ) -> PersonaConfig:
         return load_config(self.config_path, overrides, backend)
 
     def secrets(self) -> dict[str, str]:

@@ -7,10 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engine.errors import PersonaError
+
 BACKENDS = ("local", "tinker")
 
 
-class BackendConfigError(RuntimeError):
+class BackendConfigError(PersonaError):
     """The configured backend cannot start; the message says what to change."""
 
 

@@ -27,7 +27,7 @@ async def sample_demo_inputs(
     With ``all_demos`` (a run on some of them), the other demos' earlier rows in ``out_path``
     are kept, in the order of ``all_demos``.
     """
-    cfg = ctx.section("sampling")
+    cfg = ctx.config.sampling
     kwargs = sampling_kwargs(cfg)
     convs = []
     for d in demos:
@@ -40,8 +40,8 @@ async def sample_demo_inputs(
         ctx,
         sampler,
         convs,
-        concurrency=int(cfg.get("concurrency", 16)),
-        seed=int(cfg.get("seed", 0)),
+        concurrency=cfg.concurrency,
+        seed=cfg.seed,
         **kwargs,
     ):
         outputs[i] = text

@@ -25,7 +25,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(
             f"{ws.rel(ws.prompts_path)}: system_prompt is empty; write one (Prompts & Rubric tab)."
         )
-    only = _only(ctx.section("prompting").get("only", []), len(demos))
+    only = _only(list(ctx.config.prompting.only), len(demos))
     chosen = [demos[i] for i in only] if only else demos
     yield LogLine(f"loading policy {ctx.model('policy')} on backend {ctx.backend}")
     sampler = await open_sampler(ctx, role="policy")

@@ -101,12 +101,12 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     from engine.backends.renderers import get_renderer_for
 
     ws = ctx.workspace
-    cfg = ctx.section("sft")
+    cfg = ctx.config.sft
     data_path = ws.result(DATA_FILE)
     if not data_path.exists():
         raise StageError(f"{ws.rel(data_path)} not found: run `persona run synth-outputs` first.")
-    selected, how = select_rows(read_jsonl(data_path), str(cfg.get("train_on", "auto")))
-    use_system = bool(cfg.get("use_system_prompt", False))
+    selected, how = select_rows(read_jsonl(data_path), cfg.train_on)
+    use_system = cfg.use_system_prompt
     convs = [
         c
         for c in (conversation(r, use_system) for r in selected)
@@ -120,14 +120,14 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     yield LogLine(f"training on {how}", "warning" if how.startswith("no rows") else "info")
 
     model = ctx.model("policy")
-    rank = int(cfg.get("rank", 16))
-    seed = int(cfg.get("seed", 0))
-    max_length = int(cfg.get("max_length", 768))
+    rank = cfg.rank
+    seed = cfg.seed
+    max_length = cfg.max_length
     # What a resumed run must share with the one it continues (data, model, split, batches).
     fingerprint = hashlib.sha256(
         json.dumps(
             [convs, model, rank, max_length, ctx.backend, seed,
-             cfg.get("val_fraction", 0.2), cfg.get("batch_size", 4)],
+             cfg.val_fraction, cfg.batch_size],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
@@ -135,27 +135,27 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     # split
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
-    vf = float(cfg.get("val_fraction", 0.2))
+    vf = cfg.val_fraction
     n_val = min(len(convs) - 1, max(1, round(len(convs) * vf))) if vf > 0 and len(convs) >= 2 else 0
     val_convs = [convs[i] for i in order[:n_val]]
     train_convs = [convs[i] for i in order[n_val:]]
-    batch_size = max(1, min(int(cfg.get("batch_size", 4)), len(train_convs)))
-    steps_cfg = int(cfg.get("steps", 0))
+    batch_size = min(cfg.batch_size, len(train_convs))
+    steps_cfg = cfg.steps
     total_steps = (
         steps_cfg
         if steps_cfg > 0
-        else max(1, int(cfg.get("epochs", 3)) * math.ceil(len(train_convs) / batch_size))
+        else max(1, cfg.epochs * math.ceil(len(train_convs) / batch_size))
     )
-    lr = float(cfg.get("lr", 2e-4))
-    schedule = str(cfg.get("lr_schedule", "constant"))
-    ckpt_every = max(0, int(cfg.get("checkpoint_every", 10)))
-    eval_every = max(1, int(cfg.get("eval_every", 1)))
+    lr = cfg.lr
+    schedule = cfg.lr_schedule
+    ckpt_every = cfg.checkpoint_every
+    eval_every = cfg.eval_every
 
     svc = ctx.service_client()
     prev = latest_checkpoint(ws.results_dir, "sft")
     start_step, resumed = 0, False
     if (
-        bool(cfg.get("resume", True))
+        cfg.resume
         and prev
         and not prev.get("finished", False)
         and prev.get("state_path")
@@ -259,7 +259,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     yield final
 
     outputs = []
-    if bool(cfg.get("sample_after", True)):
+    if cfg.sample_after:
         demos = ws.load_demos()
         client = await resolve(
             svc.create_sampling_client(model_path=final.sampler_path, base_model=model)

@@ -29,28 +29,32 @@ OUTPUT = RESULT_FILES["synth-inputs"]
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
     ws = ctx.workspace
-    cfg = ctx.section("synth_inputs")
-    demos = ws.load_demos()
+    cfg = ctx.config.synth_inputs
+    split = ctx.split()
+    demos = split.train  # the teacher never sees a held-out demonstration
+    if split.warning:
+        yield LogLine(split.warning, "warning")
     prompts = ws.load_prompts()
     seeds = list(prompts["seeds"])
-    if int(cfg.get("max_seeds", 0)) > 0:
-        seeds = seeds[: int(cfg["max_seeds"])]
-    per_seed = max(1, int(cfg.get("per_seed", 10)))
-    retries = max(0, int(cfg.get("retries", 2)))
-    n_examples = max(1, min(int(cfg.get("num_examples", 3)), len(demos)))
+    if cfg.max_seeds > 0:
+        seeds = seeds[: cfg.max_seeds]
+    per_seed = cfg.per_seed
+    retries = cfg.retries
+    n_examples = min(cfg.num_examples, len(demos))
     template = prompts["templates"]["synth_inputs"]
     asked = per_seed * len(seeds)
-    rng = random.Random(int(ctx.section("sampling").get("seed", 0)))
+    rng = random.Random(ctx.config.sampling.seed)
 
     yield LogLine(f"loading teacher {ctx.model('teacher')} on backend {ctx.backend}")
     sampler = await open_sampler(ctx, role="teacher")
-    seen = {normalize(d["input"]) for d in demos}  # never echo a demonstration back
+    # never echo a demonstration back (held-out ones included)
+    seen = {normalize(d["input"]) for d in split.train + split.holdout}
     raw_log = open(ctx.run_dir / "teacher_replies.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 16))))
+    sem = asyncio.Semaphore(cfg.concurrency)
     gen_kwargs = {
-        "max_tokens": int(cfg.get("max_tokens", 400)),
-        "temperature": float(cfg.get("temperature", 0.8)),
-        "top_p": float(ctx.section("sampling").get("top_p", 0.95)),
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "top_p": ctx.config.sampling.top_p,
     }
     examples_per_seed = [rng.sample(demos, n_examples) for _ in seeds]
 

@@ -31,6 +31,7 @@ from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
 from engine.fixups import fix_output
 from engine.sampling import Sampler, as_completed_tasks, open_sampler
+from engine.settings import SynthOutputsConfig
 from engine.templates import fill
 from engine.workspace import RESULT_FILES
 
@@ -68,19 +69,19 @@ async def answer(
     system_prompt: str,
     request: str,
     templates: dict[str, str],
-    cfg: dict[str, Any],
+    cfg: SynthOutputsConfig,
     seed: int,
 ) -> tuple[str, str | None]:
-    """(final text, draft or None). Draft -> critique -> revise when cfg['critique']."""
+    """(final text, draft or None). Draft -> critique -> revise when cfg.critique."""
     kw = {
-        "max_tokens": int(cfg.get("max_tokens", 200)),
-        "temperature": float(cfg.get("temperature", 0.7)),
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
     }
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     draft = (
         await sampler.generate([*msgs, {"role": "user", "content": request}], seed=seed, **kw)
     )[0]
-    if not cfg.get("critique", False):
+    if not cfg.critique:
         return draft, None
     critique = (
         await sampler.generate(
@@ -119,23 +120,23 @@ async def answer(
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
     ws = ctx.workspace
-    cfg = ctx.section("synth_outputs")
+    cfg = ctx.config.synth_outputs
     in_path = ws.result(INPUTS)
     if not in_path.exists():
         raise StageError(f"{ws.rel(in_path)} not found: run `persona run synth-inputs` first.")
     inputs = [r for r in read_jsonl(in_path) if str(r.get("input", "")).strip()]
-    if int(cfg.get("limit", 0)) > 0:
-        inputs = inputs[: int(cfg["limit"])]
+    if cfg.limit > 0:
+        inputs = inputs[: cfg.limit]
     if not inputs:
         raise StageError(f"{ws.rel(in_path)} has no requests: rerun `persona run synth-inputs`.")
     prompts = ws.load_prompts()
     system_prompt = str(prompts.get("system_prompt", "")).strip()
-    default_status = str(cfg.get("default_status", "pending"))
+    default_status = cfg.default_status
     if default_status not in STATUSES:
         raise StageError(
             f"synth_outputs.default_status = {default_status!r}: choose one of {', '.join(STATUSES)}"
         )
-    signoff = str(cfg.get("signoff", ""))
+    signoff = cfg.signoff
 
     out_path = ws.result(OUTPUT)
     kept: dict[tuple[str, str], dict[str, Any]] = {}
@@ -149,11 +150,11 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     yield LogLine(
         f"loading teacher {ctx.model('teacher')} on backend {ctx.backend}"
-        + (" (draft -> critique -> revise)" if cfg.get("critique") else "")
+        + (" (draft -> critique -> revise)" if cfg.critique else "")
     )
     sampler = await open_sampler(ctx, role="teacher")
-    sem = asyncio.Semaphore(max(1, int(cfg.get("concurrency", 16))))
-    seed0 = int(ctx.section("sampling").get("seed", 0))
+    sem = asyncio.Semaphore(cfg.concurrency)
+    seed0 = ctx.config.sampling.seed
 
     async def one(i: int, row: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         async with sem:

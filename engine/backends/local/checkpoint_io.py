@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.errors import PersonaError
+
 from .folders import publish_folder
 from .lora import LoraSpec
 
@@ -23,7 +25,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(FileNotFoundError, PersonaError):
     pass
 
 

@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import PersonaError
+
 from .folders import publish_folder
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -29,7 +31,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _materialize_lock = threading.RLock()
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(ValueError, PersonaError):
     pass
 
 
@@ -184,18 +186,26 @@ class ComputePlan:
     dtype_name: str  # "bfloat16" | "float32"
 
 
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "f32": "float32",
+}
+
+
 def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from .hardware import cpu_supports_bf16 as supports
+
+    return supports()
 
 
 def choose_compute(device: str | None = None, dtype: str | None = None) -> ComputePlan:
-    """CUDA when torch sees it; bf16 where the hardware runs it fast, fp32 otherwise.
+    """CUDA when torch sees it; bf16 where the hardware runs it fast (a CPU with AVX512_BF16
+    or AMX), fp32 otherwise.
 
-    ``PERSONA_DEVICE`` and ``PERSONA_DTYPE`` override the choice.
+    ``PERSONA_DEVICE`` and ``PERSONA_DTYPE`` (``bf16`` | ``fp32``) override the choice.
     """
     import torch
 
@@ -208,6 +218,7 @@ def choose_compute(device: str | None = None, dtype: str | None = None) -> Compu
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
         else:
             dtype = "bfloat16" if cpu_supports_bf16() else "float32"
-    if dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"PERSONA_DTYPE must be bfloat16 or float32, not {dtype!r}")
-    return ComputePlan(device=device, dtype_name=dtype)
+    name = _DTYPE_ALIASES.get(dtype.strip().lower())
+    if name is None:
+        raise ValueError(f"PERSONA_DTYPE must be bf16 or fp32 (bfloat16, float32), not {dtype!r}")
+    return ComputePlan(device=device, dtype_name=name)

@@ -1,0 +1,68 @@
+"""The held-out split: deterministic, stable under edits, recorded, and kept from training."""
+
+from __future__ import annotations
+
+import json
+
+from engine.settings import DataConfig
+from engine.split import holdout_count, read_record, set_holdout, split_demos, workspace_split
+from engine.workspace import Workspace
+
+
+def demos(n: int) -> list[dict[str, str]]:
+    return [{"input": f"Request number {i}", "output": f"Text {i}"} for i in range(n)]
+
+
+def test_counts():
+    assert [holdout_count(-1, n) for n in (3, 4, 5, 7, 8, 12)] == [0, 0, 1, 1, 2, 2]
+    assert holdout_count(3, 10) == 3 and holdout_count(9, 10) == 7  # 3 stay for training
+
+
+def test_deterministic_and_seeded():
+    a = split_demos(demos(10), -1, 0, None)
+    b = split_demos(list(reversed(demos(10))), -1, 0, None)
+    assert len(a.holdout) == 2 and {d["input"] for d in a.holdout} == {d["input"] for d in b.holdout}
+    assert not {d["input"] for d in a.train} & {d["input"] for d in a.holdout}
+    assert len(a.train) == 8
+    others = {tuple(d["input"] for d in split_demos(demos(10), -1, s, None).holdout) for s in range(6)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_stable_under_additions_and_edits():
+    base = demos(10)
+    first = split_demos(base, -1, 0, None)
+    record = read_like(first)
+    # add five new demos and edit the output of a held-out one: the held-out set stays
+    more = [dict(d) for d in base] + [{"input": f"Another {i}", "output": "x"} for i in range(5)]
+    for d in more:
+        if d["input"] == first.holdout[0]["input"]:
+            d["output"] = "edited text"
+    again = split_demos(more, -1, 0, record)
+    assert [d["input"] for d in again.holdout] == [d["input"] for d in first.holdout]
+    # delete one held-out demo: the gap is filled by the rule, the other stays
+    fewer = [d for d in base if d["input"] != first.holdout[0]["input"]]
+    filled = split_demos(fewer, -1, 0, record)
+    assert first.holdout[1] in filled.holdout and len(filled.holdout) == 2
+
+
+def read_like(split):
+    from engine.split import Record
+
+    return Record([d["input"] for d in split.holdout])
+
+
+def test_few_demos_warn():
+    s = split_demos(demos(4), -1, 0, None)
+    assert s.holdout == [] and "measured fairly" in s.warning
+
+
+def test_recorded_in_workspace_and_manual_choice(ws: Workspace):
+    cfg = DataConfig()
+    first = workspace_split(ws, cfg)
+    rec = json.loads((ws.data_dir / "holdout.json").read_text())
+    assert rec["holdout"] == [d["input"] for d in first.holdout] and rec["manual"] is False
+    all_demos = ws.load_demos()
+    set_holdout(ws, [all_demos[0]["input"], all_demos[1]["input"], all_demos[2]["input"]])
+    manual = workspace_split(ws, cfg)
+    assert manual.holdout_index == frozenset({0, 1, 2}) and len(manual.train) == len(all_demos) - 3
+    assert read_record(ws.data_dir).manual
