@@ -121,3 +121,11 @@ def test_cli_rejects_bad_file(tmp_path: Path, capsys):
     assert main(["-C", str(ws.root), "run", "baseline"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "persona.toml" in err and "backend must be a table" in err and "Traceback" not in err
+
+
+def test_readme_lists_every_key_from_the_structures():
+    from engine.config_doc import README, settings_markdown
+
+    assert settings_markdown() in README.read_text(encoding="utf-8"), (
+        "README's configuration section is stale: run `.venv/bin/python -m engine.config_doc`"
+    )
