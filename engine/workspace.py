@@ -16,23 +16,11 @@ from typing import Any
 from engine.atomic import atomic_write_json, atomic_write_text, atomic_write_toml
 from engine.config import PERSONA_TOML_TEMPLATE, PersonaConfig, load_config, load_secrets
 from engine.errors import PersonaError
+from engine.results import RESULT_FILES  # noqa: F401 - re-exported: engine.results owns the names
 from engine.templates import PROMPTS_TOML_TEMPLATE
 
 MIN_DEMOS = 3
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "data.example.json"
-
-RESULT_FILES = {
-    "baseline": "baseline_results.json",
-    "prompting": "prompt_engineering_results.json",
-    "synth-inputs": "synthetic_inputs.jsonl",
-    "synth-outputs": "synthetic_personalized_data.jsonl",
-    "sft": "sft_model_outputs.json",
-    "reward-model": "rm_validation.json",
-    "rl-prompts": "rl_train_data.jsonl",
-    "rlaif": "rl_model_outputs.json",
-    "ditto": "ditto_model_outputs.json",
-    "evaluate": "report.md",
-}
 
 
 class WorkspaceError(PersonaError):
