@@ -3,7 +3,8 @@
 -> results/synthetic_inputs.jsonl, one ``{"id", "seed", "input"}`` per line.
 
 Each seed is asked once, then retried (``retries``) while it is short. Replies are parsed
-leniently (engine.parsing); duplicates (also of the demos) and near-empty lines are dropped.
+leniently; engine.parsing.RequestFilter keeps only lines that read as requests and drops
+exact and near duplicates (also of the demos), counting filtered and duplicate lines apart.
 Yield = valid requests / requests asked, reported as metric ``synth_inputs/yield``. A low
 yield is reported, not fatal; zero is fatal with a message saying what to change.
 """
@@ -19,7 +20,7 @@ from contextlib import aclosing
 from engine.atomic import atomic_write_jsonl
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, StageFinished
-from engine.parsing import dedupe, normalize, parse_requests
+from engine.parsing import RequestFilter
 from engine.sampling import as_completed_tasks, open_sampler
 from engine.templates import fill
 from engine.workspace import RESULT_FILES
@@ -47,8 +48,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     yield LogLine(f"loading teacher {ctx.model('teacher')} on backend {ctx.backend}")
     sampler = await open_sampler(ctx, role="teacher")
-    # never echo a demonstration back (held-out ones included)
-    seen = {normalize(d["input"]) for d in split.train + split.holdout}
+    # never echo a demonstration back (held-out ones included); count what is dropped
+    request_filter = RequestFilter([d["input"] for d in split.train + split.holdout])
     raw_log = open(ctx.run_dir / "teacher_replies.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     sem = asyncio.Semaphore(cfg.concurrency)
     gen_kwargs = {
@@ -85,7 +86,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                 + "\n"
             )
             raw_log.flush()
-            got.extend(dedupe(parse_requests(reply), seen)[:need])
+            got.extend(request_filter.take(reply, need))
         return si, got, attempts
 
     rows: list[dict[str, str]] = []
@@ -112,6 +113,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             rows.append({"id": f"in-{len(rows) + 1:04d}", "seed": seed, "input": text})
     total_yield = len(rows) / asked if asked else 0.0
     yield Metric("synth_inputs/valid", len(seeds), float(len(rows)))
+    yield Metric("synth_inputs/filtered", len(seeds), float(request_filter.filtered))
+    yield Metric("synth_inputs/duplicates", len(seeds), float(request_filter.duplicates))
+    yield LogLine(f"teacher lines: {request_filter.summary()}")
     if not rows:
         raise StageError(
             f"The teacher ({ctx.model('teacher')}) produced no usable requests (yield 0/{asked}). "
@@ -130,5 +134,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     yield StageFinished(
         stage=ctx.stage,
         outputs=(ws.rel(out),),
-        summary=f"{len(rows)} requests, yield {len(rows)}/{asked} = {total_yield:.0%}",
+        summary=(
+            f"{len(rows)} requests, yield {len(rows)}/{asked} = {total_yield:.0%}; "
+            f"{request_filter.filtered} lines filtered, {request_filter.duplicates} duplicates"
+        ),
     )
