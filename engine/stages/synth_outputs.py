@@ -19,49 +19,37 @@ prompt, and revised; the draft is kept in the row.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from engine import jsonl
-from engine.atomic import atomic_write_jsonl
+from engine import results
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
 from engine.fixups import fix_output
+from engine.results import RESULT_FILES, Loaded, row_input, row_output  # noqa: F401 - re-exported
 from engine.sampling import Sampler, as_completed_tasks, open_sampler
 from engine.settings import SynthOutputsConfig
 from engine.templates import fill
-from engine.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["synth-outputs"]
 INPUTS = RESULT_FILES["synth-inputs"]
-REVIEWED = ("accepted", "rejected", "edited")
-STATUSES = ("pending", *REVIEWED)
+REVIEWED = results.REVIEWED
+STATUSES = results.SYNTH_STATUSES
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The stage's strict read: a bad line fails the stage, naming file and line."""
-
-    def on_bad(n: int, e: json.JSONDecodeError) -> None:
-        raise StageError(f"{path.name}: line {n} is not valid JSON ({e.msg})") from e
-
-    return jsonl.read_jsonl(path, on_bad)
+    """A strict read of a synthetic rows file: a bad line fails the stage, naming file and line."""
+    return results.read_synthetic_rows(path).strict()
 
 
-def row_input(row: dict[str, Any]) -> str:
-    for m in row.get("messages", []):
-        if m.get("role") == "user":
-            return str(m.get("content", ""))
-    return ""
-
-
-def row_output(row: dict[str, Any]) -> str:
-    for m in reversed(row.get("messages", [])):
-        if m.get("role") == "assistant":
-            return str(m.get("content", ""))
-    return ""
+def warn_bad(loaded: Loaded, what: str, limit: int = 5) -> list[LogLine]:
+    """Log lines naming each skipped line of a results file (the first ``limit``)."""
+    lines = [LogLine(f"{p} ({what})", "warning") for p in loaded.problems[:limit]]
+    if len(loaded.problems) > limit:
+        lines.append(LogLine(f"... and {len(loaded.problems) - limit} more such lines", "warning"))
+    return lines
 
 
 async def answer(
@@ -124,7 +112,11 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     in_path = ws.result(INPUTS)
     if not in_path.exists():
         raise StageError(f"{ws.rel(in_path)} not found: run `persona run synth-inputs` first.")
-    inputs = [r for r in read_jsonl(in_path) if str(r.get("input", "")).strip()]
+    results.check_writable(ws.results_dir)  # a read-only or full results/ fails now, not at the end
+    loaded_inputs = results.read_synthetic_inputs(in_path)
+    for ev in warn_bad(loaded_inputs, "skipped"):
+        yield ev
+    inputs = [r for r in loaded_inputs.rows if r["input"].strip()]
     if cfg.limit > 0:
         inputs = inputs[: cfg.limit]
     if not inputs:
@@ -139,11 +131,14 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     signoff = cfg.signoff
 
     out_path = ws.result(OUTPUT)
-    kept: dict[tuple[str, str], dict[str, Any]] = {}
-    if out_path.exists():
-        for r in read_jsonl(out_path):
-            if r.get("status") in REVIEWED and not r.get("reason"):  # auto-rejected rows are retried
-                kept[(str(r.get("id")), row_input(r))] = r
+    existing = results.read_synthetic_rows(out_path)
+    for ev in warn_bad(existing, "kept as is at the end of the file"):
+        yield ev
+    # what was on disk when we began: the final write keeps any review saved meanwhile
+    started_from = {results.row_key(r): r for r in existing.rows}
+    kept: dict[tuple[str, str], dict[str, Any]] = {
+        k: r for k, r in started_from.items() if results.is_review_decision(r)
+    }  # auto-rejected rows are retried
     todo = [r for r in inputs if (str(r.get("id")), r["input"]) not in kept]
     if kept:
         yield LogLine(f"keeping {len(inputs) - len(todo)} reviewed rows; generating {len(todo)}")
@@ -181,26 +176,31 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             out["status"], out["reason"] = "rejected", "empty after fix-ups"
         return i, out
 
-    results: dict[int, dict[str, Any]] = {}
+    answered: dict[int, dict[str, Any]] = {}
     fixed_count = 0
     yield Progress(0, len(todo), "synth-outputs: answers")
     async with aclosing(as_completed_tasks(one(i, r) for i, r in enumerate(todo))) as answers:
         async for i, row in answers:
-            results[i] = row
+            answered[i] = row
             fixed_count += bool(row["fixups"])
             yield SampleProduced(
                 input=row_input(row), output=row_output(row), source="synth-outputs"
             )
-            yield Progress(len(results), len(todo), "synth-outputs: answers")
+            yield Progress(len(answered), len(todo), "synth-outputs: answers")
             ctx.check_cancel()
 
-    by_key = {(str(r.get("id")), r["input"]): results[i] for i, r in enumerate(todo)}
+    by_key = {(str(r.get("id")), r["input"]): answered[i] for i, r in enumerate(todo)}
     rows = [
         kept.get((str(r.get("id")), r["input"])) or by_key[(str(r.get("id")), r["input"])]
         for r in inputs
     ]
-    atomic_write_jsonl(out_path, rows)
-    rejected = sum(r["status"] == "rejected" for r in rows)
+    report = results.write_synthetic_rows(out_path, rows, started_from=started_from)
+    if report.merged_from_disk:
+        yield LogLine(
+            f"kept {report.merged_from_disk} review decision(s) saved while this stage ran"
+        )
+    rows = results.read_synthetic_rows(out_path).rows
+    rejected = sum(r.get("status") == "rejected" for r in rows)
     if todo:
         yield Metric("synth_outputs/fixup_rate", len(todo), fixed_count / len(todo))
     yield StageFinished(
