@@ -20,8 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_write_toml
+from engine.errors import PersonaError
 
 REGISTRY = "checkpoints.toml"
+
+
+class RegistryError(PersonaError, ValueError):
+    """results/checkpoints.toml cannot be read; the message names it and says what to do."""
 
 
 def registry_path(results_dir: str | Path) -> Path:
@@ -35,11 +40,41 @@ def read_registry(results_dir: str | Path, *, strict: bool = False) -> dict[str,
     if not path.exists():
         return {}
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
         if strict:
-            raise ValueError(f"{path}: not valid TOML ({e}); fix or delete it, then rerun.") from e
+            raise RegistryError(f"{_name(path)}: {_why(e)}; fix or delete it, then rerun") from e
         return {}
+    # an entry that is not a table (``sft = 5``) is not a checkpoint: never hand it out
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+def check_registry(results_dir: str | Path) -> str:
+    """ "" when the registry reads cleanly (or is absent), else a message naming the file."""
+    path = registry_path(results_dir)
+    try:
+        read_registry(results_dir, strict=True)
+    except RegistryError as e:
+        return str(e)
+    if not path.exists():
+        return ""
+    data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    bad = [k for k, v in data.items() if not isinstance(v, dict)]
+    if bad:
+        return f"{_name(path)}: entry {bad[0]!r} must be a table ([{bad[0]}]); it is ignored"
+    return ""
+
+
+def _name(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.start + 1})"
+    if isinstance(e, OSError):
+        return f"cannot be read ({e.strerror or e})"
+    return f"not valid TOML ({e})"
 
 
 def latest_checkpoint(results_dir: str | Path, stage: str) -> dict[str, Any] | None:

@@ -12,18 +12,17 @@ yield is reported, not fatal; zero is fatal with a message saying what to change
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from engine.atomic import atomic_write_jsonl
+from engine import results
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, StageFinished
 from engine.parsing import RequestFilter
+from engine.results import RESULT_FILES, TEACHER_REPLIES_FILE
 from engine.sampling import as_completed_tasks, open_sampler
 from engine.templates import fill
-from engine.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["synth-inputs"]
 
@@ -50,7 +49,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     sampler = await open_sampler(ctx, role="teacher")
     # never echo a demonstration back (held-out ones included); count what is dropped
     request_filter = RequestFilter([d["input"] for d in split.train + split.holdout])
-    raw_log = open(ctx.run_dir / "teacher_replies.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    results.check_writable(ws.results_dir)  # a read-only or full results/ fails now, not at the end
     sem = asyncio.Semaphore(cfg.concurrency)
     gen_kwargs = {
         "max_tokens": cfg.max_tokens,
@@ -81,32 +80,25 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                     **gen_kwargs,
                 )
             reply = texts[0] if texts else ""
-            raw_log.write(
-                json.dumps({"seed": seed, "attempt": attempt, "reply": reply}, ensure_ascii=False)
-                + "\n"
-            )
-            raw_log.flush()
+            results.append_teacher_reply(ctx.run_dir, seed, attempt, reply)
             got.extend(request_filter.take(reply, need))
         return si, got, attempts
 
     rows: list[dict[str, str]] = []
     per_seed_results: dict[int, list[str]] = {}
     seed_jobs = as_completed_tasks(one_seed(i, s) for i, s in enumerate(seeds))
-    try:
-        yield Progress(0, len(seeds), "synth-inputs: seeds")
-        valid = done = 0
-        async with aclosing(seed_jobs) as results:
-            async for si, got, attempts in results:
-                done += 1
-                per_seed_results[si] = got
-                valid += len(got)
-                yield LogLine(
-                    f"seed {seeds[si]!r}: {len(got)}/{per_seed} requests in {attempts} attempt(s)"
-                )
-                yield Metric("synth_inputs/yield", done, valid / (per_seed * done))
-                yield Progress(done, len(seeds), "synth-inputs: seeds")
-    finally:
-        raw_log.close()
+    yield Progress(0, len(seeds), "synth-inputs: seeds")
+    valid = done = 0
+    async with aclosing(seed_jobs) as finished:
+        async for si, got, attempts in finished:
+            done += 1
+            per_seed_results[si] = got
+            valid += len(got)
+            yield LogLine(
+                f"seed {seeds[si]!r}: {len(got)}/{per_seed} requests in {attempts} attempt(s)"
+            )
+            yield Metric("synth_inputs/yield", done, valid / (per_seed * done))
+            yield Progress(done, len(seeds), "synth-inputs: seeds")
 
     for si, seed in enumerate(seeds):
         for text in per_seed_results.get(si, []):
@@ -121,10 +113,10 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             f"The teacher ({ctx.model('teacher')}) produced no usable requests (yield 0/{asked}). "
             "Try a stronger teacher (models.teacher, or --backend tinker), more retries "
             "(--set synth_inputs.retries=4) or a larger synth_inputs.max_tokens. Raw replies: "
-            f"{ws.rel(ctx.run_dir / 'teacher_replies.jsonl')}"
+            f"{ws.rel(ctx.run_dir / TEACHER_REPLIES_FILE)}"
         )
     out = ws.result(OUTPUT)
-    atomic_write_jsonl(out, rows)
+    results.write_synthetic_inputs(out, rows)
     if total_yield < 0.5:
         yield LogLine(
             f"low yield {len(rows)}/{asked} ({total_yield:.0%}): the teacher's replies were hard to parse. "
