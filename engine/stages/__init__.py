@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.stages import baseline, demos, prompting, sft, synth_inputs, synth_outputs
+from engine.stages import baseline, demos, ditto, prompting, sft, synth_inputs, synth_outputs
+from engine.stages import rl_prompts  # stages 7-9 (RLAIF)
+from engine.stages import evaluate  # stage 11
 from engine.workspace import RESULT_FILES, Workspace
 
 
@@ -78,7 +80,7 @@ _SPECS = [
         "rl-prompts",
         8,
         "Synthesize RL prompts, split train/dev",
-        None,
+        rl_prompts.run,
         (_result("rl-prompts"), "results/rl_dev_data.jsonl"),
     ),
     StageSpec(
@@ -93,7 +95,7 @@ _SPECS = [
         "ditto",
         10,
         "DITTO: SFT on demos, then online DPO rounds",
-        None,
+        ditto.run,
         (_result("ditto"),),
         trains=True,
     ),
@@ -101,7 +103,7 @@ _SPECS = [
         "evaluate",
         11,
         "Compare every method on held-out requests",
-        None,
+        evaluate.run,
         (_result("evaluate"), "results/evaluation.json"),
     ),
 ]
