@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from engine.stages import baseline, demos, ditto, prompting, sft, synth_inputs, synth_outputs
-from engine.stages import rl_prompts  # stages 7-9 (RLAIF)
-from engine.stages import evaluate  # stage 11
 from engine.workspace import RESULT_FILES, Workspace
 
 
@@ -80,7 +78,7 @@ _SPECS = [
         "rl-prompts",
         8,
         "Synthesize RL prompts, split train/dev",
-        rl_prompts.run,
+        None,
         (_result("rl-prompts"), "results/rl_dev_data.jsonl"),
     ),
     StageSpec(
@@ -103,7 +101,7 @@ _SPECS = [
         "evaluate",
         11,
         "Compare every method on held-out requests",
-        evaluate.run,
+        None,
         (_result("evaluate"), "results/evaluation.json"),
     ),
 ]
