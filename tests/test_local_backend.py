@@ -381,3 +381,121 @@ async def test_concurrent_compute_logprobs_batch_and_match_single(service):
         assert torch.allclose(torch.tensor(values[1:]), torch.tensor(alone[1:]), atol=1e-5)
     last_two = await sampler.compute_logprobs(types.ModelInput.from_ints(SEQ_A), prompt_logprobs_last_n=2)
     assert last_two[:-2] == [None] * (len(SEQ_A) - 2) and last_two[-2:] == together[0][-2:]
+
+
+# ---- speed work (issue 11): fast decoder, continuous batching, threads, dtype ----------
+
+
+def _rows(rt, prompt, n, max_tokens, *, temperature=0.0, seed=0, stop_ids=frozenset()):
+    from engine.backends.local.compute import GenRow, make_generator
+
+    g = make_generator(seed)
+    return [GenRow(prompt, max_tokens, temperature, 1.0, -1, stop_ids, (), g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from engine.backends.local.compute import BaseRuntime
+    from engine.backends.local.models import choose_compute
+
+    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "fp32"))
+    assert rt.decoder is not None  # the tiny Llama takes the fast path
+    return rt
+
+
+def test_fast_decoder_matches_transformers(runtime):
+    rows = _rows(runtime, SEQ_A, 2, 20) + _rows(runtime, SEQ_B, 1, 7) + _rows(runtime, [5], 1, 12)
+    fast = runtime.generate(None, rows)
+    slow = runtime._generate_hf(None, rows)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.tokens == s.tokens and f.stop_reason == s.stop_reason
+        assert torch.allclose(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4)
+
+
+def test_seeded_sample_is_the_same_alone_or_in_a_batch(runtime):
+    alone = runtime.generate(None, _rows(runtime, SEQ_A, 3, 15, temperature=1.0, seed=11))
+    mixed = runtime.generate(
+        None,
+        _rows(runtime, SEQ_B, 2, 9, temperature=1.0, seed=5)
+        + _rows(runtime, SEQ_A, 3, 15, temperature=1.0, seed=11),
+    )
+    assert [r.tokens for r in mixed[2:]] == [r.tokens for r in alone]
+
+
+def test_requests_join_a_running_pass_and_finish_on_their_own(runtime):
+    finished: list[str] = []
+    results: dict[str, list] = {}
+
+    def request(name, rows, cancelled=lambda: False):
+        def done(out):
+            finished.append(name)
+            results[name] = out
+
+        return (rows, done, cancelled)
+
+    polls = 0
+    cancel_now = False
+
+    def poll(room):
+        nonlocal polls, cancel_now
+        polls += 1
+        if polls == 3:  # arrives while "long" is mid-pass
+            return [request("late", _rows(runtime, SEQ_B, 2, 4))]
+        if polls == 5:
+            cancel_now = True
+        return []
+
+    runtime.generate_stream(
+        None,
+        [
+            request("long", _rows(runtime, SEQ_A, 2, 40)),
+            request("doomed", _rows(runtime, [5, 6], 1, 500), lambda: cancel_now),
+        ],
+        poll,
+        64,
+    )
+    assert finished == ["late", "long"]  # the late short request resolved first
+    assert "doomed" not in results  # cancelled: dropped, never delivered
+    assert polls < 60  # the cancelled 500-token row did not keep the pass going
+    alone = runtime.generate(None, _rows(runtime, SEQ_B, 2, 4))
+    assert [r.tokens for r in results["late"]] == [r.tokens for r in alone]
+
+
+async def test_a_cancelled_sample_is_dropped(service):
+    sampler = await service.create_sampling_client(base_model=TINY_MODEL)
+    prompt = types.ModelInput.from_ints(SEQ_A)
+    long = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1500, temperature=1.0, seed=1))
+    assert long.future().cancel()  # still pending while it generates: cancel works
+    quick = await sampler.sample(prompt, 2, types.SamplingParams(max_tokens=3, temperature=1.0))
+    assert len(quick.sequences) == 2
+    assert long.future().cancelled()
+
+
+def test_configure_threads(monkeypatch):
+    from engine.backends.local import hardware
+
+    before = torch.get_num_threads()
+    try:
+        assert hardware.configure_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("PERSONA_THREADS", "2")
+        assert hardware.configure_threads(None) == 2 and torch.get_num_threads() == 2
+        assert hardware.configure_threads(1) == 1  # an explicit count wins over the env
+        monkeypatch.delenv("PERSONA_THREADS")
+        assert 1 <= hardware.configure_threads(0) <= hardware.usable_cpus()
+    finally:
+        torch.set_num_threads(before)
+    assert hardware.auto_threads(cpus=2, load=0.1) == 2
+    assert hardware.auto_threads(cpus=2, load=1.2) == 1
+    assert hardware.auto_threads(cpus=2, load=5.0) == 1
+    assert hardware.auto_threads(cpus=16, load=3.0) == 13
+
+
+def test_dtype_names_and_override(monkeypatch):
+    from engine.backends.local.models import choose_compute
+
+    assert choose_compute("cpu", "bf16").dtype_name == "bfloat16"
+    assert choose_compute("cpu", "fp32").dtype_name == "float32"
+    monkeypatch.setenv("PERSONA_DTYPE", "fp32")
+    assert choose_compute("cpu").dtype_name == "float32"
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        choose_compute("cpu", "int4")

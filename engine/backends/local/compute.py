@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import decode
 from .lora import LoraHost
 from .models import ComputePlan, choose_compute, ensure_model_dir
 
@@ -72,12 +73,22 @@ class BaseRuntime:
         model.config.use_cache = True
         self.gradient_checkpointing = _want_checkpointing(model.config, self.dtype)
         if self.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.model = model
         self.host = LoraHost(model)
         self.pad_id = self._pad_id()
         self.eos_id = self.tokenizer.eos_token_id
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.decoder = (
+            decode.SlotDecoder(model, self._decode_text)
+            if decode.supports(model) and os.environ.get("PERSONA_FAST_DECODE", "1") != "0"
+            else None
+        )
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
@@ -135,14 +146,98 @@ class BaseRuntime:
         A caller that trains can backpropagate each micro-batch before the next is computed.
         """
         for batch in token_budget_batches([len(row) for row in inputs]):
-            yield batch, self.token_logprobs(
-                adapter, [inputs[i] for i in batch], [targets[i] for i in batch], grad=grad
+            yield (
+                batch,
+                self.token_logprobs(
+                    adapter, [inputs[i] for i in batch], [targets[i] for i in batch], grad=grad
+                ),
             )
 
     # ---- generation -----------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, adapter: str | None, rows: list[GenRow]) -> list[GenResult]:
+        """Sample every row in one batched pass; results aligned with ``rows``.
+
+        Consecutive rows with the same prompt and generator are one request (prefilled once).
+        Rows must share temperature, top_p and top_k.
+        """
+        if self.decoder is None:
+            return self._generate_hf(adapter, rows)
+        groups: list[list[GenRow]] = []
+        for r in rows:
+            if (
+                groups
+                and groups[-1][0].generator is r.generator
+                and groups[-1][0].prompt == r.prompt
+            ):
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        results: dict[int, list[GenResult]] = {}
+        requests = [
+            self._decode_request(g, lambda out, i=i: results.__setitem__(i, out))
+            for i, g in enumerate(groups)
+        ]
+        self.host.switch.active = adapter
+        self.decoder.run(requests, self._sampling_fn(rows[0]))
+        return [res for i in range(len(groups)) for res in results[i]]
+
+    def generate_stream(
+        self,
+        adapter: str | None,
+        requests: list[tuple[list[GenRow], Callable[[list[GenResult]], None], Callable[[], bool]]],
+        poll: Callable[[int], list[tuple[list[GenRow], Callable, Callable]]],
+        max_rows: int,
+    ) -> None:
+        """Continuous batching: run ``requests`` (rows, on_done, cancelled); between decode steps
+        ``poll(free_rows)`` hands in more. Each request's ``on_done`` is called as soon as its
+        own rows finish; a request whose ``cancelled()`` turns true is dropped."""
+        if self.decoder is None:
+            while requests:
+                live = [r for r in requests if not r[2]()]
+                if live:
+                    results = self._generate_hf(
+                        adapter, [row for rows, _, _ in live for row in rows]
+                    )
+                    start = 0
+                    for rows, on_done, _ in live:
+                        on_done(results[start : start + len(rows)])
+                        start += len(rows)
+                requests = poll(max_rows)
+            return
+        self.host.switch.active = adapter
+        self.decoder.run(
+            [self._decode_request(*r) for r in requests],
+            self._sampling_fn(requests[0][0][0]),
+            poll=lambda room: [self._decode_request(*r) for r in poll(room)],
+            max_slots=max_rows,
+        )
+
+    @staticmethod
+    def _sampling_fn(row: GenRow) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        temperature, top_p, top_k = row.temperature, row.top_p, row.top_k
+        return lambda logits: _sampling_probs(logits, temperature, top_p, top_k)
+
+    @staticmethod
+    def _decode_request(
+        rows: list[GenRow],
+        on_done: Callable[[list[GenResult]], None],
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> decode.DecodeRequest:
+        first = rows[0]
+        return decode.DecodeRequest(
+            prompt=first.prompt,
+            rows=len(rows),
+            max_tokens=first.max_tokens,
+            stop_ids=first.stop_ids,
+            stop_strings=first.stop_strings,
+            generator=first.generator,
+            on_done=lambda out: on_done([GenResult(t, lp, reason) for t, lp, reason in out]),
+            cancelled=cancelled,
+        )
+
+    @torch.no_grad()
+    def _generate_hf(self, adapter: str | None, rows: list[GenRow]) -> list[GenResult]:
         """Sample every row in one batched, KV-cached pass (left-padded prompts).
 
         Rows may come from different requests; they must share temperature, top_p and top_k.
@@ -173,14 +268,18 @@ class BaseRuntime:
         for _ in range(steps):
             if all(done):
                 break
-            logits = self.model(
-                input_ids=step_input,
-                attention_mask=mask,
-                position_ids=step_pos,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,  # the prefill needs the last position's logits only
-            ).logits[:, -1, :].float()
+            logits = (
+                self.model(
+                    input_ids=step_input,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,  # the prefill needs the last position's logits only
+                )
+                .logits[:, -1, :]
+                .float()
+            )
             logp = torch.log_softmax(logits, dim=-1)
             probs = _sampling_probs(logits, temperature, top_p, top_k)
             # One device-to-host copy per step, not one per row (matters on a GPU).
@@ -189,7 +288,8 @@ class BaseRuntime:
             for i, r in enumerate(rows):
                 if not done[i]:
                     next_ids[i] = (
-                        int(choices[i]) if probs is None
+                        int(choices[i])
+                        if probs is None
                         else int(torch.multinomial(choices[i], 1, generator=r.generator))
                     )
             chosen_logp = logp.gather(1, next_ids.to(self.device)[:, None])[:, 0].cpu().tolist()

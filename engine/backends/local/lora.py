@@ -22,6 +22,8 @@ from torch import nn
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
+# One autograd node per LoRA layer (see _LoraLinearFn); False restores plain autograd (bench).
+FUSED_BACKWARD = True
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,34 @@ class LoraLinear(nn.Module):
             and hit[1] is b
             and hit[2] == (a._version, b._version, dtype)
         ):
-            hit = (a, b, (a._version, b._version, dtype), a.detach().to(dtype), b.detach().to(dtype))
+            hit = (
+                a,
+                b,
+                (a._version, b._version, dtype),
+                a.detach().to(dtype),
+                b.detach().to(dtype),
+            )
             self._cast[name] = hit
         return hit[3], hit[4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         name = self.switch.active
         if name is None or name not in self.lora_A:
-            return out
+            return self.base(x)
+        if (
+            FUSED_BACKWARD
+            and torch.is_grad_enabled()
+            and (x.requires_grad or self.lora_A[name].requires_grad)
+        ):
+            return _LoraLinearFn.apply(
+                x,
+                self.base.weight,
+                self.base.bias,
+                self.lora_A[name],
+                self.lora_B[name],
+                self.scales[name],
+            )
+        out = self.base(x)
         a, b = self._weights(name, x.dtype)
         # out += scale * (x A^T) B^T as one GEMM accumulating into the base output in place
         # (the base linear's backward does not read its output): no scale or add passes and
@@ -96,6 +117,46 @@ class LoraLinear(nn.Module):
         h = F.linear(x, a).reshape(-1, a.shape[0])
         out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=self.scales[name])
         return out
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """y = x W^T + bias + scale (x A^T) B^T with a frozen W, as one autograd node.
+
+    Autograd over the plain expression records an in-place add on a view (a CopySlices
+    node that clones the output gradient) and two casts per layer; this computes the same
+    products and hands back exactly the gradients LoRA needs: x, A and B (never W).
+    Measured on SmolLM2-135M bf16, 4 x 512 tokens: about 1 s less per training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):  # noqa: ANN001, ANN205
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        out = F.linear(x, weight, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        h = flat @ a_c.t()
+        out.view(-1, out.shape[-1]).addmm_(h, b_c.t(), alpha=scale)
+        ctx.save_for_backward(flat, weight, a_c, b_c, h)
+        ctx.scale = scale
+        ctx.shape = x.shape
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        flat, weight, a_c, b_c, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        scale = ctx.scale
+        need_x, need_a, need_b = ctx.needs
+        gb = g @ b_c  # (tokens, rank): the gradient reaching h, before the scale
+        dx = da = db = None
+        if need_x:
+            dx = (g @ weight).addmm_(gb, a_c, alpha=scale).view(ctx.shape)
+        if need_a:
+            da = (gb.t() @ flat).mul_(scale).to(ctx.a_dtype)
+        if need_b:
+            db = (g.t() @ h).mul_(scale).to(ctx.b_dtype)
+        return dx, None, None, da, db, None
 
 
 class LoraHost:
@@ -131,7 +192,9 @@ class LoraHost:
             if wrapper.kind not in spec.targets:
                 continue
             base = wrapper.base
-            a = torch.empty(spec.rank, base.in_features)  # drawn on the CPU: seeds mean the same everywhere
+            a = torch.empty(
+                spec.rank, base.in_features
+            )  # drawn on the CPU: seeds mean the same everywhere
             bound = 1.0 / math.sqrt(base.in_features)
             a = a.uniform_(-bound, bound, generator=generator).to(base.weight.device)
             b = torch.zeros(base.out_features, spec.rank, device=base.weight.device)

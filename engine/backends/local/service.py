@@ -25,10 +25,11 @@ from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
 from . import checkpoint_io
 from .compute import BaseRuntime, GenResult, GenRow, make_generator
+from .hardware import configure_threads
 from .lora import LoraSpec, targets_for
 from .losses import REQUIRED_INPUTS, SUPPORTED_LOSSES, datum_loss
 from .models import ComputePlan, choose_compute, ensure_model_dir
-from .worker import Worker
+from .worker import MAX_BATCH_ROWS, Worker, deliver
 
 LORA_ALPHA = 32.0  # fixed alpha, so the scale is alpha / rank as in Tinker's LoRA
 DEFAULT_MAX_TOKENS = 512
@@ -76,11 +77,15 @@ class LocalServiceClient:
         *,
         device: str | None = None,
         dtype: str | None = None,
+        threads: int | None = None,
         **_ignored: Any,  # api_key, base_url, ... accepted for drop-in use
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir()
         self._plan: ComputePlan = choose_compute(device, dtype)
+        # torch's thread count is per process: from the cores free now (or as asked).
+        self.threads = configure_threads(threads)
         self._worker = Worker()
+        self._worker.submit(lambda: torch.set_num_threads(self.threads))
         self._runtimes: dict[str, BaseRuntime] = {}
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -91,7 +96,9 @@ class LocalServiceClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self, status: str = "success", detail: str | None = None) -> AwaitableConcurrentFuture:
+    def close(
+        self, status: str = "success", detail: str | None = None
+    ) -> AwaitableConcurrentFuture:
         """Finish queued work, then free the models; later calls fail with a clear error."""
         with contextlib.suppress(RuntimeError):  # already closed
             self._worker.submit(self._runtimes.clear)
@@ -200,7 +207,9 @@ class LocalServiceClient:
             f"{self.checkpoint_dir}."
         )
 
-    create_lora_training_client_async = _deprecated_async("create_lora_training_client", awaits=True)
+    create_lora_training_client_async = _deprecated_async(
+        "create_lora_training_client", awaits=True
+    )
     create_training_client_from_state_async = _deprecated_async(
         "create_training_client_from_state", awaits=True
     )
@@ -208,6 +217,7 @@ class LocalServiceClient:
         "create_training_client_from_state_with_optimizer", awaits=True
     )
     create_sampling_client_async = _deprecated_async("create_sampling_client", awaits=True)
+
 
 def _release_adapter(worker: Worker, rt: BaseRuntime, name: str) -> None:
     with contextlib.suppress(RuntimeError):  # a closed service has nothing left to free
@@ -221,7 +231,9 @@ def _tensor(td: Any) -> torch.Tensor:
 class LocalTrainingClient:
     """``tinker.TrainingClient`` on one LoRA adapter of a shared base model."""
 
-    def __init__(self, service: LocalServiceClient, rt: BaseRuntime, base_model: str, spec: LoraSpec):
+    def __init__(
+        self, service: LocalServiceClient, rt: BaseRuntime, base_model: str, spec: LoraSpec
+    ):
         self.service = service
         self.model_id = f"local-{uuid.uuid4().hex[:12]}"
         self.base_model = base_model
@@ -236,7 +248,9 @@ class LocalTrainingClient:
         self, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None = None
     ) -> AwaitableConcurrentFuture:
         prepared = self._prepare(data, loss_fn)
-        return self.service._submit(lambda: self._run_loss(prepared, loss_fn, loss_fn_config, False))
+        return self.service._submit(
+            lambda: self._run_loss(prepared, loss_fn, loss_fn_config, False)
+        )
 
     def forward_backward(
         self, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None = None
@@ -271,7 +285,9 @@ class LocalTrainingClient:
             needed = REQUIRED_INPUTS.get(loss_fn, ()) if loss_fn else ()
             for key in needed:
                 if key not in inputs:
-                    raise ValueError(f"Datum {i}: loss_fn {loss_fn!r} needs loss_fn_inputs[{key!r}].")
+                    raise ValueError(
+                        f"Datum {i}: loss_fn {loss_fn!r} needs loss_fn_inputs[{key!r}]."
+                    )
             for key, value in inputs.items():
                 if value.shape[0] != len(tokens):
                     raise ValueError(
@@ -282,7 +298,9 @@ class LocalTrainingClient:
             targets = inputs["target_tokens"].tolist()
             bad = [t for t in tokens + targets if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"Datum {i}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).")
+                raise ValueError(
+                    f"Datum {i}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})."
+                )
             inputs = {
                 k: (v.long() if k == "target_tokens" else v.float()).to(self._rt.device)
                 for k, v in inputs.items()
@@ -292,7 +310,10 @@ class LocalTrainingClient:
 
     def _microbatches(self, prepared: list[dict[str, Any]], grad: bool):
         return self._rt.microbatched_logprobs(
-            self.model_id, [p["tokens"] for p in prepared], [p["targets"] for p in prepared], grad=grad
+            self.model_id,
+            [p["tokens"] for p in prepared],
+            [p["targets"] for p in prepared],
+            grad=grad,
         )
 
     def _run_loss(self, prepared, loss_fn, config, backward: bool) -> types.ForwardBackwardOutput:
@@ -319,7 +340,9 @@ class LocalTrainingClient:
                 logps[i] = lp
         loss, metrics = loss_fn(list(data), logps)
         loss.backward()
-        outputs = [{"logprobs": types.TensorData.from_torch(lp.detach().float().cpu())} for lp in logps]
+        outputs = [
+            {"logprobs": types.TensorData.from_torch(lp.detach().float().cpu())} for lp in logps
+        ]
         metrics = {k: float(v) for k, v in dict(metrics).items()}
         metrics.setdefault("loss:sum", float(loss.detach()))
         return types.ForwardBackwardOutput(
@@ -329,13 +352,18 @@ class LocalTrainingClient:
     # ---- optimizer ------------------------------------------------------------------
 
     def optim_step(
-        self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
+        self,
+        optim_params: types.AdamParams | None = None,
+        *,
+        adam_params: types.AdamParams | None = None,
     ) -> AwaitableConcurrentFuture:
         params = optim_params or adam_params
         if params is None:
             raise ValueError("optim_step needs AdamParams.")
         if not isinstance(params, types.AdamParams):
-            raise ValueError(f"The local backend supports AdamParams only, got {type(params).__name__}.")
+            raise ValueError(
+                f"The local backend supports AdamParams only, got {type(params).__name__}."
+            )
         return self.service._submit(lambda: self._optim_step(params))
 
     def _make_optimizer(self) -> torch.optim.AdamW:
@@ -378,7 +406,11 @@ class LocalTrainingClient:
         return self.service.checkpoint_dir / self.model_id / kind / name
 
     def save_state(
-        self, name: str, ttl_seconds: int | None = None, overwrite: bool = False, user_metadata: Any = None
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: Any = None,
     ) -> AwaitableConcurrentFuture:
         folder = self._folder("weights", name)
 
@@ -436,7 +468,9 @@ class LocalTrainingClient:
 
     # ---- sampling from this client --------------------------------------------------
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None, **_: Any) -> ClientFuture:
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None, **_: Any
+    ) -> ClientFuture:
         def snapshot() -> LocalSamplingClient:
             snap = f"snapshot-{uuid.uuid4().hex[:8]}"
             self._rt.host.clone(self.model_id, snap)
@@ -483,6 +517,7 @@ class LocalTrainingClient:
     create_sampling_client_async = _deprecated_async("create_sampling_client", awaits=True)
     get_info_async = _deprecated_async("get_info")
 
+
 def _stops(stop: Any, tokenizer: Any) -> tuple[frozenset[int], tuple[str, ...]]:
     if stop is None:
         return frozenset(), ()
@@ -493,7 +528,9 @@ def _stops(stop: Any, tokenizer: Any) -> tuple[frozenset[int], tuple[str, ...]]:
         return frozenset(items), ()
     if all(isinstance(s, str) for s in items):
         return frozenset(), tuple(items)
-    raise ValueError("SamplingParams.stop must be a string, a list of strings or a list of token ids.")
+    raise ValueError(
+        "SamplingParams.stop must be a string, a list of strings or a list of token ids."
+    )
 
 
 class LocalSamplingClient:
@@ -546,7 +583,16 @@ class LocalSamplingClient:
             stop_ids = stop_ids | {int(self._rt.eos_id)}
         generator = make_generator(p.seed)
         rows = [
-            GenRow(tokens, max_tokens, p.temperature, p.top_p, p.top_k, stop_ids, stop_strings, generator)
+            GenRow(
+                tokens,
+                max_tokens,
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                stop_ids,
+                stop_strings,
+                generator,
+            )
             for _ in range(num_samples)
         ]
         key = (id(self._rt), self._adapter, p.temperature, p.top_p, p.top_k)
@@ -571,8 +617,21 @@ class LocalSamplingClient:
                 prompt_logprobs_np=prompt_logprobs,
             )
 
+        rt = self._rt
+
+        def stream(samples: list, poll: Callable[[int], list]) -> None:
+            def request(s: Any) -> tuple:
+                return (s.rows, lambda results: deliver(s, results), s.future.cancelled)
+
+            rt.generate_stream(
+                adapter,
+                [request(s) for s in samples],
+                lambda room: [request(s) for s in poll(room)],
+                MAX_BATCH_ROWS,
+            )
+
         future = self.service._worker.submit_sample(
-            key, rows, lambda all_rows: self._rt.generate(adapter, all_rows), finish
+            key, rows, lambda all_rows: rt.generate(adapter, all_rows), finish, stream
         )
         return AwaitableConcurrentFuture(future)
 
@@ -618,5 +677,6 @@ class LocalSamplingClient:
 
     sample_async = _deprecated_async("sample", awaits=True)
     compute_logprobs_async = _deprecated_async("compute_logprobs", awaits=True)
+
 
 __all__ = ["LocalServiceClient", "LocalTrainingClient", "LocalSamplingClient", "tinker"]

@@ -5,16 +5,23 @@ would; an asyncio loop awaiting those futures never blocks on compute. Sampling 
 that wait in the queue together and are compatible (same model, adapter and sampling
 knobs) are merged into one batched generation pass. They read frozen weights only, so
 running them ahead of queued training requests changes no result.
+
+Generation requests (``stream``) are batched continuously: while a pass runs, compatible
+requests queued ahead of any other kind of request join it at its next decode step, each
+request's future resolves as soon as its own sequences finish, and a request whose future
+is cancelled is dropped from the pass at the next step. Their futures stay pending (not
+"running") until then, so ``cancel()`` works on them.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +52,23 @@ class _Sample:
     run: Callable[[list], list]  # generates rows -> results (list aligned with rows)
     finish: Callable[[list], Any]  # this request's results -> its future's value
     future: Future
+    # Continuous batching: stream(samples, poll) generates, calling deliver(sample, results)
+    # per request as it finishes; poll(free_rows) takes more compatible samples off the queue.
+    stream: Callable[[list, Callable[[int], list]], None] | None = None
+
+
+def deliver(sample: _Sample, results: list) -> None:
+    """Resolve a (pending) sample's future with ``finish(results)``, unless it was cancelled."""
+    if sample.future.done():
+        return
+    try:
+        value = sample.finish(results)
+    except BaseException as exc:  # noqa: BLE001 - delivered to the caller's future
+        with contextlib.suppress(InvalidStateError):
+            sample.future.set_exception(exc)
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+        sample.future.set_result(value)
 
 
 class Worker:
@@ -67,9 +91,10 @@ class Worker:
         rows: list,
         run: Callable[[list], list],
         finish: Callable[[list], Any],
+        stream: Callable[[list, Callable[[int], list]], None] | None = None,
     ) -> Future:
         future: Future = Future()
-        self._put(_Sample(key, rows, run, finish, future))
+        self._put(_Sample(key, rows, run, finish, future, stream))
         return future
 
     def _put(self, item: _Call | _Sample) -> None:
@@ -133,8 +158,47 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller's future
             call.future.set_exception(exc)
 
-    @staticmethod
-    def _run_samples(group: list[_Sample]) -> None:
+    def _take_compatible(self, key: tuple, room: int) -> list[_Sample]:
+        """Queued samples with ``key`` (at most ``room`` rows), ahead of any other request."""
+        taken: list[_Sample] = []
+        with self._cv:
+            for item in list(self._queue):
+                if not isinstance(item, _Sample):
+                    break  # never overtake a training request
+                if item.key != key:
+                    continue
+                if item.future.cancelled():
+                    self._queue.remove(item)
+                    continue
+                if len(item.rows) > room:
+                    break  # keep the order among compatible requests
+                self._queue.remove(item)
+                taken.append(item)
+                room -= len(item.rows)
+        return taken
+
+    def _run_stream(self, group: list[_Sample]) -> None:
+        handed = [s for s in group if not s.future.cancelled()]
+        if not handed:
+            return
+
+        def poll(room: int) -> list[_Sample]:
+            more = self._take_compatible(handed[0].key, room)
+            handed.extend(more)
+            return more
+
+        try:
+            handed[0].stream(list(handed), poll)  # type: ignore[misc]
+        except BaseException as exc:  # noqa: BLE001
+            for s in handed:
+                if not s.future.done():
+                    with contextlib.suppress(InvalidStateError):
+                        s.future.set_exception(exc)
+
+    def _run_samples(self, group: list[_Sample]) -> None:
+        if group[0].stream is not None:
+            self._run_stream(group)
+            return
         live = [s for s in group if s.future.set_running_or_notify_cancel()]
         if not live:
             return
