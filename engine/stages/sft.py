@@ -13,7 +13,12 @@ NLL: -sum(logprob * weight) / sum(weight).
 Checkpoints every ``checkpoint_every`` steps, on cancel, and at the end (save_state +
 save_weights_for_sampler), recorded in results/checkpoints.toml under [sft]. A rerun after a
 kill or cancel resumes from the recorded state (weights, optimizer and step) when the data,
-model and rank are unchanged; ``--set sft.resume=false`` starts over.
+model and rank are unchanged; ``--set sft.resume=false`` starts over. A rerun after a finished
+training with the same data and settings (say, killed while sampling its outputs) reuses the
+final checkpoint and only samples.
+
+Rows longer than ``sft.max_length`` tokens are cut (``sft.too_long = "cut"``, the default) or
+left out (``"drop"``); how many and by how much is logged and put in the run's summary.
 """
 
 from __future__ import annotations
@@ -28,16 +33,16 @@ from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
+from engine import results
 from engine.context import StageCancelled, StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
-from engine.sampling import Sampler, resolve
+from engine.results import RESULT_FILES, latest_checkpoint, record_checkpoint, registry_path
+from engine.sampling import open_sampler, resolve
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.synth_outputs import OUTPUT as DATA_FILE
-from engine.stages.synth_outputs import read_jsonl
-from engine.workspace import RESULT_FILES
+from engine.stages.synth_outputs import warn_bad
 
 OUTPUT = RESULT_FILES["sft"]
+DATA_FILE = RESULT_FILES["synth-outputs"]
 
 
 def select_rows(rows: list[dict[str, Any]], train_on: str) -> tuple[list[dict[str, Any]], str]:
@@ -105,7 +110,12 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     data_path = ws.result(DATA_FILE)
     if not data_path.exists():
         raise StageError(f"{ws.rel(data_path)} not found: run `persona run synth-outputs` first.")
-    selected, how = select_rows(read_jsonl(data_path), cfg.train_on)
+    loaded = results.read_synthetic_rows(data_path)
+    if loaded.error:
+        raise StageError(loaded.error)
+    for ev in warn_bad(loaded, "skipped: not used for training"):
+        yield ev
+    selected, how = select_rows(loaded.rows, cfg.train_on)
     use_system = cfg.use_system_prompt
     convs = [
         c
@@ -126,8 +136,17 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     # What a resumed run must share with the one it continues (data, model, split, batches).
     fingerprint = hashlib.sha256(
         json.dumps(
-            [convs, model, rank, max_length, ctx.backend, seed,
-             cfg.val_fraction, cfg.batch_size],
+            [
+                convs,
+                model,
+                rank,
+                max_length,
+                ctx.backend,
+                seed,
+                cfg.val_fraction,
+                cfg.batch_size,
+                *(["drop"] if cfg.too_long == "drop" else []),
+            ],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
@@ -151,8 +170,40 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     ckpt_every = cfg.checkpoint_every
     eval_every = cfg.eval_every
 
+    results.check_writable(ws.results_dir)  # a read-only or full results/ fails now, not at the end
+    # What a finished training must share with this run to be reused as it is.
+    final_fp = hashlib.sha256(
+        json.dumps([fingerprint, total_steps, lr, schedule], sort_keys=True).encode()
+    ).hexdigest()[:16]
     svc = ctx.service_client()
     prev = latest_checkpoint(ws.results_dir, "sft")
+    if (
+        cfg.resume
+        and prev
+        and prev.get("finished", False)
+        and prev.get("final_fingerprint") == final_fp
+        and prev.get("sampler_path")
+    ):
+        reused = str(prev["sampler_path"])
+        yield LogLine(
+            f"training already finished ({reused}, step {prev.get('step')}): reusing it"
+            + (", sampling only" if cfg.sample_after else "")
+            + "; --set sft.resume=false trains again"
+        )
+        try:
+            outputs = []
+            async for ev in _sample_after(ctx, reused, use_system, outputs):
+                yield ev
+        except FileNotFoundError as e:
+            yield LogLine(f"cannot reuse the finished training ({e}); training again", "warning")
+        else:
+            yield StageFinished(
+                stage=ctx.stage,
+                outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
+                summary=f"reused the finished training ({prev.get('step')} steps); "
+                f"checkpoint {reused}",
+            )
+            return
     start_step, resumed = 0, False
     if (
         cfg.resume
@@ -189,13 +240,39 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     tokenizer = tc.get_tokenizer()
     renderer = get_renderer_for(model, tokenizer)
 
-    def to_datum(msgs: list[dict[str, str]]) -> tinker.Datum:
+    def to_datum(msgs: list[dict[str, str]]) -> tuple[tinker.Datum, int]:
         mi, weights = renderer.build_supervised_example(msgs)
-        return datum_from_model_input_weights(mi, weights, max_length=max_length)
+        return datum_from_model_input_weights(mi, weights, max_length=max_length), mi.length
 
     # Tokenizing thousands of rows takes seconds: keep it off the event loop (the TUI's).
-    train_data = await asyncio.to_thread(lambda: [to_datum(c) for c in train_convs])
-    val_data = await asyncio.to_thread(lambda: [to_datum(c) for c in val_convs])
+    train_sized = await asyncio.to_thread(lambda: [to_datum(c) for c in train_convs])
+    val_sized = await asyncio.to_thread(lambda: [to_datum(c) for c in val_convs])
+    too_long = sorted(n for _, n in train_sized + val_sized if n > max_length)
+    long_note = ""
+    if too_long:
+        verb = "left out" if cfg.too_long == "drop" else "cut"
+        long_note = (
+            f"{len(too_long)} of {len(train_sized) + len(val_sized)} rows longer than "
+            f"sft.max_length={max_length} tokens {verb} (longest {too_long[-1]} tokens, "
+            f"{sum(n - max_length for n in too_long)} tokens lost)"
+        )
+        hint = (
+            'raise sft.max_length, or set sft.too_long = "drop" to leave them out'
+            if cfg.too_long == "cut"
+            else "raise sft.max_length to keep them"
+        )
+        yield LogLine(f"{long_note}: {hint}", "warning")
+    if cfg.too_long == "drop":
+        train_sized = [(d, n) for d, n in train_sized if n <= max_length]
+        val_sized = [(d, n) for d, n in val_sized if n <= max_length]
+        if not train_sized:
+            raise StageError(
+                f"every training row is longer than sft.max_length={max_length} tokens; "
+                'raise sft.max_length or set sft.too_long = "cut"'
+            )
+        batch_size = min(batch_size, len(train_sized))
+    train_data = [d for d, _ in train_sized]
+    val_data = [d for d, _ in val_sized]
     can_eval = bool(val_data) and hasattr(tc, "forward")
     if val_data and not can_eval:
         yield LogLine("this backend has no forward(); skipping validation loss", "warning")
@@ -215,6 +292,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             finished=finished,
             run=ws.rel(ctx.run_dir),
             fingerprint=fingerprint,
+            final_fingerprint=final_fp if finished else None,
             base_model=model,
             backend=ctx.backend,
         )
@@ -258,24 +336,30 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     final = await save(step, "final", finished=True)
     yield final
 
-    outputs = []
-    if cfg.sample_after:
-        demos = ws.load_demos()
-        client = await resolve(
-            svc.create_sampling_client(model_path=final.sampler_path, base_model=model)
-        )
-        sampler = Sampler(client=client, renderer=renderer, tokenizer=tokenizer, model=model)
-        system_prompt = (
-            str(ws.load_prompts().get("system_prompt", "")).strip() if use_system else None
-        )
-        out = ws.result(OUTPUT)
-        async for ev in sample_demo_inputs(
-            ctx, sampler, demos, out, system_prompt=system_prompt, source="sft"
-        ):
-            yield ev
-        outputs.append(ws.rel(out))
+    outputs: list[str] = []
+    async for ev in _sample_after(ctx, final.sampler_path, use_system, outputs):
+        yield ev
     yield StageFinished(
         stage=ctx.stage,
         outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
-        summary=f"{step} steps on {len(train_convs)} rows; checkpoint {final.sampler_path}",
+        summary=f"{step} steps on {len(train_data)} rows; checkpoint {final.sampler_path}"
+        + (f"; {long_note}" if long_note else ""),
     )
+
+
+async def _sample_after(
+    ctx: StageContext, sampler_path: str, use_system: bool, outputs: list[str]
+) -> AsyncIterator[Event]:
+    """Sample the trained policy on every demo input (``sft.sample_after``) -> results/."""
+    if not ctx.config.sft.sample_after:
+        return
+    ws = ctx.workspace
+    demos = ws.load_demos()
+    sampler = await open_sampler(ctx, role="policy", model_path=sampler_path)
+    system_prompt = str(ws.load_prompts().get("system_prompt", "")).strip() if use_system else None
+    out = ws.result(OUTPUT)
+    async for ev in sample_demo_inputs(
+        ctx, sampler, demos, out, system_prompt=system_prompt, source="sft"
+    ):
+        yield ev
+    outputs.append(ws.rel(out))
