@@ -1,11 +1,15 @@
-"""The ``persona`` command line.
+"""The engine's command line (``python -m engine.cli``; the ``persona`` script is
+``persona_cli``, which adds the app when no command is given: the engine never imports it).
 
-    persona                       open the TUI in the current workspace
     persona init [DIR]            create a workspace with the example data
     persona run STAGE [--backend local|tinker] [--set section.key=value ...]
     persona status [--json]       each stage's state, outputs and checkpoint
 
 Exit codes: 0 done, 1 failed (the message says what to do), 2 bad usage, 130 cancelled.
+
+Ctrl+C, SIGTERM and SIGHUP stop the stage after its current step (a cancel checkpoint, a
+final event, the running marker removed); a second one quits at once with 130, after the
+run's log is closed with a final event.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -39,15 +48,28 @@ from engine.events import (
 from engine.events import (
     Progress as ProgressEvent,
 )
-from engine.runner import Runner, stage_status
+from engine.runner import Runner, stage_status, workspace_disk_use
 from engine.workspace import Workspace, find_workspace, init_workspace
 
 KEY_METRICS = ("train/loss", "val/loss", "synth_inputs/yield", "rl/reward", "dev/win_rate")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """User text made safe for a terminal: control bytes (ESC, NUL, ...) shown escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _short(text: str, n: int = 70) -> str:
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _plain(text: str) -> str:
+    """Text for rich: control bytes escaped, markup shown literally."""
+    return escape(printable(text))
 
 
 class CliView:
@@ -84,29 +106,29 @@ class CliView:
         p, c = self.progress, self.progress.console
         if isinstance(ev, StageStarted):
             p.update(self.task, description=ev.stage)
-            c.print(f"[dim]run folder {escape(ev.run_dir)}[/dim]")
+            c.print(f"[dim]run folder {_plain(ev.run_dir)}[/dim]")
         elif isinstance(ev, ProgressEvent):
             p.update(
                 self.task,
                 completed=ev.done,
                 total=ev.total or None,
-                description=escape(ev.label or "running"),
+                description=_plain(ev.label or "running"),
             )
         elif isinstance(ev, Metric):
             self.metrics[ev.name] = ev.value
             p.update(self.task, metrics=escape(self._metric_line()))
         elif isinstance(ev, LogLine):
             style = {"warning": "yellow", "error": "red"}.get(ev.level, "")
-            msg = escape(
-                ev.message if (self.verbose or ev.level != "error") else ev.message.splitlines()[-1]
-            )
+            lines = ev.message.splitlines() or [""]
+            msg = _plain(ev.message if (self.verbose or ev.level != "error") else lines[-1])
             c.print(f"[{style}]{msg}[/{style}]" if style else msg)
         elif isinstance(ev, SampleProduced):
             c.print(
-                f"[cyan]{escape(ev.source)}[/cyan] {escape(_short(ev.input, 50))} [dim]→[/dim] {escape(_short(ev.output))}"
+                f"[cyan]{_plain(ev.source)}[/cyan] {escape(_short(ev.input, 50))} "
+                f"[dim]→[/dim] {escape(_short(ev.output))}"
             )
         elif isinstance(ev, CheckpointSaved):
-            c.print(f"[green]checkpoint[/green] {escape(ev.name)} at step {ev.step}")
+            c.print(f"[green]checkpoint[/green] {_plain(ev.name)} at step {ev.step}")
 
 
 async def _run(
@@ -118,48 +140,103 @@ async def _run(
     verbose: bool,
 ) -> int:
     runner = Runner(ws)
-    loop = asyncio.get_running_loop()
-    interrupts = 0
-
-    def on_sigint() -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts == 1:
-            console.print(
-                "[yellow]stopping after the current step (Ctrl+C again to quit now)[/yellow]"
-            )
-            runner.cancel()
-        else:
-            raise SystemExit(130)
-
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    install_stop_signals(runner, console)
     final: Event | None = None
     with CliView(console, verbose) as view:
         async for ev in runner.run_stage(stage, overrides, backend):
             view(ev)
             final = ev
     if isinstance(final, StageFinished):
-        console.print(f"[bold green]✓ {escape(stage)}[/bold green] {escape(final.summary)}")
+        console.print(f"[bold green]✓ {escape(stage)}[/bold green] {_plain(final.summary)}")
         for o in final.outputs:
-            console.print(f"  {escape(o)}")
+            console.print(f"  {_plain(o)}")
         return 0
     msg = final.message if isinstance(final, StageFailed) else "the stage ended without a result"
     err = Console(stderr=True)
     if isinstance(final, StageFailed) and final.cancelled:
-        err.print(f"[yellow]{escape(msg)}[/yellow]")
+        err.print(f"[yellow]{_plain(msg)}[/yellow]")
         return 130
-    err.print(f"[bold red]✗ {escape(stage)} failed[/bold red]\n{escape(msg)}")
+    err.print(f"[bold red]✗ {escape(stage)} failed[/bold red]\n{_plain(msg)}")
     return 1
 
 
+STOP_SIGNALS = tuple(
+    s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None
+)
+
+
+def install_stop_signals(
+    runner: Runner, console: Console, exit_now: Callable[[int], Any] = os._exit
+) -> Callable[[int], None]:
+    """Ctrl+C, SIGTERM and SIGHUP: the first stops the stage after its step (as the app's
+    cancel does); the second quits at once with 130. Quitting uses ``os._exit`` after the
+    run's log and marker are settled: a normal interpreter exit would wait on (and can abort
+    in) the backend's compute thread. Returns the handler (tests call it directly)."""
+    count = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal count
+        count += 1
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else ""
+        if count == 1:
+            console.print(
+                f"[yellow]{name + ': ' if name and name != 'SIGINT' else ''}stopping after the "
+                "current step (Ctrl+C again to quit now)[/yellow]"
+            )
+            runner.cancel()
+            return
+        runner.abandon(
+            "quit before the stage stopped (a second interrupt). Results files hold their "
+            "last complete content; run it again to resume or start over."
+        )
+        with contextlib.suppress(Exception):
+            console.print("[yellow]quit now[/yellow]")
+            console.file.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        exit_now(130)
+
+    with contextlib.suppress(RuntimeError):
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_signal, int(sig))
+    return on_signal
+
+
+def _workspace_missing(ws: Workspace, given: str | None) -> str:
+    """Why ``ws`` is not a workspace ("" when it is)."""
+    if given and not ws.root.is_dir():
+        return (
+            f"No folder {ws.root}: check -C/--workspace, or create a workspace there with "
+            f"`persona init {ws.root}`."
+        )
+    if not ws.config_path.exists():
+        return f"No persona.toml in {ws.root}: run `persona init` there first, or pass -C DIR."
+    return ""
+
+
 def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
+    from engine.backends import describe_compute
+    from engine.checkpoint_retention import human_bytes
+
     rows = stage_status(ws)
+    try:
+        compute = describe_compute(ws.config())
+    except ConfigError as e:
+        compute = {"backend": "?", "device": "?", "dtype": "?", "error": str(e)}
+    disk = workspace_disk_use(ws)
     if as_json:
         print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
         return 0
-    table = Table(title=f"Persona workspace {ws.root}", expand=False)
-    for col in ("#", "stage", "state", "outputs", "checkpoint"):
+    console.print(
+        f"backend [bold]{_plain(compute['backend'])}[/bold]  device {_plain(compute['device'])}"
+        f"  dtype {_plain(compute['dtype'])}  ·  disk: runs {human_bytes(disk['runs'])}, "
+        f"results {human_bytes(disk['results'])}"
+    )
+    table = Table(title=f"Persona workspace {_plain(str(ws.root))}", expand=False)
+    for col in ("#", "stage", "state", "outputs", "checkpoint", "disk"):
         table.add_column(col)
     colors = {
         "done": "green",
@@ -178,13 +255,14 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
             str(r.number),
             r.name,
             f"[{color}]{r.state}[/{color}]",
-            escape("\n".join(r.outputs)),
-            escape(ck_text),
+            _plain("\n".join(r.outputs)),
+            _plain(ck_text),
+            human_bytes(r.disk_bytes) if r.disk_bytes else "",
         )
     console.print(table)
     for r in rows:
         if r.state in ("failed", "interrupted") and r.message:
-            console.print(f"[red]{r.name}[/red]: {escape(r.message)}")
+            console.print(f"[red]{r.name}[/red]: {_plain(r.message)}")
     return 0
 
 
@@ -213,14 +291,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _hub_offline_for_local(backend: str) -> None:
-    """The local backend reads everything from disk: switch the HF hub off before anything
-    imports huggingface_hub (it reads the setting once). Tinker's SDK fetches its tokenizers."""
-    if backend == "local":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def persona_command() -> str:
+    """A command that starts this program from any folder: ``persona`` when the shell finds
+    this one, else the script next to this Python (``.venv/bin/persona``), else ``python -m``."""
+    script = Path(sys.executable).parent / "persona"
+    found = shutil.which("persona")
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        return "persona"
+    if script.exists():
+        return shlex.quote(str(script))
+    if found:
+        return "persona"
+    return f"{shlex.quote(sys.executable)} -m persona_cli"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _error(message: str) -> None:
+    Console(stderr=True).print(f"[red]{_plain(message)}[/red]")
+
+
+def main(
+    argv: list[str] | None = None, no_command: Callable[[Workspace], int] | None = None
+) -> int:
+    """Run one command; with none, ``no_command(workspace)`` (the app) or the help."""
+    from engine.backends import configure_hub, quiet_libraries
+
+    quiet_libraries()  # no "Loading weights" bars from transformers on the terminal
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console()
@@ -229,34 +324,33 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.dir) if not args.workspace else Path(args.workspace)
         ws = init_workspace(root, force=args.force)
         console.print(
-            f"workspace ready at {escape(str(ws.root))}\n  edit data/data.json and data/prompts.toml, "
-            f"then: cd {escape(str(root))} && persona run baseline"
+            f"workspace ready at {_plain(str(ws.root))}\n  edit data/data.json and "
+            f"data/prompts.toml, then: cd {_plain(shlex.quote(str(root)))} && "
+            f"{_plain(persona_command())} run baseline"
         )
         return 0
-    if args.command == "run":
-        if not ws.config_path.exists():
-            Console(stderr=True).print(
-                f"[red]No persona.toml in {escape(str(ws.root))}[/red]: run `persona init` first."
-            )
+    if args.command in ("run", "status"):
+        missing = _workspace_missing(ws, args.workspace)
+        if missing:
+            _error(missing)
             return 2
+    if args.command == "run":
         try:  # every key checked before anything runs
             cfg = ws.config(args.overrides, args.backend)
         except ConfigError as e:
-            Console(stderr=True).print(f"[red]{escape(str(e))}[/red]")
+            _error(str(e))
             return 2
-        _hub_offline_for_local(cfg.backend.name)
+        # The hub is read once, at import: set it for this backend before anything loads it.
+        configure_hub(cfg.backend.name)
         return asyncio.run(
             _run(ws, args.stage, args.overrides, args.backend, console, args.verbose)
         )
     if args.command == "status":
         return cmd_status(ws, args.json, console)
-    # no command: the TUI
-    try:
-        from tui.app import main as tui_main  # type: ignore[import-not-found]
-    except ImportError:
-        parser.print_help()
-        return 0
-    return int(tui_main(str(ws.root)) or 0)
+    if no_command is not None:
+        return int(no_command(ws) or 0)
+    parser.print_help()
+    return 0
 
 
 if __name__ == "__main__":

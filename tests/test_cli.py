@@ -45,11 +45,8 @@ def test_init_then_status_in_a_subprocess(tmp_path: Path):
         "synth-outputs",
         "sft",
     ]
-    assert (
-        st[0]["state"] == "done"
-        and st[5]["state"] == "not run"
-        and st[10]["state"] == "not implemented"
-    )
+    assert st[0]["state"] == "done" and st[5]["state"] == "not run"
+    assert all(s["state"] in ("not run", "not implemented") for s in st[1:])
     # bad data: non-zero exit, the message names file and entry, the file is unchanged
     data = tmp_path / "w" / "data" / "data.json"
     data.write_text(
@@ -89,7 +86,7 @@ def test_usage_errors(ws: Workspace, tmp_path: Path, capsys):
 def test_status_table(ws: Workspace, capsys):
     assert main(["-C", str(ws.root), "status"]) == 0
     out = capsys.readouterr().out
-    assert "synth-outputs" in out and "not implemented" in out
+    assert "synth-outputs" in out and "not run" in out
 
 
 @needs_backend
