@@ -96,3 +96,44 @@ def fill(template: str, **values: object) -> str:
     for k, v in values.items():
         out = out.replace("{" + k + "}", str(v))
     return out.strip()
+
+
+def _kind(v: object) -> str:
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, int | float):
+        return f"the number {v}"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a table"
+    return type(v).__name__
+
+
+def prompts_problems(data: dict, name: str = "data/prompts.toml") -> list[str]:
+    """Every value of the wrong type in a parsed data/prompts.toml, each naming file and key."""
+    problems = []
+    for key in ("system_prompt", "rubric"):
+        if key in data and not isinstance(data[key], str):
+            problems.append(f"{name}: {key} must be text (in quotes), found {_kind(data[key])}")
+    if "seeds" in data:
+        seeds = data["seeds"]
+        if not isinstance(seeds, list):
+            problems.append(f"{name}: seeds must be a list of strings, found {_kind(seeds)}")
+        else:
+            for i, s in enumerate(seeds, start=1):
+                if not isinstance(s, str):
+                    problems.append(f"{name}: seeds item {i} must be text, found {_kind(s)}")
+            if all(isinstance(s, str) for s in seeds) and not [s for s in seeds if s.strip()]:
+                problems.append(f"{name}: seeds is empty; add at least one topic seed")
+    if "templates" in data:
+        templates = data["templates"]
+        if not isinstance(templates, dict):
+            problems.append(f"{name}: [templates] must be a table, found {_kind(templates)}")
+        else:
+            for key, value in templates.items():
+                if not isinstance(value, str):
+                    problems.append(
+                        f"{name}: templates.{key} must be text (in quotes), found {_kind(value)}"
+                    )
+    return problems

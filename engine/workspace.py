@@ -17,9 +17,14 @@ from engine.atomic import atomic_write_json, atomic_write_text, atomic_write_tom
 from engine.config import PERSONA_TOML_TEMPLATE, PersonaConfig, load_config, load_secrets
 from engine.errors import PersonaError
 from engine.results import RESULT_FILES  # noqa: F401 - re-exported: engine.results owns the names
-from engine.templates import PROMPTS_TOML_TEMPLATE
+from engine.templates import PROMPTS_TOML_TEMPLATE, prompts_problems
 
 MIN_DEMOS = 3
+# A demonstration longer than this many tokens fits no model Persona runs. Without a tokenizer
+# the length is estimated as characters / CHARS_PER_TOKEN_MAX (an underestimate for any text,
+# so only a demonstration that is too long for certain is flagged).
+MAX_DEMO_TOKENS = 32_768
+CHARS_PER_TOKEN_MAX = 8
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "data.example.json"
 
 
@@ -102,7 +107,7 @@ class Workspace:
                 "data/data.example.json there and edit it."
             )
         return validate_demos_text(
-            self.demos_path.read_text(encoding="utf-8"), self.rel(self.demos_path)
+            read_text_file(self.demos_path, self.rel(self.demos_path)), self.rel(self.demos_path)
         )
 
     def read_demos_as_written(self) -> tuple[list[dict[str, str]], str]:
@@ -112,7 +117,9 @@ class Workspace:
         if not path.exists():
             return [], ""
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_text_file(path, name))
+        except WorkspaceError as e:
+            return [], str(e)
         except json.JSONDecodeError as e:
             return [], f"{name}: not valid JSON (line {e.lineno}: {e.msg}); fix it in an editor."
         if not isinstance(raw, list):
@@ -143,22 +150,12 @@ class Workspace:
         if not path.exists():
             return defaults
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            data = tomllib.loads(read_text_file(path, name))
+        except tomllib.TOMLDecodeError as e:
             raise WorkspaceError(
                 f"{name}: not valid TOML ({e}). Fix the file or delete it to get the defaults."
             ) from e
-        problems = []
-        for key in ("system_prompt", "rubric"):
-            if key in data and not isinstance(data[key], str):
-                problems.append(f"{name}: {key} must be a string")
-        seeds = data.get("seeds", defaults["seeds"])
-        if not isinstance(seeds, list) or not all(isinstance(s, str) for s in seeds):
-            problems.append(f"{name}: seeds must be a list of strings")
-        elif not [s for s in seeds if s.strip()]:
-            problems.append(f"{name}: seeds is empty; add at least one topic seed")
-        if "templates" in data and not isinstance(data["templates"], dict):
-            problems.append(f"{name}: [templates] must be a table")
+        problems = prompts_problems(data, name)
         if problems:
             raise WorkspaceError("\n".join(problems), problems)
         merged = {**defaults, **data}
@@ -168,6 +165,41 @@ class Workspace:
 
     def save_prompts(self, prompts: dict[str, Any]) -> Path:
         return atomic_write_toml(self.prompts_path, prompts)
+
+
+def read_text_file(path: Path, name: str) -> str:
+    """A user's text file as text; not UTF-8 or unreadable -> WorkspaceError naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise WorkspaceError(
+            f"{name}: not UTF-8 text (line {line}, byte {e.start + 1}); save it as UTF-8"
+        ) from e
+    except OSError as e:
+        raise WorkspaceError(f"{name}: cannot be read ({e.strerror or e})") from e
+
+
+def demo_length_problems(
+    demos: list[dict[str, str]],
+    name: str = "data/data.json",
+    *,
+    max_tokens: int = MAX_DEMO_TOKENS,
+    count_tokens: Any = None,
+) -> list[str]:
+    """Demonstrations longer than ``max_tokens`` (a model's context), each named with its
+    length. ``count_tokens(text) -> int`` counts exactly; without it the count is a lower bound."""
+    problems = []
+    for i, d in enumerate(demos, start=1):
+        text = d["input"] + "\n" + d["output"]
+        n = count_tokens(text) if count_tokens else len(text) // CHARS_PER_TOKEN_MAX
+        if n > max_tokens:
+            about = "" if count_tokens else "at least "
+            problems.append(
+                f"{name}: entry {i}: {about}{n} tokens ({len(text)} characters), longer than "
+                f"the model's context of {max_tokens} tokens; shorten it"
+            )
+    return problems
 
 
 def validate_demos(data: Any, name: str = "data/data.json") -> list[dict[str, str]]:
@@ -202,6 +234,11 @@ def validate_demos(data: Any, name: str = "data/data.json") -> list[dict[str, st
                 flag(i, f'field "{key}" is empty')
                 ok = False
         if not ok:
+            continue
+        long = demo_length_problems([entry], name)
+        if long:
+            problems.append(long[0].replace(f"{name}: entry 1:", f"{name}: entry {i}:"))
+            bad.add(i - 1)
             continue
         key = _norm(entry["input"])
         if key in seen:

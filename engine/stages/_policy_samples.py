@@ -1,15 +1,57 @@
-"""Shared by baseline, prompting and sft: sample a policy on every demo input."""
+"""Shared by baseline, prompting and sft: sample a policy on every demo input.
+
+One demonstration that cannot be sampled (longer than the model's context, a backend error)
+does not discard the others: every row that succeeded is written, then the stage fails with a
+message naming the entry that did not.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from engine.atomic import atomic_write_json
-from engine.context import StageContext
+from engine import results
+from engine.context import StageCancelled, StageContext, StageError
 from engine.events import Event, LogLine, Progress, SampleProduced
 from engine.sampling import Sampler, generate_many, sampling_kwargs
+
+HUGE = 10**7  # a tokenizer's model_max_length at or above this means "not set"
+
+
+class _Guarded:
+    """A sampler that records a failed generation (by its index) instead of raising."""
+
+    def __init__(self, sampler: Sampler, seed0: int):
+        self.sampler, self.seed0 = sampler, seed0
+        self.failed: dict[int, str] = {}
+
+    async def generate(self, msgs: list[dict[str, str]], *, seed: int, **kw: Any) -> list[str]:
+        try:
+            return await self.sampler.generate(msgs, seed=seed, **kw)
+        except (StageCancelled, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            self.failed[seed - self.seed0] = f"{type(e).__name__}: {e}"[:300]
+            return [""]
+
+
+def _context_limit(sampler: Sampler) -> int | None:
+    n = getattr(sampler.tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < HUGE else None
+
+
+def _prompt_tokens(sampler: Sampler, msgs: list[dict[str, str]]) -> int:
+    try:
+        return int(sampler.renderer.build_generation_prompt(msgs).length)
+    except Exception:  # a renderer without it: count the text itself
+        return len(sampler.tokenizer.encode("\n".join(m["content"] for m in msgs)))
+
+
+def _short(text: str, n: int = 50) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= n else one[: n - 1] + "…"
 
 
 async def sample_demo_inputs(
@@ -27,49 +69,81 @@ async def sample_demo_inputs(
     With ``all_demos`` (a run on some of them), the other demos' earlier rows in ``out_path``
     are kept, in the order of ``all_demos``.
     """
+    results.check_writable(out_path.parent)  # a read-only or full results/ fails now
     cfg = ctx.config.sampling
     kwargs = sampling_kwargs(cfg)
     convs = []
     for d in demos:
         msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
         convs.append([*msgs, {"role": "user", "content": d["input"]}])
+    position = {d["input"]: k for k, d in enumerate(all_demos or demos, start=1)}
+    failed: dict[int, str] = {}
+    limit = _context_limit(sampler)
+    if limit is not None:  # refuse, at once, a prompt the model cannot take
+        room = limit - int(kwargs.get("max_tokens") or 0)
+        for i, msgs in enumerate(convs):
+            n = await asyncio.to_thread(_prompt_tokens, sampler, msgs)
+            if n > room:
+                failed[i] = (
+                    f"its prompt is {n} tokens; {sampler.model} takes {limit} "
+                    f"(less sampling.max_tokens={kwargs.get('max_tokens')}): shorten it"
+                )
+    todo = [i for i in range(len(demos)) if i not in failed]
+    guarded = _Guarded(sampler, cfg.seed)
     outputs: list[str | None] = [None] * len(demos)
     yield Progress(0, len(demos), f"{source}: sampling")
     done = 0
-    async for i, text in generate_many(
+    async for j, text in generate_many(
         ctx,
-        sampler,
-        convs,
+        guarded,  # type: ignore[arg-type] - duck-typed: generate() is all generate_many uses
+        [convs[i] for i in todo],
         concurrency=cfg.concurrency,
         seed=cfg.seed,
         **kwargs,
     ):
-        outputs[i] = text
+        i = todo[j]
         done += 1
-        yield SampleProduced(input=demos[i]["input"], output=text, source=source)
-        yield Progress(done, len(demos), f"{source}: sampling")
+        if j in guarded.failed:
+            failed[i] = guarded.failed[j]
+        else:
+            outputs[i] = text
+            yield SampleProduced(input=demos[i]["input"], output=text, source=source)
+        yield Progress(done, len(todo), f"{source}: sampling")
     rows = [
-        {"input": d["input"], "expected_output": d["output"], "output": o or ""}
+        {"input": d["input"], "expected_output": d["output"], "output": o}
         for d, o in zip(demos, outputs, strict=True)
+        if o is not None
     ]
     empty = sum(1 for r in rows if not r["output"].strip())
     if empty:
         yield LogLine(
             f"{empty} of {len(rows)} outputs are empty (the model stopped at once)", "warning"
         )
-    if all_demos is not None:
+    if all_demos is not None or failed:
+        # keep earlier rows of demos not sampled now (or that failed now), in demo order
         by_input = {r["input"]: r for r in _previous_rows(out_path)}
         by_input.update({r["input"]: r for r in rows})
-        rows = [by_input[d["input"]] for d in all_demos if d["input"] in by_input]
-    atomic_write_json(out_path, rows)
-    yield LogLine(f"wrote {ctx.workspace.rel(out_path)} ({len(rows)} rows)")
+        order = all_demos if all_demos is not None else demos
+        rows = [by_input[d["input"]] for d in order if d["input"] in by_input]
+    rel = ctx.workspace.rel(out_path)
+    if rows or not failed:
+        results.write_method_outputs(out_path, rows)
+        yield LogLine(f"wrote {rel} ({len(rows)} rows)")
+    if failed:
+        for i, why in sorted(failed.items()):
+            entry = position.get(demos[i]["input"], i + 1)
+            yield LogLine(
+                f"data/data.json entry {entry} ({_short(demos[i]['input'])!r}) failed: {why}",
+                "error",
+            )
+        i, why = min(failed.items())
+        entry = position.get(demos[i]["input"], i + 1)
+        raise StageError(
+            f"{len(failed)} of {len(demos)} demonstrations could not be sampled; the first is "
+            f"data/data.json entry {entry} ({len(demos[i]['input'])} characters): {why}. "
+            f"The other {len(demos) - len(failed)} outputs were written to {rel}"
+        )
 
 
 def _previous_rows(path: Path) -> list[dict[str, str]]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return []
-    if not isinstance(rows, list):
-        return []
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("input"), str)]
+    return results.read_method_outputs(path).rows

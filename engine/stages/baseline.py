@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 from engine.context import StageContext
 from engine.events import Event, LogLine, StageFinished
+from engine.results import RESULT_FILES
 from engine.sampling import open_sampler
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["baseline"]
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, StageFinished
+from engine.results import RESULT_FILES
 from engine.sampling import open_sampler
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["prompting"]
 
@@ -53,7 +53,9 @@ def _only(value: object, count: int) -> list[int]:
     if not isinstance(value, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in value
     ):
-        raise StageError(f"prompting.only = {value!r}: give a list of demonstration numbers, e.g. [0, 3].")
+        raise StageError(
+            f"prompting.only = {value!r}: give a list of demonstration numbers, e.g. [0, 3]."
+        )
     bad = [i for i in value if not 0 <= i < count]
     if bad:
         raise StageError(
