@@ -619,3 +619,45 @@ def append_teacher_reply(run_dir: str | Path, seed: str, attempt: int, reply: st
     return append_jsonl(
         Path(run_dir) / TEACHER_REPLIES_FILE, {"seed": seed, "attempt": attempt, "reply": reply}
     )
+
+
+# == Evaluation (stage 11): evaluation.json, evaluation_samples.jsonl, evaluation_judgements.jsonl
+#
+# evaluation.json: every number of the evaluate stage, each with its n and 95% interval
+# (see engine/evaluation.py for the shapes; the report and the Compare tab read it through
+# engine.report.load_report). A copy is kept in the run folder (the rubric history).
+# evaluation_samples.jsonl: one row per text behind a number: {"kind": "sample", "id":
+# "<method>/r<request>/s<sample>", "method", "request", "demo_index", "input",
+# "person_output", "output", "tokens", "length_words", "style_distance", "similarity",
+# "centroid_similarity", "judge": [wins, losses, ties]}; {"kind": "dev_sample", "id":
+# "<method>/dev<j>", ...}; {"kind": "nll", "method", "request", "input", "nll_total",
+# "tokens", "nll_mean"}.
+# evaluation_judgements.jsonl: {"set": "heldout"|"dev", "a", "b" (sample ids), "method_a",
+# "method_b", "request", "input", "preference" (1: a won), "text_ab", "verdict_ab",
+# "text_ba", "verdict_ba", "consistent"}.
+
+EVALUATION_SAMPLES_FILE = "evaluation_samples.jsonl"
+EVALUATION_JUDGEMENTS_FILE = "evaluation_judgements.jsonl"
+
+
+def write_evaluation(results_dir: str | Path, data: Mapping[str, Any]) -> Path:
+    return atomic_write_json(Path(results_dir) / EVALUATION_FILE, dict(data))
+
+
+def read_evaluation(results_dir: str | Path) -> dict[str, Any] | None:
+    """evaluation.json, or None when evaluate has not run (or the file is unreadable)."""
+    try:
+        data = json.loads((Path(results_dir) / EVALUATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_evaluation_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """evaluation_samples.jsonl or evaluation_judgements.jsonl, atomically."""
+    return atomic_write_jsonl(path, [dict(r) for r in rows])
+
+
+def read_evaluation_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The object rows of an evaluation JSONL file ([] when missing; bad lines skipped)."""
+    return read_jsonl_checked(path, _is_obj("an evaluation row")).rows

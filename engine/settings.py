@@ -279,8 +279,11 @@ class EvaluateConfig:
     judge: bool = setting(True, "judge every pair of methods (both orders)")
     dev_prompts: int = setting(8, "RL dev prompts for the win rate against base; 0 = off", ge=0)
     embedding: bool = setting(True, "embedding similarity with the MiniLM model")
+    few_shot_examples: int = setting(
+        0, "training demonstrations shown to the few-shot method; 0 = all of them", ge=0
+    )
     concurrency: int = setting(16, "requests in flight", ge=1)
-    seed: int = setting(0, "sampling seed")
+    seed: int = setting(0, "sampling seed (held-out request i uses seed + i)")
 
 
 @dataclass(frozen=True)

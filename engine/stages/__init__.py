@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.stages import baseline, demos, ditto, prompting, sft, synth_inputs, synth_outputs
+from engine.stages import evaluate  # stage 11
 from engine.workspace import RESULT_FILES, Workspace
 
 
@@ -101,7 +102,7 @@ _SPECS = [
         "evaluate",
         11,
         "Compare every method on held-out requests",
-        None,
+        evaluate.run,
         (_result("evaluate"), "results/evaluation.json"),
     ),
 ]
