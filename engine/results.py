@@ -165,9 +165,10 @@ class BadLine:
     line: int
     problem: str
     raw: bytes = b""
+    unit: str = "line"  # "entry" for the items of a JSON list file
 
     def __str__(self) -> str:
-        return f"{self.file}: line {self.line}: {self.problem}"
+        return f"{self.file}: {self.unit} {self.line}: {self.problem}"
 
 
 @dataclass
@@ -334,7 +335,7 @@ def read_method_outputs(path: str | Path) -> Loaded:
     for i, row in enumerate(data, start=1):
         problem = _check_method_output(row)
         if problem:
-            out.bad.append(BadLine(_name(path), i, f"entry {i}: {problem}"))
+            out.bad.append(BadLine(_name(path), i, problem, unit="entry"))
         else:
             out.rows.append(
                 {
@@ -618,6 +619,87 @@ def read_preferences(
 def append_teacher_reply(run_dir: str | Path, seed: str, attempt: int, reply: str) -> Path:
     return append_jsonl(
         Path(run_dir) / TEACHER_REPLIES_FILE, {"seed": seed, "attempt": attempt, "reply": reply}
+    )
+
+
+# == RLAIF (stages 7-9): rl_train_data.jsonl, rl_dev_data.jsonl, rm_validation.json ========
+#
+# rl_train_data.jsonl / rl_dev_data.jsonl (rl-prompts), one row per line, the seed's shape:
+#     {"prompt_conversation": [{"role": ..., "content": ...}, ...], "reference": null,
+#      "rubric": "..."}
+# Train rows carry the system prompt as the first message; dev rows do not (the seed's rule).
+#
+# rm_validation.json (reward-model): {"summary": {...}, "records": [...]}; each record has
+# the seed's fields (input, baseline_output, sft_output, preference, grader_response) with
+# preference = 1 when the baseline (A) is preferred, -1 the SFT output (B), 0 a tie, plus
+# grader_response_swapped (the answer with the two outputs exchanged) and human_pick (the
+# person's blind pick in the same sign, when there is one). A bare list of records (the
+# seed's own file) reads too.
+#
+# rl_model_outputs.json (rlaif) is a method-outputs file: read_method_outputs.
+
+RL_TRAIN_FILE = RESULT_FILES["rl-prompts"]
+RM_VALIDATION_FILE = RESULT_FILES["reward-model"]
+
+
+def rl_prompt_row(conversation: Iterable[Mapping[str, Any]], rubric: str) -> dict[str, Any]:
+    return {
+        "prompt_conversation": [
+            {"role": str(m["role"]), "content": str(m["content"])} for m in conversation
+        ],
+        "reference": None,
+        "rubric": rubric,
+    }
+
+
+def _check_rl_prompt(v: Any) -> str:
+    if not isinstance(v, dict):
+        return f"expected an object with prompt_conversation/reference/rubric, found {_kind(v)}"
+    conv = v.get("prompt_conversation")
+    if not isinstance(conv, list) or not conv:
+        return '"prompt_conversation" must be a non-empty list of messages'
+    for m in conv:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return '"prompt_conversation" entries must be {"role", "content"} objects'
+    if not any(m.get("role") == "user" for m in conv):
+        return '"prompt_conversation" has no user message'
+    if not isinstance(v.get("rubric", ""), str):
+        return '"rubric" must be text'
+    return ""
+
+
+def read_rl_prompts(path: str | Path) -> Loaded:
+    """rl_train_data.jsonl or rl_dev_data.jsonl."""
+    return read_jsonl_checked(path, _check_rl_prompt)
+
+
+def write_rl_prompts(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    return atomic_write_jsonl(path, [dict(r) for r in rows])
+
+
+def write_rm_validation(
+    path: str | Path, records: Iterable[Mapping[str, Any]], summary: Mapping[str, Any]
+) -> Path:
+    return atomic_write_json(
+        path, {"summary": dict(summary), "records": [dict(r) for r in records]}
+    )
+
+
+def read_rm_validation(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(records, summary) of rm_validation.json; ([], {}) when absent or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return [], {}
+    if isinstance(data, list):
+        return [r for r in data if isinstance(r, dict)], {}
+    if not isinstance(data, dict):
+        return [], {}
+    records = data.get("records")
+    summary = data.get("summary")
+    return (
+        [r for r in records if isinstance(r, dict)] if isinstance(records, list) else [],
+        summary if isinstance(summary, dict) else {},
     )
 
 

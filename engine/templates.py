@@ -107,6 +107,8 @@ def _kind(v: object) -> str:
         return "a list"
     if isinstance(v, dict):
         return "a table"
+    if isinstance(v, str):
+        return "text"
     return type(v).__name__
 
 
