@@ -1,0 +1,588 @@
+"""Stage 7: train the rubric-grounded pairwise judge, then check it against the person.
+
+Training data (any mix):
+  - the person's own pairs (``reward_model.own_pairs``), built offline: for each TRAINING
+    demonstration (ctx.split().train; held-out ones never), the person's text preferred over
+    the baseline sample and over the prompted sample for the same request
+    (results/baseline_results.json, results/prompt_engineering_results.json), with the
+    rubric of data/prompts.toml, in both orders;
+  - a Preference-Collection file (``reward_model.dataset``, parquet or jsonl; see
+    engine.preference_data), ``max_examples`` rows, its first ``heldout_examples`` kept aside.
+
+LoRA SFT of the judge model (models.judge) on its target text: ``[RESULT] X`` in verdict
+mode, ``feedback [RESULT] X`` in feedback mode (``reward_model.mode``; auto = verdict on local,
+feedback on Tinker). Same runs/checkpoints/resume machinery as sft; the checkpoint is recorded
+as [reward-model] in results/checkpoints.toml (with the judge mode). A finished training of
+the same data is reused, so a rerun after a kill during validation only validates.
+``reward_model.train = false`` uses the base judge as is.
+
+Live metrics: train/loss, rm/heldout_accuracy, rm/position_consistency, rm/unparsable_rate
+(held-out: the dataset's held-out rows and the own pairs of a few training demonstrations).
+
+Validation (:func:`validate_rubric`, also for the TUI): the judge compares baseline vs SFT
+outputs on every demonstration request with the current rubric, both orders ->
+results/rm_validation.json ({"summary", "records"}; records in the seed's shape, preference 1 =
+baseline preferred, -1 = SFT) and a summary: wins each side, ties, unparsable, position
+consistency, agreement with the person's blind picks (results/human_preferences.jsonl).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import tinker
+
+from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
+from engine.context import StageCancelled, StageContext, StageError
+from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
+from engine.judge import (
+    PREFER_A,
+    PREFER_B,
+    TIE,
+    Comparison,
+    Judge,
+    JudgeStats,
+    training_messages,
+)
+from engine.preference_data import JudgeExample, load_preference_collection
+from engine.results import (
+    RESULT_FILES,
+    RM_VALIDATION_FILE,
+    read_method_outputs,
+    read_preferences,
+    write_rm_validation,
+)
+from engine.sampling import Sampler, resolve
+from engine.stages.sft import batch_indices, mean_nll
+
+OUTPUT = RM_VALIDATION_FILE
+STAGE = "reward-model"
+OWN_SOURCES = ("baseline", "prompting")
+
+
+def judge_mode(ctx: StageContext) -> str:
+    mode = ctx.config.reward_model.mode
+    if mode == "auto":
+        return "feedback" if ctx.backend == "tinker" else "verdict"
+    return mode
+
+
+def _key(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- own pairs
+
+
+def build_own_pairs(
+    train_demos: Sequence[Mapping[str, str]],
+    method_rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    rubric: str,
+) -> list[JudgeExample]:
+    """The person's text preferred over each method's sample for the same request, both orders.
+
+    Only ``train_demos`` are used (pass ``ctx.split().train``): a method's rows for any other
+    request (the held-out demonstrations' included) are ignored.
+    """
+    by_source = {
+        src: {_key(r.get("input", "")): str(r.get("output", "")) for r in rows}
+        for src, rows in method_rows.items()
+    }
+    out: list[JudgeExample] = []
+    for d in train_demos:
+        mine = str(d["output"])
+        for src, outputs in by_source.items():
+            other = outputs.get(_key(d["input"]), "")
+            if not other.strip() or _key(other) == _key(mine):
+                continue
+            c = Comparison(
+                prompt_conversation=[{"role": "user", "content": d["input"]}],
+                completion_a=mine,
+                completion_b=other,
+                rubric=rubric,
+            )
+            group = f"demo:{_key(d['input'])}"
+            out.append(JudgeExample(c, PREFER_A, None, f"own-{src}", group))
+            out.append(JudgeExample(c.swap(), PREFER_B, None, f"own-{src}", group))
+    return out
+
+
+def _split_own(
+    examples: list[JudgeExample], seed: int
+) -> tuple[list[JudgeExample], list[JudgeExample]]:
+    """Hold out the own pairs of about a fifth of the demonstrations (at least one when there
+    are three or more) for the accuracy metric; keep the rest for training."""
+    groups = sorted({e.group for e in examples})
+    if len(groups) < 3:
+        return examples, []
+    random.Random(seed).shuffle(groups)
+    held = set(groups[: max(1, round(len(groups) / 5))])
+    return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
+
+
+def _canonical(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
+    """One orientation per comparison (the other is judged by the both-orders judge)."""
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for e in examples:
+        c = e.comparison
+        key = (repr(c.prompt_conversation), *sorted((c.completion_a, c.completion_b)))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+# --------------------------------------------------------------------------- judges
+
+
+def _rm_entry(ctx: StageContext) -> dict[str, Any] | None:
+    entry = latest_checkpoint(ctx.workspace.results_dir, STAGE)
+    if (
+        entry
+        and entry.get("finished")
+        and entry.get("sampler_path")
+        and entry.get("base_model") == ctx.model("judge")
+        and entry.get("backend", ctx.backend) == ctx.backend
+    ):
+        return entry
+    return None
+
+
+async def open_judge(
+    ctx: StageContext, *, concurrency: int = 64, use_trained: bool = True
+) -> tuple[Judge, str]:
+    """The reward-model judge: the trained checkpoint of [reward-model] in
+    results/checkpoints.toml when there is one for this judge model and backend, else the base
+    judge model. Returns (judge, a description for logs)."""
+    from engine.backends.renderers import get_renderer_for
+
+    model = ctx.model("judge")
+    svc = ctx.service_client()
+    entry = _rm_entry(ctx) if use_trained else None
+    if entry:
+        client = await resolve(
+            svc.create_sampling_client(model_path=entry["sampler_path"], base_model=model)
+        )
+        mode = entry.get("mode") or judge_mode(ctx)
+        what = f"trained judge {entry['sampler_path']} ({mode} mode)"
+    else:
+        client = await resolve(svc.create_sampling_client(base_model=model))
+        mode = judge_mode(ctx)
+        what = f"base judge {model} ({mode} mode)"
+    tok = client.get_tokenizer()
+    sampler = Sampler(
+        client=client, renderer=get_renderer_for(model, tok), tokenizer=tok, model=model
+    )
+    return Judge(sampler, mode=mode, concurrency=concurrency), what
+
+
+async def heldout_metrics(judge: Any, examples: Sequence[JudgeExample]) -> dict[str, float]:
+    """Verdict accuracy (each answer, both orders), position consistency, unparsable rate."""
+    canon = _canonical(examples)
+    if not canon:
+        return {}
+    old = judge.reset_stats()
+    try:
+        records = await judge.judge([e.comparison for e in canon])
+        stats = judge.stats
+    finally:
+        judge.stats = old
+    correct = answers = 0
+    for e, r in zip(canon, records, strict=True):
+        answers += 1
+        correct += int(r.verdict_ab.preference == e.preference)
+        if r.verdict_ba is not None:
+            answers += 1
+            correct += int(r.verdict_ba.preference == -e.preference)
+    out = {"accuracy": correct / answers, "unparsable_rate": stats.unparsable_rate}
+    if stats.consistency_rate is not None:
+        out["position_consistency"] = stats.consistency_rate
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class RmValidation:
+    """What :func:`validate_rubric` found: per-request records and the summary."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """The summary as a few log lines."""
+        s = self.summary
+        cons = s.get("position_consistency")
+        out = [
+            f"judge ({s.get('judge', '?')}) on {s.get('n', 0)} requests: baseline preferred "
+            f"{s.get('baseline_wins', 0)}, SFT preferred {s.get('sft_wins', 0)}, ties "
+            f"{s.get('ties', 0)}; unparsable answers {s.get('unparsable', 0)}; position "
+            f"consistency {'n/a' if cons is None else f'{cons:.0%}'}"
+        ]
+        h = s.get("human", {})
+        if h.get("count"):
+            out.append(
+                f"agreement with your blind picks: {h['agree']}/{h['count']} ({h['percent']:.0f}%)"
+                + (
+                    f"; disagree on: {'; '.join(x[:60] for x in h['disagree'])}"
+                    if h["disagree"]
+                    else ""
+                )
+            )
+        else:
+            out.append(h.get("note", "no blind picks yet"))
+        return out
+
+
+def human_picks_baseline_vs_sft(results_dir: Any) -> dict[str, int]:
+    """The person's latest blind pick per request between baseline and SFT, as a preference
+    with baseline first (1 = baseline, -1 = SFT, 0 = tie)."""
+    picks: dict[str, int] = {}
+    for p in read_preferences(results_dir):
+        if {p.get("a"), p.get("b")} != {"baseline", "sft"}:
+            continue
+        winner = p.get("winner")
+        pref = PREFER_A if winner == "baseline" else PREFER_B if winner == "sft" else TIE
+        picks[_key(p.get("input", ""))] = pref
+    return picks
+
+
+async def validate_rubric(
+    ctx: StageContext,
+    *,
+    rubric: str | None = None,
+    judge: Any = None,
+    judge_name: str | None = None,
+    write: bool = True,
+) -> RmValidation:
+    """Judge baseline vs SFT outputs on every demonstration request with ``rubric`` (default:
+    the one in data/prompts.toml), both orders; write results/rm_validation.json (``write``).
+
+    ``judge`` defaults to :func:`open_judge` (the trained reward model, else the base judge).
+    Needs results/baseline_results.json and results/sft_model_outputs.json. For the TUI's
+    Prompts & Rubric key: call it with the rubric being edited.
+    """
+    ws = ctx.workspace
+    if rubric is None:
+        rubric = str(ws.load_prompts().get("rubric", "")).strip()
+    loaded = {}
+    for method, stage in (("baseline", "baseline"), ("sft", "sft")):
+        path = ws.result(RESULT_FILES[stage])
+        got = read_method_outputs(path)
+        if got.error:
+            raise StageError(got.error)
+        if not got.rows:
+            raise StageError(
+                f"{ws.rel(path)} not found or empty: run `persona run {stage}` first "
+                "(the judge is checked on baseline vs SFT outputs)."
+            )
+        loaded[method] = {_key(r["input"]): r for r in got.rows}
+    inputs = [k for k in loaded["baseline"] if k in loaded["sft"]]
+    if not inputs:
+        raise StageError("baseline and SFT outputs share no request: rerun both stages.")
+    if judge is None:
+        judge, judge_name = await open_judge(ctx, concurrency=ctx.config.reward_model.concurrency)
+    comparisons = [
+        Comparison(
+            prompt_conversation=[{"role": "user", "content": loaded["baseline"][k]["input"]}],
+            completion_a=loaded["baseline"][k]["output"],
+            completion_b=loaded["sft"][k]["output"],
+            rubric=rubric,
+        )
+        for k in inputs
+    ]
+    old = judge.reset_stats()
+    try:
+        results = await judge.judge(comparisons)
+        stats: JudgeStats = judge.stats
+    finally:
+        judge.stats = old
+    picks = human_picks_baseline_vs_sft(ws.results_dir)
+    records = []
+    agree, disagree = 0, []
+    for k, c, r in zip(inputs, comparisons, results, strict=True):
+        rec = {
+            "input": loaded["baseline"][k]["input"],
+            "baseline_output": c.completion_a,
+            "sft_output": c.completion_b,
+            "preference": r.preference,
+            "grader_response": r.text_ab,
+            "grader_response_swapped": r.text_ba,
+            "verdicts": [str(r.verdict_ab), None if r.verdict_ba is None else str(r.verdict_ba)],
+            "consistent": r.consistent,
+            "human_pick": picks.get(k),
+        }
+        records.append(rec)
+        if k in picks:
+            if picks[k] == r.preference:
+                agree += 1
+            else:
+                disagree.append(rec["input"])
+    n_picks = sum(1 for k in inputs if k in picks)
+    human: dict[str, Any] = {"count": n_picks}
+    if n_picks:
+        human.update(agree=agree, percent=100.0 * agree / n_picks, disagree=disagree)
+    else:
+        human["note"] = (
+            "No blind picks of baseline vs SFT yet: label some in the Compare tab (F5, blind "
+            "A/B mode) to see whether the judge agrees with you."
+        )
+    summary = {
+        "judge": judge_name or type(judge).__name__,
+        "mode": getattr(judge, "mode", None),
+        "rubric_sha": hashlib.sha256(rubric.encode()).hexdigest()[:12],
+        "n": len(records),
+        "baseline_wins": stats.wins_a,
+        "sft_wins": stats.wins_b,
+        "ties": stats.ties,
+        "unparsable": stats.unparsable,
+        "unparsable_rate": stats.unparsable_rate,
+        "position_consistency": stats.consistency_rate,
+        "human": human,
+    }
+    result = RmValidation(records, summary)
+    if write:
+        write_rm_validation(ws.result(OUTPUT), records, summary)
+    return result
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _gather_examples(
+    ctx: StageContext,
+) -> tuple[list[JudgeExample], list[JudgeExample], list[str]]:
+    ws = ctx.workspace
+    cfg = ctx.config.reward_model
+    notes: list[str] = []
+    train: list[JudgeExample] = []
+    held: list[JudgeExample] = []
+    if cfg.own_pairs:
+        rubric = str(ws.load_prompts().get("rubric", "")).strip()
+        rows = {}
+        for src in OWN_SOURCES:
+            got = read_method_outputs(ws.result(RESULT_FILES[src]))
+            if got.rows:
+                rows[src] = got.rows
+            else:
+                notes.append(f"no {RESULT_FILES[src]} (run `persona run {src}` for more pairs)")
+        own = build_own_pairs(ctx.split().train, rows, rubric)
+        own_train, own_held = _split_own(own, cfg.seed)
+        train += own_train
+        held += own_held
+        notes.append(f"{len(own)} own pairs ({len(own_held)} held out for accuracy)")
+    if cfg.dataset:
+        d_train, d_held = load_preference_collection(
+            cfg.dataset, max_examples=cfg.max_examples, heldout=cfg.heldout_examples, seed=cfg.seed
+        )
+        train += d_train
+        held += d_held
+        notes.append(f"{len(d_train)} Preference-Collection rows ({len(d_held)} held out)")
+    return train, held, notes
+
+
+async def run(ctx: StageContext) -> AsyncIterator[Event]:
+    from tinker_cookbook.supervised.common import datum_from_model_input_weights
+
+    from engine.backends.renderers import get_renderer_for
+
+    ws = ctx.workspace
+    cfg = ctx.config.reward_model
+    outputs: list[str] = []
+    mode = judge_mode(ctx)
+    model = ctx.model("judge")
+    if cfg.train:
+        train, held, notes = _gather_examples(ctx)
+        for note in notes:
+            yield LogLine(note)
+        if not train:
+            raise StageError(
+                "No judge training data: run `persona run baseline` and `persona run prompting` "
+                "(your own pairs), or point reward_model.dataset at a Preference-Collection file, "
+                "or set reward_model.train = false to use the base judge."
+            )
+        convs = [training_messages(e.comparison, e.preference, e.feedback, mode) for e in train]
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                [
+                    convs,
+                    model,
+                    cfg.rank,
+                    cfg.max_length,
+                    ctx.backend,
+                    cfg.seed,
+                    cfg.batch_size,
+                    cfg.lr,
+                    cfg.steps,
+                ],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
+        batch_size = min(cfg.batch_size, len(convs))
+        total_steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(len(convs) / batch_size))
+        prev = latest_checkpoint(ws.results_dir, STAGE)
+        same = bool(cfg.resume and prev and prev.get("fingerprint") == fingerprint)
+        if same and prev.get("finished") and prev.get("sampler_path"):
+            yield LogLine(
+                f"judge already trained on this data ({prev['sampler_path']}): validating only"
+            )
+        else:
+            async for ev in _train(
+                ctx,
+                convs,
+                held,
+                mode,
+                fingerprint,
+                batch_size,
+                total_steps,
+                prev if same else None,
+                datum_from_model_input_weights,
+                get_renderer_for,
+            ):
+                yield ev
+    else:
+        yield LogLine(f"reward_model.train = false: using the base judge {model} as is")
+    outputs.append(ws.rel(registry_path(ws.results_dir)))
+    summary = "judge ready"
+    if cfg.validate:
+        try:
+            judge, what = await open_judge(
+                ctx, concurrency=ctx.config.reward_model.concurrency, use_trained=cfg.train
+            )
+            yield LogLine(f"validating {what} on baseline vs SFT outputs")
+            v = await validate_rubric(ctx, judge=judge, judge_name=what)
+        except StageError as e:
+            yield LogLine(f"validation skipped: {e}", "warning")
+        else:
+            for line in v.lines():
+                yield LogLine(line)
+            s = v.summary
+            if s["position_consistency"] is not None:
+                yield Metric("rm/validation_consistency", 0, s["position_consistency"])
+            outputs.insert(0, ws.rel(ws.result(OUTPUT)))
+            summary = (
+                f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
+                f"on {s['n']} requests"
+            )
+    yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary)
+
+
+async def _train(
+    ctx: StageContext,
+    convs: list[list[dict[str, str]]],
+    held: list[JudgeExample],
+    mode: str,
+    fingerprint: str,
+    batch_size: int,
+    total_steps: int,
+    prev: dict[str, Any] | None,
+    datum_from_model_input_weights: Any,
+    get_renderer_for: Any,
+) -> AsyncIterator[Event]:
+    ws = ctx.workspace
+    cfg = ctx.config.reward_model
+    model = ctx.model("judge")
+    svc = ctx.service_client()
+    start_step = 0
+    tc = None
+    if prev and not prev.get("finished") and prev.get("state_path"):
+        try:
+            tc = await resolve(
+                svc.create_training_client_from_state_with_optimizer(prev["state_path"])
+            )
+            start_step = int(prev.get("step", 0))
+            yield LogLine(f"resuming judge training at step {start_step} ({prev['state_path']})")
+        except FileNotFoundError as e:
+            yield LogLine(f"cannot resume ({e}); starting over", "warning")
+    if tc is None:
+        yield LogLine(
+            f"LoRA rank {cfg.rank} on judge {model} ({ctx.backend}, {mode} mode); "
+            f"{len(convs)} comparisons, {len(held)} held out; {total_steps} steps of {batch_size}"
+        )
+        tc = await resolve(
+            svc.create_lora_training_client(base_model=model, rank=cfg.rank, seed=cfg.seed)
+        )
+    tokenizer = tc.get_tokenizer()
+    renderer = get_renderer_for(model, tokenizer)
+
+    def to_datum(msgs: list[dict[str, str]]) -> tinker.Datum:
+        mi, weights = renderer.build_supervised_example(msgs)
+        return datum_from_model_input_weights(mi, weights, max_length=cfg.max_length)
+
+    data = await asyncio.to_thread(lambda: [to_datum(c) for c in convs])
+
+    async def evaluate(step: int) -> AsyncIterator[Event]:
+        if not held:
+            return
+        client = await resolve(tc.save_weights_and_get_sampling_client(f"eval-{step:06d}"))
+        sampler = Sampler(client=client, renderer=renderer, tokenizer=tokenizer, model=model)
+        judge = Judge(sampler, mode=mode, concurrency=ctx.config.reward_model.concurrency)
+        m = await heldout_metrics(judge, held)
+        yield Metric("rm/heldout_accuracy", step, m["accuracy"])
+        yield Metric("rm/unparsable_rate", step, m["unparsable_rate"])
+        if "position_consistency" in m:
+            yield Metric("rm/position_consistency", step, m["position_consistency"])
+
+    async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
+        state = await resolve(tc.save_state(name))
+        sampler = await resolve(tc.save_weights_for_sampler(name))
+        record_checkpoint(
+            ws.results_dir,
+            STAGE,
+            sampler_path=str(sampler.path),
+            state_path=str(state.path),
+            step=step,
+            total_steps=total_steps,
+            finished=finished,
+            run=ws.rel(ctx.run_dir),
+            fingerprint=fingerprint,
+            base_model=model,
+            backend=ctx.backend,
+            mode=mode,
+        )
+        return CheckpointSaved(
+            name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
+        )
+
+    if start_step == 0:
+        async for ev in evaluate(0):
+            yield ev
+    yield Progress(start_step, total_steps, "reward-model: steps")
+    step = last_saved = start_step
+    try:
+        while step < total_steps:
+            ctx.check_cancel()
+            batch = [data[i] for i in batch_indices(step, len(data), batch_size, cfg.seed)]
+            fb = tc.forward_backward(batch, "cross_entropy")
+            opt = tc.optim_step(
+                tinker.AdamParams(learning_rate=cfg.lr, beta1=0.9, beta2=0.95, eps=1e-8)
+            )
+            result = await resolve(fb)
+            await resolve(opt)
+            step += 1
+            yield Metric("train/loss", step, mean_nll(result, batch))
+            yield Progress(step, total_steps, "reward-model: steps")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                yield await save(step, f"step-{step:06d}", finished=False)
+                last_saved = step
+                async for ev in evaluate(step):
+                    yield ev
+    except StageCancelled:
+        if step > last_saved:
+            yield await save(step, f"step-{step:06d}", finished=False)
+            yield LogLine(
+                f"cancelled at step {step}/{total_steps}; checkpoint saved, rerun to resume"
+            )
+        raise
+    yield await save(step, "final", finished=True)
+    async for ev in evaluate(step):
+        yield ev
