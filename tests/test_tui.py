@@ -7,7 +7,7 @@ import json
 import pytest
 from rich.text import Text
 from textual.widgets import DataTable, Static, TextArea
-from tui_helpers import write_method_outputs, write_past_run, write_synthetic
+from tui_helpers import until, write_method_outputs, write_past_run, write_synthetic
 
 from engine.events import StageFinished
 from engine.workspace import Workspace
@@ -44,7 +44,7 @@ async def test_edit_demonstration_is_saved(ws: Workspace):
         saved = json.loads(ws.demos_path.read_text(encoding="utf-8"))
         assert saved[1]["output"] == new.strip()
         # user markup shows as written
-        assert "[/b] [red]not markup[/red]" in static_text(app.query_one("#demos-detail", Static))
+        assert "[/b] [red]not markup[/red]" in static_text(app.query_one("#demos-detail-output", Static))
 
 
 async def test_reorder_delete_and_invalid_not_saved(ws: Workspace):
@@ -58,6 +58,9 @@ async def test_reorder_delete_and_invalid_not_saved(ws: Workspace):
         assert saved[0] == before[1] and saved[1] == before[0]
         for _ in range(len(before) - 2):  # leave 2: fewer than the 3 needed
             await pilot.press("d")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.click("#choice-delete")
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert app.demos.dirty
@@ -69,9 +72,12 @@ async def test_quit_with_unsaved_changes_asks(ws: Workspace):
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("d", "ctrl+q")
-        await pilot.pause()
-        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.click("#choice-delete")
+        await until(pilot, lambda: app.demos.dirty)
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("escape")
         await pilot.pause()
         assert app.is_running and app.demos.dirty
@@ -148,7 +154,9 @@ async def test_synthetic_5000_rows_review_and_filter(ws: Workspace):
         await pilot.press("ctrl+s")
         await pilot.pause()
     path = ws.result("synthetic_personalized_data.jsonl")
-    statuses = [json.loads(line)["status"] for line in path.read_text(encoding="utf-8").splitlines()]
+    statuses = [
+        json.loads(line)["status"] for line in path.read_text(encoding="utf-8").splitlines()
+    ]
     assert len(statuses) == 5000
     assert sorted(s for s in statuses if s != "pending") == ["accepted", "accepted", "rejected"]
 
@@ -203,7 +211,7 @@ async def test_command_palette_lists_bindings(ws: Workspace):
         await pilot.press("f3")
         await pilot.pause()
         commands = {c.title: c for c in app.get_system_commands(app.screen)}
-        for want in ("Accept (a)", "Reject (r)", "Train (f4)", "Save (ctrl+s)", "Theme (f9)"):
+        for want in ("Accept (a)", "Reject (r)", "Train (f4)", "Save (ctrl+s)", "Light/dark (f9)"):
             assert want in commands, list(commands)
         app.call_later(commands["Reject (r)"].callback)  # as the palette runs it
         await pilot.pause()
@@ -232,12 +240,14 @@ async def test_launch_sft_on_tiny_model(ws: Workspace):
         assert final.stage == "sft" and app.running_stage is None
         chart = app.query_one("#loss-chart", MetricChart)
         assert len(chart.series.get("train/loss", [])) == 3
-        state = app.query_one("#stage-table", DataTable).get_cell("sft", "state")
-        assert isinstance(state, Text) and state.plain == "done"
+        table = app.query_one("#stage-table", DataTable)
+        await until(pilot, lambda: table.get_cell("sft", "state").plain == "done")
+        assert isinstance(table.get_cell("sft", "state"), Text)
 
 
 async def test_prompts_saved_and_try_it(ws: Workspace):
-    """Edit the system prompt, save it, and 'try it' (f8) through a fake prompting stage."""
+    """Edit the system prompt and 'try it' (f8) through a fake prompting stage: the try uses
+    the unsaved prompt, writes to results/scratch/ only, and saves nothing; ctrl+s saves."""
     from dataclasses import dataclass
     from typing import Any
 
@@ -254,27 +264,34 @@ async def test_prompts_saved_and_try_it(ws: Workspace):
         demos = ctx.workspace.load_demos()
         prompt = ctx.workspace.load_prompts()["system_prompt"]
         yield LogLine("fake prompting")
-        rows = [{"input": d["input"], "expected_output": d["output"], "output": f"[{prompt}] for #{i}"}
-                for i, d in enumerate(demos)]
+        rows = [
+            {"input": d["input"], "expected_output": d["output"], "output": f"[{prompt}] for #{i}"}
+            for i, d in enumerate(demos)
+        ]
         atomic_write_json(ctx.workspace.result("prompt_engineering_results.json"), rows)
-        yield StageFinished(stage=ctx.stage, outputs=("results/prompt_engineering_results.json",))
+        yield StageFinished(stage=ctx.stage, outputs=("prompt_engineering_results.json",))
 
+    before = ws.prompts_path.read_text(encoding="utf-8")
     runner = Runner(ws, stages={"prompting": Spec(fake_prompting)})
     app = create_app(ws, runner=runner)
     async with app.run_test(size=SIZE) as pilot:
         await app.wait_ready()
         await pilot.press("f2")
-        await pilot.pause()
-        assert isinstance(app.focused, TextArea)
+        await until(pilot, lambda: isinstance(app.focused, TextArea))
         app.focused.text = "Write like Maya [/b]."
-        await pilot.pause()
-        assert app.prompts.dirty
-        await pilot.press("f8")  # saves first, then runs the stage
-        await pilot.pause()
+        await until(pilot, lambda: app.prompts.dirty)
+        await pilot.press("f8")  # runs the stage on the edited prompt, saves nothing
+        await until(pilot, lambda: app.running_stage is not None or app.last_final is not None)
         await app.wait_for_stage(timeout=30)
-        await pilot.pause(0.2)
+        await until(pilot, lambda: not app.prompts.trying)
         shown = static_text(app.query_one("#try-result", Static))
         assert "[Write like Maya [/b].] for #0" in shown
+        assert ws.prompts_path.read_text(encoding="utf-8") == before
+        assert not ws.result("prompt_engineering_results.json").exists()
+        assert ws.result("scratch/prompt_engineering_results.json").exists()
+        assert app.prompts.dirty
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not app.prompts.dirty)
     import tomllib
 
     saved = tomllib.loads(ws.prompts_path.read_text(encoding="utf-8"))

@@ -9,6 +9,16 @@ from engine.atomic import atomic_write_json, atomic_write_jsonl
 from engine.events import LogLine, Metric, Progress, StageFinished, StageStarted, event_to_dict
 from engine.workspace import Workspace
 
+async def until(pilot, predicate, tries: int = 500) -> None:
+    """Let the app run until ``predicate()`` holds (a state, never a time); fail after
+    ``tries`` idle rounds."""
+    for _ in range(tries):
+        if predicate():
+            return
+        await pilot.pause()
+    assert predicate(), "the app never reached the state the test waits for"
+
+
 SEEDS = ("turn down request", "social events", "cold emailing")
 
 
@@ -43,7 +53,7 @@ def write_synthetic(ws: Workspace, n: int, status: str = "pending") -> Path:
 
 
 def write_method_outputs(ws: Workspace, methods=("baseline", "prompting", "sft")) -> None:
-    from tui.compare import METHOD_FILES
+    from engine.results import METHOD_FILES
 
     demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
     for m in methods:

@@ -1,7 +1,7 @@
 """The Persona application: five tabs over one workspace; stages run through the engine's Runner.
 
-    create_app(workspace, ...) -> PersonaApp     the one factory (tests reuse it)
-    run_app(path) / main(path)                   what `persona` (no arguments) calls
+create_app(workspace, ...) -> PersonaApp     the one factory (tests reuse it)
+run_app(path) / main(path)                   what `persona` (no arguments) calls
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from engine.events import StageFailed
 from engine.runner import Runner
 from engine.workspace import Workspace, find_workspace
-from tui.common import ConfirmScreen, EngineEvent
+from tui.common import (
+    CancelRequested,
+    ConfirmScreen,
+    EngineEvent,
+    LaunchRequested,
+    focus_now,
+)
 from tui.compare import ComparePane
 from tui.demos import DemosPane
 from tui.prompts import PromptsPane
@@ -48,18 +54,91 @@ HEAVY_IMPORTS = (
 )
 
 
+class Tabs(TabbedContent):
+    """TabbedContent that ignores a stale "a widget in pane X got focus" message.
+
+    TabbedContent switches to a pane when a widget inside it is focused. A focus that lands
+    late (a busy machine: the person pressed F4 then F1 before the Train tab's focus message
+    arrived) would switch back to the tab the person just left. Switch only when the focus
+    is still inside that pane.
+    """
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        focused = self.screen.focused
+        if focused is None or event.tab_pane not in focused.ancestors_with_self:
+            event.stop()
+            event.prevent_default()
+
+
 class PersonaApp(App[None]):
     CSS_PATH = "persona.tcss"
     TITLE = "Persona"
     BINDINGS = [
-        Binding("f1,ctrl+o", "show_tab('demos')", "Demos", id="tab.demos", priority=True),
-        Binding("f2,ctrl+r", "show_tab('prompts')", "Prompts", id="tab.prompts", priority=True),
-        Binding("f3,ctrl+g", "show_tab('synthetic')", "Synthetic", id="tab.synthetic", priority=True),
-        Binding("f4,ctrl+t", "show_tab('train')", "Train", id="tab.train", priority=True),
-        Binding("f5,ctrl+b", "show_tab('compare')", "Compare", id="tab.compare", priority=True),
-        Binding("ctrl+s", "save", "Save", id="app.save", priority=True),
-        Binding("f9", "toggle_theme", "Theme", id="app.theme"),
-        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+        Binding(
+            "f1,ctrl+o",
+            "show_tab('demos')",
+            "Demos",
+            id="tab.demos",
+            priority=True,
+            tooltip="Show the Demonstrations tab: your own requests and texts",
+        ),
+        Binding(
+            "f2,ctrl+r",
+            "show_tab('prompts')",
+            "Prompts",
+            id="tab.prompts",
+            priority=True,
+            tooltip="Show the Prompts & Rubric tab: system prompt, rubric, topic seeds",
+        ),
+        Binding(
+            "f3,ctrl+g",
+            "show_tab('synthetic')",
+            "Synth",
+            id="tab.synthetic",
+            priority=True,
+            tooltip="Show the Synthetic data tab: review the teacher's rows",
+        ),
+        Binding(
+            "f4,ctrl+t",
+            "show_tab('train')",
+            "Train",
+            id="tab.train",
+            priority=True,
+            tooltip="Show the Train tab: run, cancel and replay stages",
+        ),
+        Binding(
+            "f5,ctrl+b",
+            "show_tab('compare')",
+            "Compare",
+            id="tab.compare",
+            priority=True,
+            tooltip="Show the Compare tab: outputs side by side, blind A/B, the report",
+        ),
+        Binding(
+            "ctrl+s",
+            "save",
+            "Save",
+            id="app.save",
+            priority=True,
+            tooltip="Save demonstrations, prompts and synthetic reviews",
+        ),
+        Binding(
+            "f9",
+            "toggle_theme",
+            "Light/dark",
+            id="app.theme",
+            show=False,
+            tooltip="Switch between the light and the dark theme",
+        ),
+        Binding(
+            "ctrl+q",
+            "quit",
+            "Quit",
+            id="app.quit",
+            priority=True,
+            show=False,
+            tooltip="Quit (asks first about unsaved changes or a running stage)",
+        ),
     ]
 
     def __init__(
@@ -75,8 +154,10 @@ class PersonaApp(App[None]):
         self.ws = workspace
         self.default_overrides = list(overrides or [])
         self.runner = runner or Runner(workspace)
+        self.active_runner = self.runner  # the one running now (a scratch try has its own)
         self.compare_seed = compare_seed
-        self.running_stage: str | None = None
+        self.running_stage: str | None = None  # the one place that says what is running
+        self.stopping = False  # cancel asked, the stage has not ended yet
         self.last_final: Any = None
         self._stage_done = asyncio.Event()
         self._preloaded = asyncio.Event()
@@ -87,7 +168,7 @@ class PersonaApp(App[None]):
     # -- layout --------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header(icon="✎")
-        with TabbedContent(initial="demos", id="tabs"):
+        with Tabs(initial="demos", id="tabs"):
             with TabPane("Demos F1", id="demos"):
                 yield DemosPane(self.ws, id="demos-pane")
             with TabPane("Prompts F2", id="prompts"):
@@ -102,7 +183,7 @@ class PersonaApp(App[None]):
 
     def on_mount(self) -> None:
         self.theme = self.initial_theme
-        self.call_after_refresh(self._focus_tab)
+        self._focus_tab()
         self.run_worker(self._preload, thread=True, name="preload", group="preload")
 
     def _preload(self) -> None:
@@ -153,24 +234,33 @@ class PersonaApp(App[None]):
         }[tab]
 
     def _focus_tab(self) -> None:
+        """Focus the active pane's default widget now (not later: see Tabs)."""
         tab = self.query_one("#tabs", TabbedContent).active
-        if tab in TABS:
-            self.query_one(self._pane(tab)).focus_default()
+        if tab not in TABS or self.screen is not self.screen_stack[0]:
+            return
+        pane = self.query_one(self._pane(tab))
+        focused = self.screen.focused
+        if focused is None or pane not in focused.ancestors_with_self:
+            focus_now(pane.default_focus())
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self) -> None:
-        # a hidden pane drops focus to nothing: move it into the new pane
-        self.call_after_refresh(self._focus_tab)
+        # a tab clicked with the mouse: a hidden pane drops focus, move it into the new pane
+        self._focus_tab()
 
     def action_show_tab(self, tab: str) -> None:
         if self.screen is not self.screen_stack[0]:
             return  # a dialog is open
-        self.query_one("#tabs", TabbedContent).active = tab
-        self.call_after_refresh(self._focus_tab)
+        self.query_one("#tabs", TabbedContent).active = tab  # shows the pane at once
+        self._focus_tab()
 
     # -- command palette: every binding is a command ---------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+        # Textual's own entries, less those our bindings already offer (Quit) and its theme
+        # picker (f9 switches light/dark; two "Theme" entries confused people).
+        for cmd in super().get_system_commands(screen):
+            if cmd.title not in ("Quit", "Theme"):
+                yield cmd
         seen = set()
         for key, active in screen.active_bindings.items():
             b = active.binding
@@ -179,7 +269,7 @@ class PersonaApp(App[None]):
             seen.add((b.action, id(active.node)))
             yield SystemCommand(
                 f"{b.description} ({key})",
-                b.tooltip or f"Run the {b.description.lower()} action ({b.action})",
+                b.tooltip or f"{b.description} (key {key})",
                 partial(self.run_action, b.action, active.node),
             )
 
@@ -215,9 +305,14 @@ class PersonaApp(App[None]):
         if unsaved:
             parts.append(f"Unsaved changes: {', '.join(unsaved)}.")
         if running:
-            parts.append(f"{running} is running; quitting stops it (it resumes from its last checkpoint).")
+            parts.append(
+                f"{running} is running; quitting stops it (it resumes from its last checkpoint)."
+            )
         choices = [("save", "Save and quit")] if unsaved else []
-        choices += [("discard", "Quit" if not unsaved else "Quit without saving"), ("cancel", "Cancel")]
+        choices += [
+            ("discard", "Quit" if not unsaved else "Quit without saving"),
+            ("cancel", "Cancel"),
+        ]
 
         def answer(choice: str | None) -> None:
             if choice == "save":
@@ -229,7 +324,7 @@ class PersonaApp(App[None]):
             if choice in ("save", "discard"):
                 if self.running_stage:
                     # Let the stage stop at its step boundary and save its checkpoint first.
-                    self.runner.cancel()
+                    self.cancel_stage(quiet=True)
                     self.notify_plain(f"stopping {self.running_stage} and saving a checkpoint…")
                     self.run_worker(self._exit_when_stage_stops(), group="quit")
                     return
@@ -250,20 +345,40 @@ class PersonaApp(App[None]):
         self.theme = LIGHT if self.theme == DARK else DARK
 
     # -- stages ----------------------------------------------------------------
+    @on(LaunchRequested)
+    def _launch_requested(self, message: LaunchRequested) -> None:
+        message.stop()
+        self.launch_stage(message.stage, message.overrides, message.source)
+
+    @on(CancelRequested)
+    def _cancel_requested(self, message: CancelRequested) -> None:
+        message.stop()
+        self.cancel_stage()
+
     def launch_stage(
-        self, name: str, overrides: list[str] | None = None, source: str = ""
+        self,
+        name: str,
+        overrides: list[str] | None = None,
+        source: str = "",
+        runner: Runner | None = None,
     ) -> bool:
-        """Start stage ``name`` in a worker; its events come back as EngineEvent messages."""
+        """Start stage ``name`` in a worker; its events come back as EngineEvent messages.
+        ``runner``: another view of the workspace (the Prompts tab's scratch "try it")."""
         if self.running_stage:
-            self.notify_plain(f"{self.running_stage} is running; cancel it (x in Train) or wait.", severity="warning")
+            self.notify_plain(
+                f"{self.running_stage} is running; cancel it (x in Train) or wait.",
+                severity="warning",
+            )
             return False
         if name == "demos" and self.demos.dirty:
             self.demos.save()
         self.synthetic.save()
         self.running_stage = name
+        self.stopping = False
+        self.active_runner = runner or self.runner
         self._stage_done.clear()
         self.run_worker(
-            self._drive(name, [*self.default_overrides, *(overrides or [])]),
+            self._drive(self.active_runner, name, [*self.default_overrides, *(overrides or [])]),
             name=f"stage-{name}",
             group="stage",
             exit_on_error=False,
@@ -272,11 +387,11 @@ class PersonaApp(App[None]):
             self.notify_plain(f"running {name} (see the Train tab)", timeout=3)
         return True
 
-    async def _drive(self, name: str, overrides: list[str]) -> None:
+    async def _drive(self, runner: Runner, name: str, overrides: list[str]) -> None:
         final = None
         try:
             await self._preloaded.wait()  # heavy imports happen off the event loop
-            async for ev in self.runner.run_stage(name, overrides):
+            async for ev in runner.run_stage(name, overrides):
                 final = ev
                 self.dispatch_event(ev)
         except Exception as e:  # never let a stage take the app down
@@ -284,8 +399,11 @@ class PersonaApp(App[None]):
             self.dispatch_event(final)
         finally:
             self.running_stage = None
+            self.stopping = False
             self.last_final = final
             self._stage_done.set()
+            with contextlib.suppress(Exception):  # the app may be closing
+                self.train.refresh_stages()
 
     def dispatch_event(self, ev: Any, replay: bool = False) -> None:
         for pane in (self.train, self.synthetic, self.prompts, self.compare):
@@ -297,11 +415,16 @@ class PersonaApp(App[None]):
             await asyncio.wait_for(self._stage_done.wait(), timeout)
         return self.last_final
 
-    def cancel_stage(self) -> None:
+    def cancel_stage(self, quiet: bool = False) -> None:
         if self.running_stage:
-            self.runner.cancel()
-            self.notify_plain(f"stopping {self.running_stage} after the current step…", timeout=3)
-        else:
+            self.active_runner.cancel()
+            self.stopping = True
+            self.train.show_stopping()  # "stopping…" on the stage's row at once
+            if not quiet:
+                self.notify_plain(
+                    f"stopping {self.running_stage}: it keeps what it has done…", timeout=3
+                )
+        elif not quiet:
             self.notify_plain("Nothing is running.", timeout=2)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import Button, Label, Static, TextArea
 
 
@@ -23,6 +24,53 @@ class EngineEvent(Message):
         super().__init__()
         self.event = event
         self.replay = replay
+
+
+class LaunchRequested(Message):
+    """A pane asks the app to start a stage (the app alone decides and holds what runs)."""
+
+    def __init__(self, stage: str, overrides: list[str] | None = None, source: str = "") -> None:
+        super().__init__()
+        self.stage = stage
+        self.overrides = list(overrides or [])
+        self.source = source
+
+
+class CancelRequested(Message):
+    """A pane asks the app to stop the running stage."""
+
+
+def focus_now(widget: Widget) -> None:
+    """Focus ``widget`` at once (``Widget.focus`` defers it, and a deferred focus that lands
+    after the person switched tabs would switch the tab back)."""
+    try:
+        widget.screen.set_focus(widget)
+    except Exception:  # not mounted yet: fall back to the deferred form
+        widget.focus()
+
+
+def read_problem(path, e: Exception, rel: str = "") -> str:
+    """A one-line description of why ``path`` could not be read, naming the file and line."""
+    name = rel or str(path)
+    if isinstance(e, UnicodeDecodeError):
+        try:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+        except OSError:
+            line = "?"
+        return f"{name}: line {line} is not UTF-8 text (byte {e.start}); save it as UTF-8."
+    lineno = getattr(e, "lineno", None)
+    if lineno:
+        return f"{name}: line {lineno}: {getattr(e, 'msg', e)}"
+    return f"{name}: {e}"
+
+
+def read_demos(ws) -> tuple[list[dict[str, str]], str]:
+    """data/data.json as written (Workspace.read_demos_as_written), never raising: a file that
+    is not UTF-8 or cannot be read comes back as an error naming the file and line."""
+    try:
+        return ws.read_demos_as_written()
+    except (OSError, ValueError) as e:
+        return [], read_problem(ws.demos_path, e, ws.rel(ws.demos_path)) + " Fix it in an editor."
 
 
 def one_line(text: str, width: int = 60) -> str:
@@ -60,7 +108,7 @@ class ConfirmScreen(ModalScreen[str]):
                     )
 
     def on_mount(self) -> None:
-        self.query(Button).first().focus()
+        focus_now(self.query(Button).first())
 
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
@@ -71,7 +119,12 @@ class ConfirmScreen(ModalScreen[str]):
 
 
 class PairEditScreen(ModalScreen["tuple[str, str] | None"]):
-    """Edit an input/output pair in two text areas. ctrl+s keeps, escape cancels."""
+    """Edit an input/output pair. ctrl+s keeps, escape cancels.
+
+    Focus starts in the box the person edits (a read-only first text is shown, not focusable,
+    so Tab cannot lead into a box that ignores typing). Keys typed before the dialog has
+    focused its box (a busy machine) still land in that box.
+    """
 
     BINDINGS = [
         Binding("ctrl+s", "keep", "Keep", priority=True),
@@ -96,23 +149,52 @@ class PairEditScreen(ModalScreen["tuple[str, str] | None"]):
         with Vertical(id="pair-dialog", classes="dialog"):
             yield Label(plain(self.title_text), classes="dialog-title")
             yield Label(self.labels[0])
-            yield TextArea(
-                self.first, id="first", soft_wrap=True, read_only=not self.first_editable
-            )
+            if self.first_editable:
+                yield TextArea(self.first, id="first", soft_wrap=True)
+            else:
+                with VerticalScroll(id="first-box", can_focus=False):
+                    yield Static(plain(self.first), id="first")
             yield Label(self.labels[1])
             yield TextArea(self.second, id="second", soft_wrap=True)
             yield Static(Text("ctrl+s keep · escape cancel", style="dim"), id="pair-error")
 
+    @property
+    def target(self) -> TextArea:
+        return self.query_one("#first" if self.first_editable else "#second", TextArea)
+
     def on_mount(self) -> None:
-        self.query_one("#first" if self.first_editable else "#second", TextArea).focus()
+        focus_now(self.target)
+
+    def on_key(self, event: events.Key) -> None:
+        # A key that reached the screen itself while a box has (or should have) focus: it was
+        # typed before the focus landed. Put it where the person is typing.
+        if event.is_printable and event.character and not isinstance(self.focused, Button):
+            box = self.focused if isinstance(self.focused, TextArea) else self.target
+            if not box.read_only:
+                focus_now(box)
+                box.insert(event.character)
+                event.stop()
+
+    def values(self) -> tuple[str, str]:
+        first = self.query_one("#first", TextArea).text if self.first_editable else self.first
+        return first, self.query_one("#second", TextArea).text
 
     def action_keep(self) -> None:
-        first = self.query_one("#first", TextArea).text
-        second = self.query_one("#second", TextArea).text
-        if not first.strip() or not second.strip():
+        first, second = self.values()
+        empty = [
+            label
+            for label, text in zip(self.labels, (first, second), strict=True)
+            if not text.strip()
+        ]
+        if empty:
             self.query_one("#pair-error", Static).update(
-                Text("Neither text may be empty.", style="bold red")
+                Text(
+                    f"{' and '.join(empty)}: empty. Write something, or escape to cancel.",
+                    style="bold red",
+                )
             )
+            first_empty = empty[0] == self.labels[0] and self.first_editable
+            focus_now(self.query_one("#first" if first_empty else "#second", TextArea))
             return
         self.dismiss((first, second))
 

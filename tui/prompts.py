@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import tomli_w
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -12,15 +14,78 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
+from engine.atomic import atomic_write_text
 from engine.events import StageFailed, StageFinished
+from engine.templates import PROMPTS_TOML_TEMPLATE
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
-from tui.common import EngineEvent, one_line, plain
+from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
+SCRATCH = "scratch"  # results/scratch/: "try it" runs, never read as a stage's results
+
+
+class ScratchWorkspace(Workspace):
+    """The workspace as "try it" sees it: the same config and demonstrations, but the prompts
+    being edited (results/scratch/prompts.toml) and results and runs under results/scratch/,
+    so a try neither saves data/prompts.toml nor marks the prompting stage done."""
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.root / "results" / SCRATCH
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.scratch_dir / "prompts.toml"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.scratch_dir
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.scratch_dir / "runs"
+
+
+def header_of(text: str) -> str:
+    """The comment lines a prompts file starts with (its explanation), kept on save."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#") or (lines and not line.strip()):
+            lines.append(line)
+        else:
+            break
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return "\n".join(lines)
+
+
+def prompts_text(prompts: dict[str, Any], old_text: str = "") -> str:
+    """data/prompts.toml as a person would write it: the file's header comments, multi-line
+    strings as multi-line strings, one seed per line."""
+    header = header_of(old_text) or header_of(PROMPTS_TOML_TEMPLATE)
+    body = tomli_w.dumps(prompts, multiline_strings=True)
+    return (header + "\n\n" if header else "") + body
+
+
+def write_prompts(path: Path, prompts: dict[str, Any]) -> Path:
+    try:
+        old = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        old = ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, prompts_text(prompts, old))
 
 
 class PromptsPane(Vertical):
-    BINDINGS = [Binding("f8", "try_it", "Try it", id="prompts.try")]
+    BINDINGS = [
+        Binding(
+            "f8",
+            "try_it",
+            "Try it",
+            id="prompts.try",
+            tooltip="Sample the policy with this system prompt (unsaved edits too) on the chosen demonstration; nothing is saved",
+        ),
+    ]
 
     def __init__(self, workspace: Workspace, **kw) -> None:
         super().__init__(**kw)
@@ -42,7 +107,7 @@ class PromptsPane(Vertical):
                 with TabPane("Topic seeds", id="ed-seeds"):
                     yield TextArea(id="seeds", soft_wrap=True)
             with Vertical(id="try-panel"):
-                yield Label("Try it on (f8 runs the prompting stage):")
+                yield Label("f8 tries the prompt on:")
                 yield Select([], id="try-demo", prompt="demonstration", allow_blank=True)
                 with VerticalScroll(id="try-out"):
                     yield Static(id="try-result")
@@ -68,7 +133,7 @@ class PromptsPane(Vertical):
         self.show_try()
 
     def reload_demos(self) -> None:
-        demos, _error = self.ws.read_demos_as_written()  # the Demonstrations tab shows the error
+        demos, _error = read_demos(self.ws)  # the Demonstrations tab shows the error
         sel = self.query_one("#try-demo", Select)
         old = sel.value
         sel.set_options([(Text(one_line(d["input"], 26)), i) for i, d in enumerate(demos)])
@@ -95,7 +160,9 @@ class PromptsPane(Vertical):
             self.show_status()
 
     def current(self) -> dict[str, Any]:
-        seeds = [s.strip() for s in self.query_one("#seeds", TextArea).text.splitlines() if s.strip()]
+        seeds = [
+            s.strip() for s in self.query_one("#seeds", TextArea).text.splitlines() if s.strip()
+        ]
         out = dict(self.prompts)
         out["system_prompt"] = self.query_one("#system-prompt", TextArea).text
         out["rubric"] = self.query_one("#rubric", TextArea).text
@@ -105,28 +172,62 @@ class PromptsPane(Vertical):
     def save(self) -> bool:
         data = self.current()
         if not data["seeds"]:
-            self.app.notify_plain("Add at least one topic seed (one per line).", title="Not saved", severity="error")
+            self.app.notify_plain(
+                "Add at least one topic seed (one per line).", title="Not saved", severity="error"
+            )
             return False
-        self.ws.save_prompts(data)
+        try:
+            write_prompts(self.ws.prompts_path, data)
+        except OSError as e:
+            self.app.notify_plain(str(e), title="Not saved", severity="error")
+            return False
         self.prompts = data
         self.dirty = False
         self.show_status()
         self.app.notify_plain(f"Saved {self.ws.rel(self.ws.prompts_path)}", timeout=2)
         return True
 
+    def default_focus(self):
+        return self.query_one("#system-prompt", TextArea)
+
     def focus_default(self) -> None:
-        self.query_one("#system-prompt", TextArea).focus()
+        focus_now(self.default_focus())
 
     # -- try it --------------------------------------------------------------
+    @property
+    def scratch(self) -> ScratchWorkspace:
+        return ScratchWorkspace(self.ws.root)
+
     def action_try_it(self) -> None:
-        if self.dirty and not self.save():
+        """Run the prompting stage on a scratch view of the workspace: the prompts as edited
+        (saved or not) go to results/scratch/prompts.toml, the output to results/scratch/."""
+        data = self.current()
+        if not data["system_prompt"].strip():
+            self.app.notify_plain("Write a system prompt first.", severity="warning")
+            return
+        scratch = self.scratch
+        try:
+            write_prompts(scratch.prompts_path, data)
+        except OSError as e:
+            self.app.notify_plain(str(e), title="Cannot try", severity="error")
             return
         sel = self.query_one("#try-demo", Select)
         only = [f"prompting.only=[{sel.value}]"] if isinstance(sel.value, int) else []
-        if self.app.launch_stage("prompting", only, source="prompts"):
+        from engine.runner import Runner
+
+        base = self.app.runner  # same stages and service, another view of the workspace
+        runner = Runner(
+            scratch,
+            listeners=base.listeners,
+            service_factory=base.service_factory,
+            stages=getattr(base, "_stages", None),
+        )
+        if self.app.launch_stage("prompting", only, source="prompts", runner=runner):
             self.trying = True
             self.show_status()
-            self.query_one("#try-result", Static).update(Text("running the prompting stage…", style="dim"))
+            self.query_one("#try-result", Static).update(
+                Text("running the prompting stage…", style="dim")
+            )
 
     @on(Select.Changed, "#try-demo")
     def show_try(self) -> None:
@@ -136,11 +237,13 @@ class PromptsPane(Vertical):
         if not isinstance(sel.value, int) or sel.value >= len(demos):
             box.update(Text("No demonstration selected.", style="dim"))
             return
-        try:
-            raw = json.loads(self.ws.result(PROMPTING_FILE).read_text(encoding="utf-8"))
-            rows = {r.get("input"): r for r in raw if isinstance(r, dict)}
-        except (OSError, json.JSONDecodeError, TypeError):
-            rows = {}
+        rows: dict[str, Any] = {}
+        for ws in (self.ws, self.scratch):  # a try (scratch) wins over the stage's own run
+            try:
+                raw = json.loads(ws.result(PROMPTING_FILE).read_text(encoding="utf-8"))
+                rows.update({r.get("input"): r for r in raw if isinstance(r, dict)})
+            except (OSError, ValueError, TypeError):
+                pass
         req = demos[sel.value]["input"].strip()  # the stage records inputs trimmed
         own = demos[sel.value]["output"]
         t = Text()

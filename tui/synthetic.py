@@ -6,6 +6,7 @@ after the last key press, and at once on ctrl+s or quit).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.text import Text
@@ -18,9 +19,8 @@ from textual.widgets import DataTable, Static
 
 from engine.atomic import atomic_write_jsonl
 from engine.events import StageFinished
-from engine.jsonl import read_jsonl
 from engine.workspace import RESULT_FILES, Workspace
-from tui.common import EngineEvent, PairEditScreen, cell, plain
+from tui.common import EngineEvent, PairEditScreen, cell, focus_now, plain, read_problem
 
 DATA_FILE = RESULT_FILES["synth-outputs"]
 STATUSES = ("pending", "accepted", "rejected", "edited")
@@ -28,8 +28,21 @@ STATUS_STYLE = {"pending": "yellow", "accepted": "green", "rejected": "red", "ed
 SAVE_DELAY = 0.4
 
 
+def row_problem(row: Any) -> str:
+    """Why a parsed line cannot be reviewed ("" when it can)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    if not isinstance(row.get("messages", []), list):
+        return "messages is not a list"
+    if not isinstance(row.get("status", "pending"), str):
+        return "status is not a string"
+    return ""
+
+
 def row_text(row: dict[str, Any], role: str) -> str:
     msgs = row.get("messages", [])
+    if not isinstance(msgs, list):
+        return ""
     if role == "assistant":
         msgs = list(reversed(msgs))
     for m in msgs:
@@ -44,6 +57,11 @@ def set_output(row: dict[str, Any], text: str) -> None:
             m["content"] = text
             return
     row.setdefault("messages", []).append({"role": "assistant", "content": text})
+
+
+def status_of(row: dict[str, Any]) -> str:
+    s = row.get("status", "pending")
+    return s if isinstance(s, str) else "invalid"
 
 
 def status_cell(status: str) -> Text:
@@ -73,6 +91,7 @@ class SyntheticPane(Vertical):
         self._save_timer: Timer | None = None
         self._touched: set[int] = set()  # rows reviewed here since the last load or save
         self._loaded_signature: tuple[int, int] | None = None
+        self.unreadable = False  # part of the file could not be read: never write over it
 
     @property
     def path(self):
@@ -99,13 +118,45 @@ class SyntheticPane(Vertical):
         return bool(self._touched)
 
     def _read_rows(self) -> list[dict]:
+        """The rows, for review. A line that is not JSON, or not an object, is skipped and
+        named in the status line, and then nothing is saved over the file (it would drop that
+        line). A row whose status or messages has the wrong type is shown and named."""
         if not self.path.exists():
             return []
+        name = self.ws.rel(self.path)
+        problems: list[str] = []
 
         def on_bad(n: int, _e: object) -> None:
-            self.error = f"{self.ws.rel(self.path)}: line {n} is not valid JSON (skipped)"
+            problems.append(f"{name}: line {n} is not valid JSON (skipped)")
+            self.unreadable = True
 
-        return [r for r in read_jsonl(self.path, on_bad) if isinstance(r, dict)]
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            self.error = read_problem(self.path, e, name)
+            self.unreadable = True
+            return []
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                on_bad(n, e)
+                continue
+            why = row_problem(r)
+            if not isinstance(r, dict):
+                problems.append(f"{name}: line {n}: {why} (skipped)")
+                self.unreadable = True
+                continue
+            if why:
+                problems.append(f"{name}: line {n}: {why}")
+            rows.append(r)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            self.error = problems[0] + more
+        return rows
 
     def _disk_signature(self) -> tuple[int, int] | None:
         try:
@@ -120,6 +171,7 @@ class SyntheticPane(Vertical):
 
     def load(self) -> None:
         self.error = ""
+        self.unreadable = False
         self.rows = self._read_rows()
         self._loaded_signature = self._disk_signature()
         self._touched = set()
@@ -134,10 +186,21 @@ class SyntheticPane(Vertical):
             self._save_timer = None
         if not self.dirty:
             return True
+        if self.unreadable:
+            self.app.notify_plain(
+                f"{self.error}. Fix the file; reviews here are not saved over it.",
+                title="Not saved",
+                severity="error",
+            )
+            return False
         if self._disk_signature() != self._loaded_signature:
             # A stage (or another terminal) rewrote the file since we read it: apply only the
             # rows reviewed here to what is on disk now, so neither side's work is lost.
-            mine = {self._row_key(self.rows[i]): self.rows[i] for i in self._touched if i < len(self.rows)}
+            mine = {
+                self._row_key(self.rows[i]): self.rows[i]
+                for i in self._touched
+                if i < len(self.rows)
+            }
             self.rows = [mine.get(self._row_key(r), r) for r in self._read_rows()]
             self.rebuild()
         atomic_write_jsonl(self.path, self.rows)
@@ -154,7 +217,7 @@ class SyntheticPane(Vertical):
 
     # -- view ----------------------------------------------------------------
     def _visible(self, row: dict[str, Any]) -> bool:
-        if self.status_filter != "all" and row.get("status", "pending") != self.status_filter:
+        if self.status_filter != "all" and status_of(row) != self.status_filter:
             return False
         return self.seed_filter == "all" or str(row.get("seed", "")) == self.seed_filter
 
@@ -163,15 +226,13 @@ class SyntheticPane(Vertical):
         table.clear()
         self.view = [i for i, r in enumerate(self.rows) if self._visible(r)]
         table.add_rows(
-            
-                (
-                    status_cell(str(r.get("status", "pending"))),
-                    cell(str(r.get("seed", "")), 14),
-                    cell(row_text(r, "user"), 40),
-                    cell(row_text(r, "assistant"), 90),
-                )
-                for r in (self.rows[i] for i in self.view)
-            
+            (
+                status_cell(status_of(r)),
+                cell(str(r.get("seed", "")), 14),
+                cell(row_text(r, "user"), 40),
+                cell(row_text(r, "assistant"), 90),
+            )
+            for r in (self.rows[i] for i in self.view)
         )
         self.show_status()
         self.show_detail()
@@ -179,14 +240,19 @@ class SyntheticPane(Vertical):
     def show_status(self) -> None:
         counts = {s: 0 for s in STATUSES}
         for r in self.rows:
-            s = r.get("status", "pending")
+            s = status_of(r)
             counts[s] = counts.get(s, 0) + 1
         t = Text(f"showing {len(self.view)} of {len(self.rows)}  ")
         for s in STATUSES:
             t.append(f"{s} {counts.get(s, 0)}  ", style=STATUS_STYLE[s])
         t.append(f"· filter: {self.status_filter}", style="bold")
         t.append(" / seed: ")
-        t.append(plain(self.seed_filter if len(self.seed_filter) < 30 else self.seed_filter[:29] + "…", "bold"))
+        t.append(
+            plain(
+                self.seed_filter if len(self.seed_filter) < 30 else self.seed_filter[:29] + "…",
+                "bold",
+            )
+        )
         if self.dirty:
             t.append("  ● saving", style="yellow")
         if self.error:
@@ -214,7 +280,7 @@ class SyntheticPane(Vertical):
             return
         r = self.rows[idx]
         t = Text()
-        t.append(f"{r.get('id', '')} · {r.get('status', 'pending')}", style="bold")
+        t.append(f"{r.get('id', '')} · {status_of(r)}", style="bold")
         if r.get("reason"):
             t.append(f" ({r['reason']})", style="dim")
         t.append("\nRequest: ", style="bold")
@@ -223,14 +289,17 @@ class SyntheticPane(Vertical):
         t.append_text(plain(row_text(r, "assistant")))
         box.update(t)
 
+    def default_focus(self):
+        return self.query_one("#synth-table", DataTable)
+
     def focus_default(self) -> None:
-        self.query_one("#synth-table", DataTable).focus()
+        focus_now(self.default_focus())
 
     def _update_row(self, pos: int) -> None:
         table = self.query_one("#synth-table", DataTable)
         r = self.rows[self.view[pos]]
         key = table.coordinate_to_cell_key((pos, 0)).row_key
-        table.update_cell(key, "status", status_cell(str(r.get("status", "pending"))))
+        table.update_cell(key, "status", status_cell(status_of(r)))
         table.update_cell(key, "output", cell(row_text(r, "assistant"), 90))
 
     # -- actions -------------------------------------------------------------
@@ -243,13 +312,24 @@ class SyntheticPane(Vertical):
         self._update_row(pos)
         self._mark_dirty(self.view[pos])
         self.show_status()
-        if pos + 1 < len(self.view):
-            table.move_cursor(row=pos + 1)
+        nxt = self.next_pending(pos)
+        if nxt is not None and nxt != pos:
+            table.move_cursor(row=nxt)
         else:
             self.show_detail()
 
+    def next_pending(self, pos: int) -> int | None:
+        """The next row still pending after ``pos`` (wrapping round), so a decision is never
+        overwritten by the next key; None when every row shown is decided."""
+        n = len(self.view)
+        for k in range(1, n + 1):
+            p = (pos + k) % n
+            if status_of(self.rows[self.view[p]]) == "pending":
+                return p
+        return None
+
     def action_accept_all(self) -> None:
-        changed = [i for i in self.view if self.rows[i].get("status") != "accepted"]
+        changed = [i for i in self.view if status_of(self.rows[i]) != "accepted"]
         for i in changed:
             self.rows[i]["status"] = "accepted"
         n = len(changed)
@@ -258,7 +338,9 @@ class SyntheticPane(Vertical):
             pos = self.query_one("#synth-table", DataTable).cursor_row
             self.rebuild()
             if self.view:
-                self.query_one("#synth-table", DataTable).move_cursor(row=min(pos, len(self.view) - 1))
+                self.query_one("#synth-table", DataTable).move_cursor(
+                    row=min(pos, len(self.view) - 1)
+                )
         self.app.notify_plain(f"accepted {n} rows", timeout=2)
 
     @on(DataTable.RowSelected, "#synth-table")
@@ -268,10 +350,15 @@ class SyntheticPane(Vertical):
             return
         pos = self.query_one("#synth-table", DataTable).cursor_row
         row = self.rows[idx]
+        if not isinstance(row.get("messages", []), list):
+            self.app.notify_plain(
+                f"{self.error or 'this row has no messages list'}", severity="error"
+            )
+            return
 
         def done(result: tuple[str, str] | None) -> None:
-            if result is None:
-                return
+            if result is None or result[1] == row_text(row, "assistant"):
+                return  # nothing changed: the row keeps its status
             set_output(row, result[1])
             row["status"] = "edited"
             if 0 <= pos < len(self.view) and self.view[pos] == idx:

@@ -7,6 +7,7 @@ very same handler as live events.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from engine.events import (
 )
 from engine.runner import list_runs, load_run_events, stage_status
 from engine.workspace import Workspace
-from tui.common import EngineEvent, one_line, plain
+from tui.common import CancelRequested, EngineEvent, LaunchRequested, focus_now, one_line, plain
 
 STATE_STYLE = {
     "done": "green",
@@ -68,6 +69,11 @@ class MetricChart(PlotextPlot):
         self.series.setdefault(name, []).append((step, value))
         self._dirty = True
 
+    def prepend(self, points: dict[str, list[tuple[float, float]]]) -> None:
+        for name, pts in points.items():
+            self.series[name] = [*pts, *self.series.get(name, [])]
+        self._dirty = True
+
     @property
     def points(self) -> int:
         return sum(len(v) for v in self.series.values())
@@ -93,15 +99,87 @@ class MetricChart(PlotextPlot):
         self.refresh()
 
 
+class LiveLog(RichLog):
+    """RichLog that never keeps lines back: RichLog holds writes until it has learnt its
+    width from a resize, and a log first laid out in a hidden tab could stay blank until
+    the terminal was resized. Once it is shown with a width, what it held is written."""
+
+    def _flush_if_sized(self) -> None:
+        if not self._size_known and self.size.width > 0:
+            self._size_known = True
+            held = list(self._deferred_renders)
+            self._deferred_renders.clear()
+            for d in held:
+                self.write(d.content, d.width, d.expand, d.shrink, d.scroll_end)
+
+    def on_show(self) -> None:
+        self.call_after_refresh(self._flush_if_sized)
+
+    def write(self, *args, **kw):  # type: ignore[override]
+        self._flush_if_sized()
+        return super().write(*args, **kw)
+
+    @property
+    def pending(self) -> int:
+        return len(self._deferred_renders)
+
+
+def earlier_loss_points(ws: Workspace, stage: str, run_dir: str, before_step: float) -> dict:
+    """Loss points of the runs this one resumed from (the same stage's earlier runs, newest
+    first, each contributing the steps before the ones already shown), so the chart shows the
+    whole curve of a checkpoint built across several runs."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    current = Path(run_dir).name if run_dir else ""
+    limit = before_step
+    for run in reversed(list_runs(ws, stage)):
+        if current and run.name >= current:
+            continue
+        pts = [
+            e
+            for e in load_run_events(run)
+            if isinstance(e, Metric) and _is_loss(e.name) and e.step < limit
+        ]
+        if not pts:
+            continue
+        for e in pts:
+            out.setdefault(e.name, []).append((e.step, e.value))
+        limit = min(e.step for e in pts)
+        if limit <= 1:
+            break
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _is_loss(name: str) -> bool:
+    return name in LOSS or name.endswith("/loss")
+
+
 class StageTable(DataTable):
     BINDINGS = [Binding("enter", "select_cursor", "Launch", id="train.launch")]
 
 
 class TrainPane(Vertical):
     BINDINGS = [
-        Binding("x", "cancel_stage", "Cancel run", id="train.cancel"),
-        Binding("r", "replay", "Replay last run", id="train.replay"),
-        Binding("o", "focus_overrides", "Overrides", id="train.overrides"),
+        Binding(
+            "x",
+            "cancel_stage",
+            "Cancel run",
+            id="train.cancel",
+            tooltip="Stop the running stage (it keeps what it has done)",
+        ),
+        Binding(
+            "r",
+            "replay",
+            "Replay",
+            id="train.replay",
+            tooltip="Show the selected stage's last run: log and charts",
+        ),
+        Binding(
+            "o",
+            "focus_overrides",
+            "Overrides",
+            id="train.overrides",
+            tooltip="Type settings for the next launch, e.g. sft.steps=20",
+        ),
     ]
 
     def __init__(self, workspace: Workspace, **kw) -> None:
@@ -109,7 +187,8 @@ class TrainPane(Vertical):
         self.ws = workspace
         self.statuses = []
         self.current: str | None = None  # stage whose events are on screen
-        self.running: str | None = None
+        self.current_run = ""  # its run folder
+        self._earlier_loaded = False  # the resumed-from runs' loss points are on the chart
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="train-top"):
@@ -130,7 +209,7 @@ class TrainPane(Vertical):
             yield Label("idle", id="progress-label")
             yield ProgressBar(id="progress", show_eta=True)
         yield Static(id="stage-info", classes="status-line")
-        yield RichLog(id="log", max_lines=2000, wrap=True, markup=False, highlight=False)
+        yield LiveLog(id="log", max_lines=2000, wrap=True, markup=False, highlight=False)
 
     def on_mount(self) -> None:
         self.query_one("#metric-chart").display = False
@@ -139,21 +218,48 @@ class TrainPane(Vertical):
         else:  # the app loads the engine in a thread, then calls refresh_stages
             self.query_one("#stage-info", Static).update(Text("loading the engine…", style="dim"))
 
+    @property
+    def running(self) -> str | None:
+        """What runs: the app holds it (one place)."""
+        return getattr(self.app, "running_stage", None)
+
+    def default_focus(self):
+        return self.query_one("#stage-table", DataTable)
+
     def focus_default(self) -> None:
-        self.query_one("#stage-table", DataTable).focus()
+        focus_now(self.default_focus())
+
+    def show_stopping(self) -> None:
+        """Cancel was asked: say so on the stage's row at once."""
+        name = self.running
+        table = self.query_one("#stage-table", DataTable)
+        if name and name in table.rows:
+            table.update_cell(name, "state", Text("stopping…", style="bold yellow"))
+        self.query_one("#progress-label", Label).update(
+            Text(f"stopping {name}…", style="bold yellow")
+        )
 
     # -- stages table --------------------------------------------------------
     def refresh_stages(self) -> None:
-        self.statuses = stage_status(self.ws)
+        try:
+            self.statuses = stage_status(self.ws)
+        except Exception as e:  # e.g. results/checkpoints.toml not UTF-8: say so, stay usable
+            self.query_one("#stage-info", Static).update(
+                plain(f"Could not read the stages' state: {e}", "red")
+            )
+            return
         table = self.query_one("#stage-table", DataTable)
         row = table.cursor_row
         table.clear()
+        stopping = getattr(self.app, "stopping", False)
         for st in self.statuses:
-            state = "running" if st.name == self.running else st.state
+            state = st.state
+            if st.name == self.running:
+                state = "stopping…" if stopping else "running"
             table.add_row(
                 str(st.number),
                 st.name,
-                Text(state, style=STATE_STYLE.get(state, "")),
+                Text(state, style=STATE_STYLE.get(state, "bold yellow")),
                 key=st.name,
             )
         if self.statuses:
@@ -193,7 +299,7 @@ class TrainPane(Vertical):
     def action_launch(self) -> None:
         name = self.selected()
         if name:
-            self.app.launch_stage(name, overrides=self.overrides(), source="train")
+            self.post_message(LaunchRequested(name, self.overrides(), source="train"))
 
     @on(DataTable.RowSelected, "#stage-table")
     def _row_selected(self) -> None:
@@ -207,7 +313,7 @@ class TrainPane(Vertical):
         self.query_one("#overrides", Input).focus()
 
     def action_cancel_stage(self) -> None:
-        self.app.cancel_stage()
+        self.post_message(CancelRequested())
 
     def action_replay(self) -> None:
         name = self.selected()
@@ -241,6 +347,7 @@ class TrainPane(Vertical):
 
     # -- events --------------------------------------------------------------
     def reset_view(self) -> None:
+        self._earlier_loaded = False
         for chart in self.query(MetricChart):
             chart.clear_series()
         self.query_one("#metric-chart").display = False
@@ -257,13 +364,25 @@ class TrainPane(Vertical):
         if isinstance(ev, StageStarted):
             if not replay:
                 self.reset_view()
-                self.running = ev.stage
                 self.refresh_stages()
             self.current = ev.stage
-            log.write(Text(f"▶ {ev.stage}  {self.ws.rel(ev.run_dir) if ev.run_dir else ''}", style="bold cyan"))
+            self.current_run = ev.run_dir
+            log.write(
+                Text(
+                    f"▶ {ev.stage}  {self.ws.rel(ev.run_dir) if ev.run_dir else ''}",
+                    style="bold cyan",
+                )
+            )
         elif isinstance(ev, Metric):
-            if ev.name in LOSS or ev.name.endswith("/loss"):
-                self.query_one("#loss-chart", MetricChart).add_point(ev.name, ev.step, ev.value)
+            if _is_loss(ev.name):
+                chart = self.query_one("#loss-chart", MetricChart)
+                if not self._earlier_loaded and not chart.points and ev.step > 1 and self.current:
+                    self._earlier_loaded = True  # a resumed run: show the steps before it too
+                    with contextlib.suppress(OSError, ValueError):
+                        chart.prepend(
+                            earlier_loss_points(self.ws, self.current, self.current_run, ev.step)
+                        )
+                chart.add_point(ev.name, ev.step, ev.value)
             else:
                 chart = self.query_one("#metric-chart", MetricChart)
                 chart.display = True
@@ -306,5 +425,4 @@ class TrainPane(Vertical):
 
     def _finish(self, replay: bool) -> None:
         if not replay:
-            self.running = None
-            self.refresh_stages()
+            self.call_after_refresh(self.refresh_stages)  # after the app marks it ended
