@@ -106,3 +106,59 @@ def test_run_baseline_on_tiny_model(ws: Workspace, capsys):
     assert "✓ baseline" in out and "results/baseline_results.json" in out
     rows = json.loads(ws.result("baseline_results.json").read_text())
     assert len(rows) == 10
+
+
+# -- issue 12 #12, #23, #11, issue 13 #16 -------------------------------------------------------
+
+
+def test_status_outside_a_workspace_is_a_usage_error(tmp_path: Path, capsys, monkeypatch):
+    assert main(["-C", str(tmp_path / "missing"), "status"]) == 2
+    assert "No folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 2
+    assert "persona init" in " ".join(capsys.readouterr().err.split())
+
+
+def test_status_shows_backend_device_dtype_and_disk(ws: Workspace, capsys):
+    assert main(["-C", str(ws.root), "status"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "backend local" in out and "device" in out and "dtype" in out
+    assert "disk: runs" in out
+
+
+def test_control_bytes_in_sample_lines_are_escaped():
+    from rich.console import Console
+
+    from engine.cli import CliView
+    from engine.events import LogLine, SampleProduced
+
+    console = Console(record=True, width=200, force_terminal=False)
+    with CliView(console) as view:
+        view(SampleProduced(input="hi\x1b[31m there\x00", output="out\x1b]0;title\x07", source="s"))
+        view(LogLine("a\x1bc log"))
+    text = console.export_text()
+    assert "\x1b" not in text and "\x00" not in text and "\x07" not in text
+    assert "\\x1b[31m" in text and "\\x00" in text and "a\\x1bc log" in text
+
+
+def test_init_prints_a_command_that_works(tmp_path: Path, capsys):
+    import shlex
+
+    assert main(["init", str(tmp_path / "w")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    command = out.split(" && ", 1)[1].rsplit(" run baseline", 1)[0]
+    exe = shlex.split(command)[0]
+    assert exe == "persona" or Path(exe).exists() or exe == sys.executable, out
+    if exe != "persona":
+        r = subprocess.run(
+            [*shlex.split(command), "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0 and "persona" in r.stdout
+
+
+def test_quiet_libraries_silences_transformers_progress(monkeypatch):
+    from engine.backends import quiet_libraries
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    quiet_libraries()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

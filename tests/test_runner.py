@@ -211,3 +211,161 @@ def test_last_run_event_reads_from_the_end(tmp_path):
         assert last_run_event(run, block=block) == load_run_events(run)[-1]
     (run / "events.jsonl").write_text(lines[0])
     assert last_run_event(run, block=5) == load_run_events(run)[0]
+
+
+# -- the runner's rooms: preflight, recorder, driver (issue 7 §3, issue 13 #6, issue 12 #13) ----
+
+
+async def test_a_broken_listener_becomes_a_log_line_on_screen(ws: Workspace):
+    seen: list = []
+
+    def broken(ev):
+        if isinstance(ev, StageStarted):
+            raise ValueError("chart exploded")
+
+    runner = make_runner(ws, baseline=ok_stage)
+    runner.add_listener(broken)
+    runner.add_listener(seen.append)
+    events = [ev async for ev in runner.run_stage("baseline")]
+    warning = "listener error (test_a_broken_listener_becomes_a_log_line_on_screen.<locals>.broken): chart exploded"
+    for stream in (events, seen):  # the caller's stream and the other listeners both get it
+        assert any(isinstance(e, LogLine) and e.message == warning for e in stream)
+    assert isinstance(events[-1], StageFinished)
+
+
+class ClosingService:
+    def __init__(self):
+        self.closed: list = []
+
+    def __call__(self, backend, *, checkpoint_dir, env):
+        return self
+
+    def close(self, status, detail=None):
+        self.closed.append((status, detail))
+
+
+async def _uses_service(ctx: StageContext):
+    ctx.service_client()
+    yield LogLine("got a client")
+    if ctx.config.sampling.max_tokens == 13:
+        raise StageError("bad thing")
+    if ctx.config.sampling.max_tokens == 14:
+        while not ctx.cancel_event.is_set():  # wait for the state, not for a time
+            await asyncio.sleep(0.001)
+    ctx.check_cancel()
+    yield StageFinished(stage=ctx.stage)
+
+
+async def test_service_closed_with_the_real_outcome(ws: Workspace):
+    svc = ClosingService()
+    runner = Runner(ws, stages={"baseline": Spec(_uses_service)}, service_factory=svc)
+    await runner.run("baseline")
+    await runner.run("baseline", ["sampling.max_tokens=13"])
+    events = []
+    async for ev in runner.run_stage("baseline", ["sampling.max_tokens=14"]):
+        if isinstance(ev, LogLine) and ev.message == "got a client":
+            runner.cancel()
+        events.append(ev)
+    assert [s for s, _ in svc.closed] == ["success", "errored", "interrupted"]
+    assert svc.closed[1][1] == "bad thing"
+
+
+async def test_missing_inputs_refused_before_a_run_folder(ws: Workspace):
+    final = await make_runner(ws, sft=ok_stage).run("sft")
+    assert isinstance(final, StageFailed)
+    assert "results/synthetic_personalized_data.jsonl not found" in final.message
+    assert "persona run synth-outputs" in final.message
+    assert list_runs(ws) == []
+    assert not ws.runs_dir.exists() or not any(ws.runs_dir.iterdir())
+
+
+def _fake_run(ws: Workspace, stage: str, marker: dict) -> Any:
+    run = ws.runs_dir / f"{stage}-20240101-000000"
+    run.mkdir(parents=True)
+    (run / "events.jsonl").write_text(
+        json.dumps(event_to_dict(StageStarted(stage=stage, run_dir=str(run)))) + "\n"
+    )
+    (run / RUNNING_MARKER).write_text(json.dumps(marker))
+    return run
+
+
+async def test_stale_running_marker_neither_blocks_nor_misleads(ws: Workspace):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    _fake_run(ws, "baseline", {"pid": int(dead.stdout), "pid_started": 1.0, "stage": "baseline"})
+    st = {s.name: s for s in stage_status(ws)}
+    assert st["baseline"].state == "interrupted"
+    # a live pid that is another process now (its start time differs from the marker's)
+    parent = os.getppid()
+    run = ws.runs_dir / "baseline-20240101-000000"
+    (run / RUNNING_MARKER).write_text(json.dumps({"pid": parent, "pid_started": 1.0}))
+    assert stage_status(ws)[1].state == "interrupted"
+    final = await make_runner(ws, baseline=ok_stage).run("baseline")
+    assert isinstance(final, StageFinished)
+
+
+async def test_a_live_marker_from_another_process_blocks(ws: Workspace):
+    import subprocess
+    import sys
+
+    import psutil
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        started = psutil.Process(child.pid).create_time()
+        _fake_run(ws, "baseline", {"pid": child.pid, "pid_started": started})
+        final = await make_runner(ws, baseline=ok_stage).run("baseline")
+        assert isinstance(final, StageFailed) and "already running" in final.message
+        assert {s.name: s for s in stage_status(ws)}["baseline"].state == "running"
+    finally:
+        child.stdin.close()
+        child.wait()
+
+
+def test_demos_status_is_the_file_now(ws: Workspace):
+    from engine.runner import run_state  # noqa: F401 - the old per-run state stays available
+
+    good = ws.demos_path.read_text()
+    ws.demos_path.write_text("[{}]")
+    st = stage_status(ws)[0]
+    assert st.state == "failed" and st.outputs == [] and "entry 1" in st.message
+    _fake_run(ws, "demos", {"pid": 0})  # an old failed/interrupted run does not stick
+    ws.demos_path.write_text(good)
+    st = stage_status(ws)[0]
+    assert st.state == "done" and st.message == "" and st.outputs == ["data/data.json"]
+
+
+async def _checkpointing_stage(ctx: StageContext):
+    from engine.events import CheckpointSaved
+
+    base = ctx.checkpoint_dir / "model-1"
+    for step in range(1, 6):
+        for kind in ("weights", "sampler_weights"):
+            (base / kind / f"step-{step:06d}").mkdir(parents=True)
+            (base / kind / f"step-{step:06d}" / "adapter.bin").write_bytes(b"x" * 100)
+        yield CheckpointSaved(name=f"step-{step:06d}", step=step)
+    for kind in ("weights", "sampler_weights"):
+        (base / kind / "final").mkdir(parents=True)
+    yield CheckpointSaved(name="final", step=6)
+    yield StageFinished(stage=ctx.stage)
+
+
+async def test_checkpoint_retention_keeps_last_n_and_final(ws: Workspace):
+    runner = Runner(ws, stages={"sft": Spec(_checkpointing_stage, trains=True)})
+    ws.result("synthetic_personalized_data.jsonl").parent.mkdir(exist_ok=True)
+    ws.result("synthetic_personalized_data.jsonl").write_text("")
+    final = await runner.run("sft", ["runs.keep_checkpoints=2"])
+    assert isinstance(final, StageFinished)
+    (run,) = list_runs(ws, "sft")
+    for kind in ("weights", "sampler_weights"):
+        left = sorted(p.name for p in (run / "checkpoints" / "model-1" / kind).iterdir())
+        assert left == ["final", "step-000004", "step-000005"]
+    st = {s.name: s for s in stage_status(ws)}["sft"]
+    assert st.disk_bytes >= 400
