@@ -30,7 +30,7 @@ class WriteError(PersonaError, OSError):
     """Writing a file failed; the message names the file and the reason."""
 
     def __init__(self, path: str | Path, err: OSError):
-        reason = err.strerror or str(err)
+        reason = (err.strerror or str(err)).rstrip(". ")
         hint = {
             errno.ENOSPC: "free some disk space, then run it again",
             errno.EDQUOT: "free some disk space, then run it again",

@@ -33,7 +33,7 @@ class _Guarded:
         except (StageCancelled, asyncio.CancelledError):
             raise
         except Exception as e:
-            self.failed[seed - self.seed0] = f"{type(e).__name__}: {e}"[:300]
+            self.failed[seed - self.seed0] = f"{type(e).__name__}: {e}"[:300].rstrip(". ")
             return [""]
 
 
@@ -137,6 +137,7 @@ async def sample_demo_inputs(
                 "error",
             )
         i, why = min(failed.items())
+        why = why.rstrip(". ")  # the sentence ends here: never ".."
         entry = position.get(demos[i]["input"], i + 1)
         raise StageError(
             f"{len(failed)} of {len(demos)} demonstrations could not be sampled; the first is "
