@@ -114,6 +114,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(f"{ws.rel(in_path)} not found: run `persona run synth-inputs` first.")
     results.check_writable(ws.results_dir)  # a read-only or full results/ fails now, not at the end
     loaded_inputs = results.read_synthetic_inputs(in_path)
+    if loaded_inputs.error:
+        raise StageError(loaded_inputs.error)
     for ev in warn_bad(loaded_inputs, "skipped"):
         yield ev
     inputs = [r for r in loaded_inputs.rows if r["input"].strip()]
