@@ -501,7 +501,7 @@ class Runner:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(recorder.prune_checkpoints)
             if wandb_listener is not None:
-                wandb_listener.close()
+                wandb_listener.close(0 if status == "success" else 1)
 
 
 def _listener_name(cb: Any) -> str:

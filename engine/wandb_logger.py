@@ -51,12 +51,14 @@ class WandbListener:
         elif isinstance(event, StageFinished | StageFailed):
             with contextlib.suppress(Exception):
                 self._run.summary["status"] = (
-                    "finished" if isinstance(event, StageFinished) else "failed"
+                    "finished"
+                    if isinstance(event, StageFinished)
+                    else ("cancelled" if event.cancelled else "failed")
                 )
         return None
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self._run is not None:
             with contextlib.suppress(Exception):
-                self._run.finish()
+                self._run.finish(exit_code=exit_code)
             self._run = None

@@ -79,8 +79,10 @@ def test_usage_errors(ws: Workspace, tmp_path: Path, capsys):
     assert "persona init" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "no-such-stage"])
-    assert main(["-C", str(ws.root), "run", "rlaif"]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+    # a stage whose inputs are missing is refused before a run folder exists
+    assert main(["-C", str(ws.root), "run", "sft"]) == 1
+    assert "persona run synth-outputs" in " ".join(capsys.readouterr().err.split())
+    assert not ws.runs_dir.exists() or not any(ws.runs_dir.iterdir())
 
 
 def test_status_table(ws: Workspace, capsys):

@@ -150,7 +150,7 @@ async def test_unknown_and_unimplemented_and_bad_override(ws: Workspace):
         and "Unknown stage 'nope'" in final.message
         and "baseline" in final.message
     )
-    final = await r.run("rlaif")
+    final = await Runner(ws, stages={"later": Spec(None)}).run("later")
     assert "not implemented yet" in final.message
     final = await make_runner(ws, baseline=ok_stage).run("baseline", ['backend.name="gpu"'])
     assert isinstance(final, StageFailed) and "backend.name" in final.message
@@ -172,7 +172,8 @@ def test_status_lists_every_stage_and_interrupted_runs(ws: Workspace):
         "evaluate",
     ]
     assert st[0].state == "done" and st[0].outputs == ["data/data.json"]
-    assert st[1].state == "not run" and st[8].state == "not implemented"
+    assert st[1].state == "not run"
+    assert all(s.state in ("not run", "not implemented") for s in st[1:])
     # a killed run: events without an end, a marker naming a dead process
     run = ws.runs_dir / "sft-20240101-000000"
     run.mkdir(parents=True)

@@ -338,3 +338,10 @@ async def test_the_session_is_closed_with_the_runs_outcome(ws):
 
 def test_importing_the_tinker_service_needs_no_network():
     assert "engine.backends.tinker_service" in sys.modules
+
+
+async def test_a_malformed_key_is_an_account_error():
+    svc, fake = service()
+    fake.probe_errors = [tinker.TinkerError("The api_key must start with the 'tml-' prefix")]
+    with pytest.raises(TinkerAccountError, match="TINKER_API_KEY"):
+        await svc.connect()

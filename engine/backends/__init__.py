@@ -155,6 +155,17 @@ def make_service_client(
             import tinker
 
             tinker_client_factory = tinker.ServiceClient
-        client = tinker_client_factory(user_metadata=meta, display_name=display, api_key=api_key)
+        try:
+            client = tinker_client_factory(
+                user_metadata=meta, display_name=display, api_key=api_key
+            )
+        except Exception as e:  # the SDK checks the key's form: "must start with 'tml-'"
+            if "api_key" in str(e) or "API key" in str(e):
+                raise BackendConfigError(
+                    f"The Tinker SDK refused TINKER_API_KEY: {e}. Put the key from the Tinker "
+                    "console in the workspace's .env file as `TINKER_API_KEY=tml-...`, or run "
+                    "with --backend local."
+                ) from None
+            raise
         return TinkerService(client, connect_timeout=connect_timeout, metadata=meta)
     raise BackendConfigError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}.")

@@ -64,6 +64,8 @@ def classify(exc: BaseException) -> str:
         return "auth"
     if isinstance(exc, t.BillingError):
         return "billing"
+    if isinstance(exc, t.TinkerError) and "api_key" in str(exc):  # the SDK's key-form check
+        return "auth"
     transient = (
         t.APIConnectionError,
         t.RateLimitError,
@@ -362,7 +364,8 @@ class TinkerService:
                 done.set()
 
         threading.Thread(target=target, name="persona-tinker-close", daemon=True).start()
-        done.wait(self.connect_timeout)
+        if self._connected:  # a session to finish: give it a bounded wait
+            done.wait(self.connect_timeout)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
