@@ -44,7 +44,9 @@ async def test_edit_demonstration_is_saved(ws: Workspace):
         saved = json.loads(ws.demos_path.read_text(encoding="utf-8"))
         assert saved[1]["output"] == new.strip()
         # user markup shows as written
-        assert "[/b] [red]not markup[/red]" in static_text(app.query_one("#demos-detail-output", Static))
+        assert "[/b] [red]not markup[/red]" in static_text(
+            app.query_one("#demos-detail-output", Static)
+        )
 
 
 async def test_reorder_delete_and_invalid_not_saved(ws: Workspace):

@@ -9,6 +9,7 @@ from engine.atomic import atomic_write_json, atomic_write_jsonl
 from engine.events import LogLine, Metric, Progress, StageFinished, StageStarted, event_to_dict
 from engine.workspace import Workspace
 
+
 async def until(pilot, predicate, tries: int = 500) -> None:
     """Let the app run until ``predicate()`` holds (a state, never a time); fail after
     ``tries`` idle rounds."""

@@ -65,9 +65,14 @@ class Tabs(TabbedContent):
 
     def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
         focused = self.screen.focused
-        if focused is None or event.tab_pane not in focused.ancestors_with_self:
+        stale = focused is None or event.tab_pane not in focused.ancestors_with_self
+        if stale or event.tab_pane.id != self.active:
+            # Only the person switches tabs (keys, clicks). A focus that landed in another
+            # pane is put back into the one on screen.
             event.stop()
             event.prevent_default()
+            if not stale:
+                self.call_later(self.app._focus_tab)
 
 
 class PersonaApp(App[None]):

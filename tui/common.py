@@ -9,6 +9,7 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widget import Widget
@@ -163,12 +164,28 @@ class PairEditScreen(ModalScreen["tuple[str, str] | None"]):
         return self.query_one("#first" if self.first_editable else "#second", TextArea)
 
     def on_mount(self) -> None:
-        focus_now(self.target)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Focus the box being edited; type into it what came before it existed."""
+        try:
+            box = self.target
+        except NoMatches:  # children not mounted yet (a busy machine)
+            self.call_after_refresh(self._settle)
+            return
+        focus_now(box)
+        early, self._early = "".join(getattr(self, "_early", [])), []
+        if early:
+            box.insert(early)
 
     def on_key(self, event: events.Key) -> None:
         # A key that reached the screen itself while a box has (or should have) focus: it was
         # typed before the focus landed. Put it where the person is typing.
         if event.is_printable and event.character and not isinstance(self.focused, Button):
+            if not self.query("#second") or getattr(self, "_early", None):
+                self._early = [*getattr(self, "_early", []), event.character]  # not built yet
+                event.stop()
+                return
             box = self.focused if isinstance(self.focused, TextArea) else self.target
             if not box.read_only:
                 focus_now(box)
