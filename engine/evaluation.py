@@ -77,9 +77,11 @@ def t95(df: int) -> float:
     return _T95[df - 1] if df <= len(_T95) else 1.96
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, Any]:
-    """``{"mean", "low", "high", "n", "sd"}``: the mean with a 95% t interval (none for n < 2).
-    NaN values are dropped."""
+def mean_interval(
+    values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> dict[str, Any]:
+    """``{"mean", "low", "high", "n", "sd"}``: the mean with a 95% t interval (none for n < 2),
+    clipped to the quantity's ``bounds``. NaN values are dropped."""
     xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     n = len(xs)
     if n == 0:
@@ -89,14 +91,15 @@ def mean_interval(values: Sequence[float]) -> dict[str, Any]:
         return {"mean": mean, "low": None, "high": None, "n": 1, "sd": None}
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t95(n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "sd": sd}
+    low, high = max(bounds[0], mean - half), min(bounds[1], mean + half)
+    return {"mean": mean, "low": low, "high": high, "n": n, "sd": sd}
 
 
 def nll_summary(per_request: Sequence[Nll]) -> dict[str, Any]:
     """NLL per token of the person's held-out texts. ``mean``: pooled over tokens (Σ NLL /
     Σ tokens); ``low``/``high``: t interval over the per-request means; ``n``: requests."""
     pooled = sum(per_request, Nll(0.0, 0.0))
-    spread = mean_interval([x.mean for x in per_request])
+    spread = mean_interval([x.mean for x in per_request], (0.0, math.inf))
     return {
         "mean": pooled.mean if pooled.tokens else None,
         "low": spread["low"],

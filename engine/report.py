@@ -291,7 +291,7 @@ def render_markdown(
         f"Generated {data.get('created', '')} by `persona run evaluate` on the {data.get('backend')} backend, "
         f"policy `{data.get('policy_model')}`. Every method answered the **{hold.get('n', 0)} held-out "
         f"requests** (demonstrations {', '.join(str(i + 1) for i in hold.get('indices', []))}; no stage trained on them), "
-        f"{data.get('samples_per_request')} samples each; {data.get('train_demos')} demonstrations were for training. "
+        f"{data.get('samples_per_request')} sample(s) each; {data.get('train_demos')} demonstrations were for training. "
         "Per-sample texts behind every number: `evaluation_samples.jsonl`, the judge's answers: "
         "`evaluation_judgements.jsonl`, all numbers: `evaluation.json`.\n"
     )

@@ -39,7 +39,8 @@ def test_nll_summary_pools_tokens():
     assert s["per_request"] == [2.0, 1.0] and s["n"] == 2 and s["tokens"] == 4.0
     # t interval over per-request means 2 and 1: mean 1.5, sd 0.7071, t(1) 12.706
     half = 12.706 * math.sqrt(0.5) / math.sqrt(2)
-    assert s["low"] == pytest.approx(1.5 - half, abs=1e-3)
+    assert s["high"] == pytest.approx(1.5 + half, abs=1e-3)
+    assert s["low"] == 0.0  # 1.5 - half is below zero: an NLL cannot be, so it is clipped
 
 
 def test_judge_matrix_and_overall_by_hand():

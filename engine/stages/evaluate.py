@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
@@ -334,7 +335,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         texts = [s["output"] for s in mine if s["output"].strip()]
         met = metrics[m.name]
         met["style_distance"] = ev.mean_interval(
-            [s["style_distance"] for s in mine if s["style_distance"] is not None]
+            [s["style_distance"] for s in mine if s["style_distance"] is not None], (0.0, math.inf)
         )
         if texts:
             met["style_distance"]["profile_distance"] = style_distance(texts, person_texts)
