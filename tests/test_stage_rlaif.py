@@ -1,0 +1,140 @@
+"""rlaif on the tiny model: the rule judge's RL lowers sample length; the judge path writes
+every file; resume continues from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import needs_backend
+
+from engine.checkpoints import latest_checkpoint
+from engine.events import Metric, StageFinished
+from engine.results import read_method_outputs, rl_prompt_row
+from engine.runner import Runner, list_runs, load_run_events
+from engine.workspace import Workspace
+
+pytestmark = needs_backend
+
+REQUESTS = [
+    "Email Sam Ortiz, the lab manager, to order two more pipette racks by Friday 5/2.",
+    "Write to Prof. Kim to ask for a recommendation letter for the NSF fellowship due Oct 15.",
+    "Tell Lena from facilities that the fume hood in room 310 has been beeping since Monday.",
+    "Ask Dr. Patel's office whether my March 12 visit was billed to the right insurance plan.",
+    "Reply to Jordan declining the invitation to chair the soil session on Tue 6/12.",
+    "Let my co-author Wei know the revised figures will be two days late, now due Thu 11/6.",
+]
+
+
+def _write_prompts(ws: Workspace) -> None:
+    rows = [
+        rl_prompt_row(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r}],
+            "Shorter is better.",
+        )
+        for r in REQUESTS[:4]
+    ]
+    dev = [
+        rl_prompt_row([{"role": "user", "content": r}], "Shorter is better.") for r in REQUESTS[4:]
+    ]
+    ws.result("rl_train_data.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    ws.result("rl_train_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ws.result("rl_dev_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+
+
+def _metrics(ws: Workspace, name: str) -> list[tuple[int, float]]:
+    out = []
+    for run in list_runs(ws, "rlaif"):
+        out += [
+            (e.step, e.value)
+            for e in load_run_events(run)
+            if isinstance(e, Metric) and e.name == name
+        ]
+    return sorted(out)
+
+
+RULE_TOML = """
+[rlaif]
+judge = "shorter"
+init = "base"
+steps = {steps}
+batch_size = 4
+group_size = 4
+lr = {lr}
+rank = 4
+max_tokens = 12
+eval_every = 0
+checkpoint_every = {ckpt}
+sample_after = false
+"""
+
+
+async def test_rule_judge_rl_makes_samples_shorter(ws: Workspace):
+    ws.config_path.write_text(
+        ws.config_path.read_text() + RULE_TOML.format(steps=16, lr=0.02, ckpt=0)
+    )
+    _write_prompts(ws)
+    final = await Runner(ws).run("rlaif")
+    assert isinstance(final, StageFinished), final
+    chars = [v for _, v in _metrics(ws, "rl/sample_chars")]
+    assert len(chars) == 16
+    first, last = sum(chars[:3]) / 3, sum(chars[-3:]) / 3
+    assert last < 0.5 * first, chars  # seeded: about 80 -> 18 characters
+    names = {
+        e.name
+        for run in list_runs(ws, "rlaif")
+        for e in load_run_events(run)
+        if isinstance(e, Metric)
+    }
+    assert {
+        "rl/reward",
+        "rl/tie_rate",
+        "rl/unparsable_rate",
+        "rl/kl_init",
+        "time/sampling",
+        "time/judging",
+        "time/training",
+    } <= names
+
+
+JUDGE_TOML = """
+[rlaif]
+init = "sft"
+steps = {steps}
+batch_size = 2
+group_size = 3
+rank = 4
+max_tokens = 8
+eval_every = 2
+dev_prompts = 2
+checkpoint_every = 1
+concurrency = 8
+"""
+
+
+async def test_judge_path_writes_every_file_and_resumes(ws: Workspace):
+    """The real judge path (the tiny base judge in verdict mode), a cancel after the first
+    checkpoint, then a rerun that resumes from it and finishes."""
+    ws.config_path.write_text(ws.config_path.read_text() + JUDGE_TOML.format(steps=3))
+    _write_prompts(ws)
+    runner = Runner(ws)
+
+    def stop_after_first_checkpoint(ev):
+        if type(ev).__name__ == "CheckpointSaved":
+            runner.cancel()
+
+    runner.add_listener(stop_after_first_checkpoint)
+    first = await runner.run("rlaif")
+    assert not isinstance(first, StageFinished)
+    entry = latest_checkpoint(ws.results_dir, "rlaif")
+    assert entry and not entry["finished"] and 1 <= entry["step"] < 3
+
+    final = await Runner(ws).run("rlaif")
+    assert isinstance(final, StageFinished), final
+    entry2 = latest_checkpoint(ws.results_dir, "rlaif")
+    assert entry2["finished"] and entry2["step"] == 3
+    steps = [s for s, _ in _metrics(ws, "rl/reward")]
+    assert steps == sorted(set(steps)) and steps[-1] == 3  # no step trained twice
+    assert [s for s, _ in _metrics(ws, "dev/win_rate")][-1] in (2, 3)
+    rows = read_method_outputs(ws.result("rl_model_outputs.json")).rows
+    assert len(rows) == len(ws.load_demos())
+    assert set(rows[0]) == {"input", "expected_output", "output"}
