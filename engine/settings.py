@@ -197,6 +197,7 @@ class RewardModelConfig:
     resume: bool = setting(True, "resume an unfinished run of the same data and model")
     seed: int = setting(0, "seed for sampling rows and batches")
     validate: bool = setting(True, "check the judge on baseline vs SFT outputs after training")
+    concurrency: int = setting(16, "judge requests in flight (held-out metrics, validation)", ge=1)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,12 @@ class RlaifConfig:
     resume: bool = setting(True, "resume an unfinished run")
     seed: int = setting(0, "seed for prompt order and sampling")
     sample_after: bool = setting(True, "sample the trained policy on the demonstrations")
+    judge: str = setting(
+        "reward-model",
+        '"reward-model" (the trained judge, else the base judge) or "shorter" (a rule judge '
+        "preferring shorter samples: checks the RL pipeline without a model judge)",
+        choices=("reward-model", "shorter"),
+    )
 
 
 @dataclass(frozen=True)
@@ -332,7 +339,9 @@ class PersonaConfig:
 BACKEND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "local": {
         "ditto": {},
-        "rl_prompts": {},
+        # SmolLM2-135M on a CPU: shorter replies keep the stage to a few minutes (it rarely
+        # writes more than a few usable requests per reply anyway).
+        "rl_prompts": {"max_tokens": 256},
     },
     "tinker": {
         "reward_model": {},

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.stages import baseline, demos, ditto, prompting, sft, synth_inputs, synth_outputs
+from engine.stages import reward_model, rl_prompts, rlaif  # stages 7-9 (RLAIF)
 from engine.stages import evaluate  # stage 11
 from engine.workspace import RESULT_FILES, Workspace
 
@@ -71,7 +72,7 @@ _SPECS = [
         "reward-model",
         7,
         "Rubric-grounded pairwise judge",
-        None,
+        reward_model.run,
         (_result("reward-model"),),
         trains=True,
     ),
@@ -79,14 +80,14 @@ _SPECS = [
         "rl-prompts",
         8,
         "Synthesize RL prompts, split train/dev",
-        None,
+        rl_prompts.run,
         (_result("rl-prompts"), "results/rl_dev_data.jsonl"),
     ),
     StageSpec(
         "rlaif",
         9,
         "RL from the judge's pairwise tournament",
-        None,
+        rlaif.run,
         (_result("rlaif"),),
         trains=True,
     ),
