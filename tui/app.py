@@ -85,6 +85,7 @@ class PersonaApp(App[None]):
             "Demos",
             id="tab.demos",
             priority=True,
+            show=False,
             tooltip="Show the Demonstrations tab: your own requests and texts",
         ),
         Binding(
@@ -93,6 +94,7 @@ class PersonaApp(App[None]):
             "Prompts",
             id="tab.prompts",
             priority=True,
+            show=False,
             tooltip="Show the Prompts & Rubric tab: system prompt, rubric, topic seeds",
         ),
         Binding(
@@ -101,6 +103,7 @@ class PersonaApp(App[None]):
             "Synth",
             id="tab.synthetic",
             priority=True,
+            show=False,
             tooltip="Show the Synthetic data tab: review the teacher's rows",
         ),
         Binding(
@@ -109,6 +112,7 @@ class PersonaApp(App[None]):
             "Train",
             id="tab.train",
             priority=True,
+            show=False,
             tooltip="Show the Train tab: run, cancel and replay stages",
         ),
         Binding(
@@ -117,6 +121,7 @@ class PersonaApp(App[None]):
             "Compare",
             id="tab.compare",
             priority=True,
+            show=False,
             tooltip="Show the Compare tab: outputs side by side, blind A/B, the report",
         ),
         Binding(

@@ -98,14 +98,14 @@ class ComparePane(Vertical, can_focus=True):
         Binding(
             "v",
             "mode('side')",
-            "Side by side",
+            "Side",
             id="compare.side",
             tooltip="Compare view: the request, your text and every method's output",
         ),
         Binding(
             "b",
             "mode('blind')",
-            "Blind A/B",
+            "Blind",
             id="compare.blind",
             tooltip="Pick the better of two unlabelled outputs (feeds the report)",
         ),

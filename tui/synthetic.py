@@ -74,9 +74,9 @@ class SyntheticPane(Vertical):
         Binding("r", "decide('rejected')", "Reject", id="synth.reject"),
         Binding("e", "edit", "Edit", id="synth.edit"),
         Binding("p", "decide('pending')", "Unreview", id="synth.pending", show=False),
-        Binding("A", "accept_all", "Accept shown", id="synth.accept_all"),
-        Binding("f", "cycle_status", "Status filter", id="synth.filter_status"),
-        Binding("s", "cycle_seed", "Seed filter", id="synth.filter_seed"),
+        Binding("A", "accept_all", "Accept all", id="synth.accept_all"),
+        Binding("f", "cycle_status", "Filter", id="synth.filter_status"),
+        Binding("s", "cycle_seed", "Seed", id="synth.filter_seed"),
     ]
 
     def __init__(self, workspace: Workspace, **kw) -> None:
