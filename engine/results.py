@@ -613,6 +613,25 @@ def read_preferences(
     return loaded.rows
 
 
+def remove_preference(results_dir: str | Path, record: Mapping[str, Any]) -> bool:
+    """Drop the last line equal to ``record`` (an undone pick); every other line is kept
+    byte for byte. False when it is not there."""
+    path = preferences_path(results_dir)
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except OSError:
+        return False
+    for k in range(len(lines) - 1, -1, -1):
+        try:
+            if json.loads(lines[k]) == dict(record):
+                del lines[k]
+                atomic_write_bytes(path, b"".join(lines))
+                return True
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return False
+
+
 # -- teacher replies (runs/<run>/teacher_replies.jsonl) ----------------------------------------
 
 

@@ -8,6 +8,12 @@ types stay as they are.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from engine.atomic import atomic_write_text
 
 DEFAULT_SEEDS = [
     "research project communication",
@@ -139,3 +145,33 @@ def prompts_problems(data: dict, name: str = "data/prompts.toml") -> list[str]:
                         f"{name}: templates.{key} must be text (in quotes), found {_kind(value)}"
                     )
     return problems
+
+
+def header_of(text: str) -> str:
+    """The comment lines a prompts file starts with (its explanation), kept on save."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#") or (lines and not line.strip()):
+            lines.append(line)
+        else:
+            break
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return "\n".join(lines)
+
+
+def prompts_text(prompts: dict[str, Any], old_text: str = "") -> str:
+    """data/prompts.toml as a person would write it: the file's header comments, multi-line
+    strings as multi-line strings, one seed per line."""
+    header = header_of(old_text) or header_of(PROMPTS_TOML_TEMPLATE)
+    body = tomli_w.dumps(prompts, multiline_strings=True)
+    return (header + "\n\n" if header else "") + body
+
+
+def write_prompts(path: Path, prompts: dict[str, Any]) -> Path:
+    try:
+        old = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        old = ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, prompts_text(prompts, old))

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json, atomic_write_text, atomic_write_toml
+from engine.atomic import atomic_write_json, atomic_write_text
 from engine.config import PERSONA_TOML_TEMPLATE, PersonaConfig, load_config, load_secrets
 from engine.errors import PersonaError
 from engine.results import RESULT_FILES  # noqa: F401 - re-exported: engine.results owns the names
-from engine.templates import PROMPTS_TOML_TEMPLATE, prompts_problems
+from engine.templates import PROMPTS_TOML_TEMPLATE, prompts_problems, write_prompts
 
 MIN_DEMOS = 3
 # A demonstration longer than this many tokens fits no model Persona runs. Without a tokenizer
@@ -164,7 +164,8 @@ class Workspace:
         return merged
 
     def save_prompts(self, prompts: dict[str, Any]) -> Path:
-        return atomic_write_toml(self.prompts_path, prompts)
+        """Atomically, keeping the file's header comments and multi-line strings."""
+        return write_prompts(self.prompts_path, prompts)
 
 
 def read_text_file(path: Path, name: str) -> str:

@@ -454,7 +454,6 @@ def run_app(workspace_path: str | Path | None = None) -> int:
     # Libraries must not draw progress bars over the screen, nor reach the network.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     create_app(workspace_path).run()
     return 0

@@ -7,7 +7,6 @@ once (a pair already picked in results/human_preferences.jsonl is not served aga
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
@@ -19,15 +18,14 @@ from textual.containers import Horizontal, HorizontalScroll, Vertical, VerticalS
 from textual.widgets import ContentSwitcher, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
-from engine.atomic import atomic_write_text
 from engine.events import StageFinished
 from engine.results import (
     METHOD_FILES,
     append_preference,
     preference_record,
-    preferences_path,
     read_method_outputs,
     read_preferences,
+    remove_preference,
 )
 from engine.workspace import Workspace
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos, read_problem
@@ -76,21 +74,8 @@ def pair_key(request: str, a: str, b: str) -> tuple[str, frozenset[str]]:
 
 
 def remove_last_preference(ws: Workspace, record: dict[str, Any]) -> bool:
-    """Drop ``record`` (the last pick made here) from the preferences file: undo."""
-    path = preferences_path(ws.results_dir)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError):
-        return False
-    for k in range(len(lines) - 1, -1, -1):
-        try:
-            if json.loads(lines[k]) == record:
-                del lines[k]
-                atomic_write_text(path, "".join(line + "\n" for line in lines))
-                return True
-        except json.JSONDecodeError:
-            continue
-    return False
+    """Undo: drop ``record`` (the last pick made here) from the preferences file."""
+    return remove_preference(ws.results_dir, record)
 
 
 class ComparePane(Vertical, can_focus=True):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -14,9 +13,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
-from engine.atomic import atomic_write_text
 from engine.events import StageFailed, StageFinished
-from engine.templates import PROMPTS_TOML_TEMPLATE
+from engine.templates import write_prompts
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
 
@@ -44,36 +42,6 @@ class ScratchWorkspace(Workspace):
     @property
     def runs_dir(self) -> Path:
         return self.scratch_dir / "runs"
-
-
-def header_of(text: str) -> str:
-    """The comment lines a prompts file starts with (its explanation), kept on save."""
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("#") or (lines and not line.strip()):
-            lines.append(line)
-        else:
-            break
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return "\n".join(lines)
-
-
-def prompts_text(prompts: dict[str, Any], old_text: str = "") -> str:
-    """data/prompts.toml as a person would write it: the file's header comments, multi-line
-    strings as multi-line strings, one seed per line."""
-    header = header_of(old_text) or header_of(PROMPTS_TOML_TEMPLATE)
-    body = tomli_w.dumps(prompts, multiline_strings=True)
-    return (header + "\n\n" if header else "") + body
-
-
-def write_prompts(path: Path, prompts: dict[str, Any]) -> Path:
-    try:
-        old = path.read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        old = ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, prompts_text(prompts, old))
 
 
 class PromptsPane(Vertical):
