@@ -289,7 +289,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                     ),
                     last_sampler,
                 )
-                record_checkpoint(ws.results_dir, "ditto", reference_path=last_sampler)
+                reference_path = last_sampler
+                record_checkpoint(ws.results_dir, "ditto", reference_path=reference_path)
                 yield LogLine(f"round {rnd}: reference moved to {last_name} (update_reference)")
             # What the reference says of one demonstration: constant unless update_reference.
             ref_lp = await reference.logprobs(probe)
