@@ -338,7 +338,20 @@ class PersonaConfig:
 # Defaults that differ by backend, applied under persona.toml and --set.
 BACKEND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "local": {
-        "ditto": {},
+        # DITTO on SmolLM2-135M on a 2-core CPU (measured with bench/ditto.py; see README):
+        # LoRA needs far larger steps than the paper's 7B settings, and the budget is minutes.
+        "ditto": {
+            "sft_lr": 5e-4,
+            "sft_max_steps": 12,
+            "rounds": 3,
+            "steps_per_round": 4,
+            "lr": 1e-4,
+            "batch_prompts": 4,
+            "pairs_per_prompt": 2,
+            "samples_per_demo": 4,
+            "max_tokens": 128,
+            "max_length": 512,
+        },
         # SmolLM2-135M on a CPU: shorter replies keep the stage to a few minutes (it rarely
         # writes more than a few usable requests per reply anyway).
         "rl_prompts": {"max_tokens": 256},
