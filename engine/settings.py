@@ -197,6 +197,12 @@ class RewardModelConfig:
     resume: bool = setting(True, "resume an unfinished run of the same data and model")
     seed: int = setting(0, "seed for sampling rows and batches")
     validate: bool = setting(True, "check the judge on baseline vs SFT outputs after training")
+    validate_only: bool = setting(
+        False, "no training: check the judge (the trained one if there is one) and stop"
+    )
+    rubric: str = setting(
+        "", "check with this rubric instead of data/prompts.toml's (the Prompts tab's f10)"
+    )
     concurrency: int = setting(16, "judge requests in flight (held-out metrics, validation)", ge=1)
 
 

@@ -14,6 +14,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
 from engine.events import StageFailed, StageFinished
+from engine.results import read_rm_validation
 from engine.templates import write_prompts
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
@@ -47,6 +48,13 @@ class ScratchWorkspace(Workspace):
 class PromptsPane(Vertical):
     BINDINGS = [
         Binding(
+            "f10",  # f6/f7 belong to the text boxes (select line / all)
+            "check_rubric",
+            "Check rubric",
+            id="prompts.check_rubric",
+            tooltip="Let the judge compare baseline and SFT outputs with this rubric (unsaved edits too); shows each verdict beside your own pick",
+        ),
+        Binding(
             "f8",
             "try_it",
             "Try it",
@@ -63,6 +71,7 @@ class PromptsPane(Vertical):
         self.dirty = False
         self._loading = False
         self.trying = False
+        self.checking = False
 
     def compose(self) -> ComposeResult:
         yield Static(id="prompts-status", classes="status-line")
@@ -115,6 +124,8 @@ class PromptsPane(Vertical):
             t.append("  ● unsaved (ctrl+s)", style="bold yellow")
         if self.trying:
             t.append("  ⟳ trying…", style="cyan")
+        if self.checking:
+            t.append("  ⟳ judging…", style="cyan")
         if error:
             t.append("  " + error, style="red")
         self.query_one("#prompts-status", Static).update(t)
@@ -197,6 +208,61 @@ class PromptsPane(Vertical):
                 Text("running the prompting stage…", style="dim")
             )
 
+    # -- check the rubric (the reward-model stage's validation) --------------------
+    def action_check_rubric(self) -> None:
+        """Run the reward-model stage's validation only, with the rubric as edited: the judge
+        (trained if there is one) compares baseline and SFT outputs on every request."""
+        rubric = self.query_one("#rubric", TextArea).text.strip()
+        if not rubric:
+            self.app.notify_plain("Write a rubric first.", severity="warning")
+            return
+        overrides = ["reward_model.validate_only=true", f"reward_model.rubric={json.dumps(rubric)}"]
+        if self.app.launch_stage("reward-model", overrides, source="prompts"):
+            self.checking = True
+            self.show_status()
+            self.query_one("#try-result", Static).update(
+                Text("the judge is comparing baseline and SFT outputs…", style="dim")
+            )
+
+    def show_rubric_check(self) -> None:
+        records, summary = read_rm_validation(self.ws.result(RESULT_FILES["reward-model"]))
+        t = Text()
+        t.append("Judge check of this rubric\n", style="bold")
+        if summary:
+            t.append(
+                f"baseline preferred {summary.get('baseline_wins', 0)} · SFT preferred "
+                f"{summary.get('sft_wins', 0)} · ties {summary.get('ties', 0)} · unparsable "
+                f"{summary.get('unparsable', 0)}\n",
+                style="dim",
+            )
+            human = summary.get("human", {})
+            if human.get("count"):
+                t.append(
+                    f"agrees with your blind picks {human.get('agree', 0)}/{human['count']}\n",
+                    style="dim",
+                )
+            else:
+                t.append(str(human.get("note", "no blind picks yet")) + "\n", style="dim")
+        names = {1: "baseline", -1: "SFT", 0: "tie"}
+        for r in records:
+            t.append("\n" + one_line(str(r.get("input", "")), 60) + "\n", style="bold")
+            t.append("A baseline: ", style="cyan")
+            t.append_text(plain(one_line(str(r.get("baseline_output", "")), 200)))
+            t.append("\nB SFT: ", style="cyan")
+            t.append_text(plain(one_line(str(r.get("sft_output", "")), 200)))
+            t.append(f"\njudge: {names.get(r.get('preference'), '?')}", style="yellow")
+            pick = r.get("human_pick")
+            if pick is not None:
+                t.append(f" · you: {names.get(pick, '?')}", style="green")
+            feedback = str(r.get("grader_response", "")).strip()
+            if feedback:
+                t.append("\n")
+                t.append_text(plain(one_line(feedback, 200), "dim"))
+            t.append("\n")
+        if not records:
+            t.append("No verdicts yet.", style="dim")
+        self.query_one("#try-result", Static).update(t)
+
     @on(Select.Changed, "#try-demo")
     def show_try(self) -> None:
         box = self.query_one("#try-result", Static)
@@ -227,6 +293,15 @@ class PromptsPane(Vertical):
 
     def on_engine_event(self, message: EngineEvent) -> None:
         ev = message.event
+        if isinstance(ev, StageFinished | StageFailed) and ev.stage == "reward-model":
+            if self.checking:
+                self.checking = False
+                self.show_status()
+                if isinstance(ev, StageFailed):
+                    self.query_one("#try-result", Static).update(plain(ev.message, "red"))
+                else:
+                    self.show_rubric_check()
+            return
         if isinstance(ev, StageFinished | StageFailed) and ev.stage == "prompting":
             self.trying = False
             self.show_status()

@@ -400,7 +400,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     outputs: list[str] = []
     mode = judge_mode(ctx)
     model = ctx.model("judge")
-    if cfg.train:
+    if cfg.validate_only:
+        yield LogLine("reward_model.validate_only: checking the judge without training")
+    elif cfg.train:
         train, held, notes = _gather_examples(ctx)
         for note in notes:
             yield LogLine(note)
@@ -453,14 +455,20 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         yield LogLine(f"reward_model.train = false: using the base judge {model} as is")
     outputs.append(ws.rel(registry_path(ws.results_dir)))
     summary = "judge ready"
-    if cfg.validate:
+    if cfg.validate or cfg.validate_only:
         try:
             judge, what = await open_judge(
-                ctx, concurrency=ctx.config.reward_model.concurrency, use_trained=cfg.train
+                ctx,
+                concurrency=ctx.config.reward_model.concurrency,
+                use_trained=cfg.train or cfg.validate_only,
             )
             yield LogLine(f"validating {what} on baseline vs SFT outputs")
-            v = await validate_rubric(ctx, judge=judge, judge_name=what)
+            v = await validate_rubric(
+                ctx, rubric=cfg.rubric.strip() or None, judge=judge, judge_name=what
+            )
         except StageError as e:
+            if cfg.validate_only:
+                raise
             yield LogLine(f"validation skipped: {e}", "warning")
         else:
             for line in v.lines():
