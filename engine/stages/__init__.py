@@ -1,4 +1,4 @@
-"""The stage registry: DESIGN.md's table, in order. ``run`` is None for stages not built yet."""
+"""The stage registry: DESIGN.md's table, in order."""
 
 from __future__ import annotations
 
@@ -7,9 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.stages import baseline, demos, ditto, prompting, sft, synth_inputs, synth_outputs
-from engine.stages import reward_model, rl_prompts, rlaif  # stages 7-9 (RLAIF)
-from engine.stages import evaluate  # stage 11
+from engine.stages import (
+    baseline,
+    demos,
+    ditto,
+    evaluate,
+    prompting,
+    reward_model,
+    rl_prompts,
+    rlaif,
+    sft,
+    synth_inputs,
+    synth_outputs,
+)
 from engine.workspace import RESULT_FILES, Workspace
 
 
