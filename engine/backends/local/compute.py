@@ -5,6 +5,7 @@ Everything here runs on the service's worker thread; nothing here knows about fu
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +44,83 @@ def _want_checkpointing(config, dtype: torch.dtype) -> bool:  # noqa: ANN001
     return TRAIN_TOKENS_PER_MICROBATCH * layers * hidden * per_unit > ACTIVATION_BUDGET_BYTES
 
 
+def token_budget_packs(
+    lengths: Sequence[int], budget: int = TRAIN_TOKENS_PER_MICROBATCH
+) -> list[list[int]]:
+    """Row indices cut, in order, into packs of at most ``budget`` tokens (no padding)."""
+    packs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if packs and total + n <= budget:
+            packs[-1].append(i)
+            total += n
+        else:
+            packs.append([i])
+            total = n
+    return packs
+
+
+# Packed rows: the lengths of the sequences laid end to end in the one row being computed.
+# The attention below runs causal attention within each, and never across them.
+_SEGMENTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "persona_segments", default=None
+)
+PACKED_ATTENTION = "persona_packed_sdpa"
+
+
+def _packed_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):  # noqa: ANN001, ANN003, ANN201, E501
+    """transformers' SDPA attention, or per-segment causal SDPA for a packed row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = _SEGMENTS.get()
+    if segments is None:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    gqa = key.shape[1] != query.shape[1]
+    outs, start = [], 0
+    for n in segments:
+        part = slice(start, start + n)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, part],
+                key[:, :, part],
+                value[:, :, part],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _use_packed_attention(model) -> bool:  # noqa: ANN001
+    """Route the model's attention through ``_packed_attention`` (same numbers when unpacked)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except (ImportError, ValueError, AttributeError, KeyError, TypeError):
+        return False
+    return model.config._attn_implementation == PACKED_ATTENTION
+
+
 def token_budget_batches(
     lengths: Sequence[int], budget: int = TRAIN_TOKENS_PER_MICROBATCH
 ) -> list[list[int]]:
@@ -78,6 +156,14 @@ class BaseRuntime:
             )
         self.model = model
         self.host = LoraHost(model)
+        # Rows of different lengths are packed end to end (no padding) where the model's
+        # attention can be told where each row starts; gradient checkpointing's recompute
+        # would run outside that context, so it keeps the padded batches.
+        self.packing = (
+            not self.gradient_checkpointing
+            and os.environ.get("PERSONA_PACKING", "1") != "0"
+            and _use_packed_attention(model)
+        )
         self.pad_id = self._pad_id()
         self.eos_id = self.tokenizer.eos_token_id
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -113,6 +199,8 @@ class BaseRuntime:
         """log p(targets[i][t] | inputs[i][:t+1]) for each row, float32, one tensor per row."""
         self.host.switch.active = adapter
         lengths = [len(row) for row in inputs]
+        if self.packing and len(set(lengths)) > 1:
+            return self._packed_logprobs(inputs, targets, grad=grad)
         width = max(lengths)
         ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
         tgt = torch.zeros((len(inputs), width), dtype=torch.long)
@@ -133,6 +221,31 @@ class BaseRuntime:
             self.model.eval()
         return [logp[i, :n] for i, n in enumerate(lengths)]
 
+    def _packed_logprobs(
+        self, inputs: list[list[int]], targets: list[list[int]], *, grad: bool
+    ) -> list[torch.Tensor]:
+        """``token_logprobs`` for rows of different lengths laid end to end in one row."""
+        lengths = [len(row) for row in inputs]
+        ids = torch.tensor(
+            [[t for row in inputs for t in row]], dtype=torch.long, device=self.device
+        )
+        tgt = torch.tensor(
+            [t for row in targets for t in row], dtype=torch.long, device=self.device
+        )
+        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(self.device)
+        self.model.train(grad)
+        token = _SEGMENTS.set(lengths)
+        try:
+            with torch.set_grad_enabled(grad):
+                logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[
+                    0
+                ]
+                logp = _TargetLogprob.apply(logits, tgt)
+        finally:
+            _SEGMENTS.reset(token)
+            self.model.eval()
+        return list(logp.split(lengths))
+
     def microbatched_logprobs(
         self,
         adapter: str | None,
@@ -145,7 +258,9 @@ class BaseRuntime:
 
         A caller that trains can backpropagate each micro-batch before the next is computed.
         """
-        for batch in token_budget_batches([len(row) for row in inputs]):
+        lengths = [len(row) for row in inputs]
+        cut = token_budget_packs if self.packing else token_budget_batches
+        for batch in cut(lengths):
             yield (
                 batch,
                 self.token_logprobs(
