@@ -17,9 +17,17 @@ from pathlib import Path
 KEPT_NAMES = ("final",)
 
 
+LOCAL_SCHEME = "local://"  # the local backend's checkpoint addresses
+
+
 def _resolved(p: str | Path) -> Path | None:
+    text = str(p)
+    if text.startswith(LOCAL_SCHEME):
+        text = text[len(LOCAL_SCHEME) :]
+    elif "://" in text:  # tinker:// and other remote addresses are not files here
+        return None
     try:
-        return Path(p).resolve()
+        return Path(text).resolve()
     except (OSError, RuntimeError):
         return None
 

@@ -12,7 +12,7 @@ import pytest
 from engine.cli import main
 from engine.config import ConfigError, load_config, persona_toml_template
 from engine.errors import PersonaError
-from engine.settings import PersonaConfig
+from engine.settings import BACKEND_DEFAULTS, PersonaConfig
 from engine.workspace import init_workspace
 
 
@@ -83,8 +83,14 @@ def test_template_is_the_defaults_for_both_backends(tmp_path: Path):
     path = tmp_path / "persona.toml"
     path.write_text(persona_toml_template())
     tomllib.loads(path.read_text())  # valid TOML
-    assert load_config(path) == load_config(None) == PersonaConfig()
+    assert load_config(path) == load_config(None)
     assert load_config(path, backend="tinker") == load_config(None, backend="tinker")
+    # keys whose default depends on the backend are commented out, so each backend's applies
+    for backend, sections in BACKEND_DEFAULTS.items():
+        cfg = load_config(path, backend=backend)
+        for section, values in sections.items():
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, (backend, section, key)
     # every key of every section is in the template, with a comment
     text = persona_toml_template()
     for section in dataclasses.fields(PersonaConfig):
@@ -95,7 +101,7 @@ def test_template_is_the_defaults_for_both_backends(tmp_path: Path):
 
 def test_backend_defaults_apply_under_user_values(tmp_path: Path):
     assert load_config(None, backend="tinker").rlaif.steps == 40
-    assert load_config(None).rlaif.steps == PersonaConfig().rlaif.steps
+    assert load_config(None).rlaif.steps == PersonaConfig().rlaif.steps  # no local override
     assert load_config(None, ["rlaif.steps=3"], backend="tinker").rlaif.steps == 3
 
 

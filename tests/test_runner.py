@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -370,3 +371,19 @@ async def test_checkpoint_retention_keeps_last_n_and_final(ws: Workspace):
         assert left == ["final", "step-000004", "step-000005"]
     st = {s.name: s for s in stage_status(ws)}["sft"]
     assert st.disk_bytes >= 400
+
+
+def test_retention_keeps_what_the_registry_names_as_local_uris(tmp_path: Path):
+    """The local backend records checkpoints as local:///… addresses: a periodic checkpoint
+    the registry names (e.g. DITTO's frozen reference) must survive pruning."""
+    from engine.checkpoint_retention import prune_checkpoints
+
+    kind = tmp_path / "checkpoints" / "model-1" / "sampler_weights"
+    for i, name in enumerate(("sft-init", "round-1", "round-2", "round-3", "final")):
+        (kind / name).mkdir(parents=True)
+        os.utime(kind / name, (1000 + i, 1000 + i))
+    removed = prune_checkpoints(
+        tmp_path / "checkpoints", 1, [f"local://{kind / 'sft-init'}", "tinker://x/y"]
+    )
+    assert sorted(p.name for p in removed) == ["round-1", "round-2"]
+    assert sorted(p.name for p in kind.iterdir()) == ["final", "round-3", "sft-init"]
