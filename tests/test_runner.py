@@ -7,6 +7,7 @@ import json
 import os
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.context import StageContext, StageError
