@@ -35,6 +35,8 @@ MIN_CACHE_POSITIONS = 256
 # model's own modules (bench A/B).
 FUSED_STEP = True
 PACK_WEIGHTS = True
+# Positions reserved past a prompt when it joins; more are added as sequences run on.
+FIRST_STRETCH = 128
 # A cache up to this size is kept for the next batch; a larger one is freed after its batch
 # (training needs the memory more than sampling needs the allocation time).
 KEEP_CACHE_BYTES = 256 * 2**20
@@ -134,6 +136,8 @@ class SlotDecoder:
         if slots <= self._slots and positions <= self._positions:
             return
         new_slots = max(slots, self._slots)
+        if self._slots and slots > self._slots:  # requests join one by one: grow in steps
+            new_slots = max(slots, min(2 * self._slots, 64))
         new_pos = max(positions, self._positions, MIN_CACHE_POSITIONS)
         if self._positions and positions > self._positions:
             new_pos = max(new_pos, min(self.max_positions, 2 * self._positions))
@@ -384,8 +388,9 @@ class SlotDecoder:
                     slots.append(used)
                     used += 1
             req.slots = slots
-            need = len(req.prompt) + req.max_tokens
-            self._ensure_cache(used, need)
+            # Room for the prompt and a first stretch of tokens; the cache grows (doubling)
+            # only for sequences that run on, since most stop well before max_tokens.
+            self._ensure_cache(used, len(req.prompt) + min(req.max_tokens, FIRST_STRETCH))
             logits = self._prefill(req.prompt, slots)
             first = self._choose(
                 logits[None].expand(req.rows, -1), sampling, [req], [list(range(req.rows))]
@@ -444,6 +449,7 @@ class SlotDecoder:
                 tokens[slot] = feed[slot]
                 positions[slot] = pos[slot]
             width = int(positions.max()) + 1
+            self._ensure_cache(used, width)
             mask = torch.full((used, width), float("-inf"))
             keep = torch.arange(width)[None, :] <= positions[:, None]
             mask.masked_fill_(keep, 0.0)

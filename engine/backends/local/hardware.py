@@ -39,14 +39,17 @@ def load_average() -> float:
 
 
 def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
-    """Cores not already busy: usable cores less the load average, rounded, at least 1.
+    """Cores not already busy: usable cores less the load average, at least 1.
 
-    Called before the service computes anything, so the load measured is other work.
+    A core counts as busy from a load of 0.75 on it: a thread that shares its core with
+    steady work stalls every other thread at each synchronization, so one thread too many
+    costs far more than one too few. Called before the service computes anything, so the
+    load measured is other work.
     """
     cpus = usable_cpus() if cpus is None else cpus
     load = load_average() if load is None else load
-    free = cpus - load
-    return max(1, min(cpus, math.floor(free + 0.5)))
+    busy = math.floor(max(0.0, load) + 0.25)
+    return max(1, min(cpus, cpus - busy))
 
 
 def configure_threads(requested: int | None = None) -> int:
