@@ -126,3 +126,75 @@ class FakeTeacher:
         return SimpleNamespace(
             sequences=[SimpleNamespace(tokens=tokens, logprobs=None, stop_reason="stop")]
         )
+
+
+# -- a scripted teacher ----------------------------------------------------------------------
+# The tiny random model writes noise, which the request filter rightly rejects. Chain tests that
+# need synthetic requests use this factory: the real local service for everything, except that
+# a teacher prompt asking for new requests gets a canned JSON list of realistic ones.
+
+TEACHER_MARK = "You write requests that a person gives"
+_PEOPLE = [("Dana", "landlord"), ("Dr. Lee", "dentist"), ("Priya", "manager"), ("Omar", "coach")]
+
+
+def scripted_requests(prompt_text: str, n: int = 4) -> list[str]:
+    import re
+
+    topic = re.search(r"on this topic: (.+?)\.\n", prompt_text)
+    about = topic.group(1) if topic else "a schedule change"
+    salt = abs(hash(prompt_text)) % 997
+    return [
+        f"Write to {name}, my {role}, about {about}: ask to move it to March {(salt + i) % 27 + 1} "
+        f"and mention the {salt + i} dollar invoice."
+        for i, (name, role) in enumerate(_PEOPLE[:n])
+    ]
+
+
+class _ScriptedSampling:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def sample(self, prompt, num_samples=1, sampling_params=None, **kw):
+        import json as _json
+        import uuid
+
+        import numpy as np
+        import tinker
+
+        tok = self._inner.get_tokenizer()
+        text = tok.decode(prompt.to_ints())
+        if TEACHER_MARK not in text:
+            return self._inner.sample(prompt, num_samples, sampling_params, **kw)
+        tokens = tok.encode(_json.dumps(scripted_requests(text)), add_special_tokens=False) + [2]
+        seq = tinker.SampledSequence(
+            stop_reason="stop",
+            sequence_id=uuid.uuid4().hex,
+            tokens_np=np.array(tokens, dtype=np.int64),
+            logprobs_np=np.zeros(len(tokens), dtype=np.float32),
+        )
+        return tinker.SampleResponse(sequences=[seq] * num_samples)
+
+
+class _ScriptedService:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def create_sampling_client(self, *args, **kw):
+        from engine.sampling import resolve
+
+        async def make():
+            return _ScriptedSampling(await resolve(self._inner.create_sampling_client(*args, **kw)))
+
+        return make()
+
+
+def scripted_teacher_factory(backend, **kw):
+    from engine.context import default_service_factory
+
+    return _ScriptedService(default_service_factory(backend, **kw))

@@ -8,7 +8,7 @@ import json
 import tomllib
 
 import pytest
-from conftest import make_tiny_workspace, needs_backend
+from conftest import make_tiny_workspace, needs_backend, scripted_teacher_factory
 
 from engine.events import CheckpointSaved, Metric, SampleProduced, StageFinished
 from engine.runner import Runner, list_runs, load_run_events, stage_status
@@ -28,7 +28,10 @@ def chain(tmp_path_factory):
     async def go():
         out = {}
         for stage in CHAIN:
-            events = [e async for e in Runner(ws).run_stage(stage)]
+            events = [
+                e
+                async for e in Runner(ws, service_factory=scripted_teacher_factory).run_stage(stage)
+            ]
             out[stage] = events
         return out
 
@@ -69,7 +72,11 @@ def test_synthetic_files(chain):
     ws, events = chain
     inputs = [json.loads(x) for x in ws.result("synthetic_inputs.jsonl").read_text().splitlines()]
     # 2 seeds x 3 requests asked; the file holds exactly what the stage counted as valid.
-    valid = [e for e in events["synth-inputs"] if isinstance(e, Metric) and e.name == "synth_inputs/valid"]
+    valid = [
+        e
+        for e in events["synth-inputs"]
+        if isinstance(e, Metric) and e.name == "synth_inputs/valid"
+    ]
     assert len(inputs) == int(valid[-1].value) >= 1
     assert f"yield {len(inputs)}/6 " in events["synth-inputs"][-1].summary
     assert {r["seed"] for r in inputs} <= set(ws.load_prompts()["seeds"][:2])
