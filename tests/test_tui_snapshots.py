@@ -47,3 +47,10 @@ def test_snapshot_train_replay(ws: Workspace, snap_compare):
 def test_snapshot_compare_blind(ws: Workspace, snap_compare):
     write_method_outputs(ws)
     assert snap_compare(app_for(ws), press=["f5", "b"], terminal_size=(80, 24))
+
+
+def test_snapshot_compare_report(ws: Workspace, snap_compare):
+    from test_tui_report import write_small_evaluation
+
+    write_small_evaluation(ws)
+    assert snap_compare(app_for(ws), press=["f5", "p"], terminal_size=(80, 24))

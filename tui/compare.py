@@ -3,6 +3,11 @@
 v side by side · b blind A/B (1/← left, 2/→ right, t tie, n skip, u undo, R redo) · p report.
 Blind A/B draws pairs from every method with outputs for the same request; each pair is shown
 once (a pair already picked in results/human_preferences.jsonl is not served again).
+
+The Report view shows the evaluate stage's numbers as engine.report.load_report gives them
+(nothing is recomputed here): the summary table (best per column in bold with a *), the judge's
+win-rate matrix, and every method's answers to one held-out request beside the person's text
+(←/→ or the selector change the request), then the notes.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, HorizontalScroll, Vertical, VerticalScroll
-from textual.widgets import ContentSwitcher, Markdown, OptionList, Static
+from textual.widgets import ContentSwitcher, DataTable, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from engine.events import StageFinished
+from engine.report import ReportData, load_report
 from engine.results import (
+    EVALUATION_FILE,
     METHOD_FILES,
     append_preference,
     preference_record,
@@ -28,7 +35,7 @@ from engine.results import (
     remove_preference,
 )
 from engine.workspace import Workspace
-from tui.common import EngineEvent, focus_now, one_line, plain, read_demos, read_problem
+from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
 
 RELOAD_AFTER = {*METHOD_FILES, "demos", "evaluate"}
 
@@ -78,6 +85,80 @@ def remove_last_preference(ws: Workspace, record: dict[str, Any]) -> bool:
     return remove_preference(ws.results_dir, record)
 
 
+# -- report formatting (the numbers come from engine.report.load_report as they are) ------
+SHORT_HEADERS = {
+    "nll": "NLL",
+    "style_distance": "style",
+    "similarity": "MiniLM",
+    "judge": "judge",
+    "dev": "dev vs base",
+    "human": "your picks",
+    "sampled_tokens": "tokens",
+    "train_seconds": "train s",
+}
+PERCENT_COLUMNS = {"judge", "dev", "human"}
+DIGITS = {"nll": 3, "sampled_tokens": 0, "train_seconds": 0}
+BEST = "*"
+
+
+def _fmt(key: str, x: Any) -> str:
+    if key in PERCENT_COLUMNS:
+        return f"{100 * x:.0f}%"
+    if isinstance(x, float):
+        return f"{x:.{DIGITS.get(key, 2)}f}"
+    return str(x)
+
+
+def summary_header(key: str, header: str, better: str) -> Text:
+    arrow = {"low": " ↓", "high": " ↑"}.get(better, "")
+    return Text(SHORT_HEADERS.get(key, header) + arrow, style="bold")
+
+
+def summary_cell(key: str, cell: dict[str, Any], best: bool) -> Text:
+    """Two lines: the value (bold with a * when best in its column), then its 95% interval
+    and n, dim."""
+    v = cell.get("value")
+    if v is None:
+        return Text("–", style="dim")
+    t = Text(_fmt(key, v) + (BEST if best else ""), style="bold" if best else "")
+    low, high, n = cell.get("low"), cell.get("high"), cell.get("n")
+    below = []
+    if low is not None and high is not None:
+        lo = f"{100 * low:.0f}" if key in PERCENT_COLUMNS else _fmt(key, low)
+        below.append(f"{lo}–{_fmt(key, high)}")
+    if n is not None:
+        below.append(f"n={n}")
+    if below:
+        t.append("\n" + " ".join(below), style="dim")
+    return t
+
+
+def matrix_cell(a: str, b: str, cell: dict[str, Any] | None) -> Text:
+    """Row method ``a`` against column method ``b``: the judge's win rate and n, then the
+    interval."""
+    if a == b:
+        return Text("·", style="dim")
+    if not cell or not cell.get("n") or cell.get("rate") is None:
+        return Text("–", style="dim")
+    t = Text(f"{100 * cell['rate']:.0f}% n={cell['n']}")
+    if cell.get("low") is not None and cell.get("high") is not None:
+        t.append(f"\n{100 * cell['low']:.0f}–{100 * cell['high']:.0f}%", style="dim")
+    return t
+
+
+class ReportScroll(VerticalScroll, inherit_bindings=False):
+    """The report's scroll: up/down/page keys only (←/→ change the request)."""
+
+    BINDINGS = [
+        Binding("up", "scroll_up", "Scroll Up", show=False),
+        Binding("down", "scroll_down", "Scroll Down", show=False),
+        Binding("home", "scroll_home", "Scroll Home", show=False),
+        Binding("end", "scroll_end", "Scroll End", show=False),
+        Binding("pageup", "page_up", "Page Up", show=False),
+        Binding("pagedown", "page_down", "Page Down", show=False),
+    ]
+
+
 class ComparePane(Vertical, can_focus=True):
     BINDINGS = [
         Binding(
@@ -104,6 +185,20 @@ class ComparePane(Vertical, can_focus=True):
         Binding("1,left", "pick('a')", "Left", id="compare.left", tooltip="Blind A/B: left wins"),
         Binding(
             "2,right", "pick('b')", "Right", id="compare.right", tooltip="Blind A/B: right wins"
+        ),
+        Binding(
+            "left",
+            "request(-1)",
+            "Prev request",
+            id="compare.report_prev",
+            tooltip="Report: the previous held-out request's answers",
+        ),
+        Binding(
+            "right",
+            "request(1)",
+            "Next request",
+            id="compare.report_next",
+            tooltip="Report: the next held-out request's answers",
         ),
         Binding("t", "pick('tie')", "Tie", id="compare.tie", tooltip="Blind A/B: a tie"),
         Binding(
@@ -137,6 +232,8 @@ class ComparePane(Vertical, can_focus=True):
         self.picks: list[dict[str, Any]] = []  # made here, for undo
         self.labeled = 0
         self.redo = False  # serve pairs that were picked before too
+        self.report: ReportData | None = None
+        self.report_index = 0  # the held-out request whose answers the report shows
 
     def compose(self) -> ComposeResult:
         yield Static(id="compare-status", classes="status-line")
@@ -154,8 +251,22 @@ class ComparePane(Vertical, can_focus=True):
                         yield Static(id="blind-a")
                     with VerticalScroll(id="blind-b-box", classes="blind-box"):
                         yield Static(id="blind-b")
-            with VerticalScroll(id="report"):
-                yield Markdown(id="report-md")
+            with Vertical(id="report"):
+                yield Static(id="report-empty")
+                with ReportScroll(id="report-body"):
+                    yield Static(id="report-head")
+                    yield DataTable(id="report-summary", cursor_type="none", zebra_stripes=True)
+                    yield Static(id="report-matrix-title", classes="report-section")
+                    yield DataTable(id="report-matrix", cursor_type="none")
+                    yield Static(id="report-answers-title", classes="report-section")
+                    yield Select[int](
+                        [], id="report-request", prompt="Held-out request", compact=True
+                    )
+                    yield Static(id="report-input")
+                    with Horizontal(id="report-answers"):
+                        yield Static(id="report-person")
+                        yield Static(id="report-methods")
+                    yield Static(id="report-notes")
 
     def on_mount(self) -> None:
         self.reload()
@@ -163,6 +274,8 @@ class ComparePane(Vertical, can_focus=True):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("pick", "next_pair", "undo", "redo_all"):
             return self.mode == "blind"
+        if action == "request":
+            return self.mode == "report" and bool(self.report and self.report.requests)
         return True
 
     def reload(self) -> None:
@@ -195,7 +308,15 @@ class ComparePane(Vertical, can_focus=True):
             {"side": "Side by side", "blind": "Blind A/B", "report": "Report"}[self.mode],
             style="bold",
         )
-        t.append(f" · {len(self.requests)} requests · {len(self.outputs)} methods")
+        if self.mode == "report":
+            rep = self.report
+            t.append(
+                f" · {len(rep.rows)} methods · {len(rep.requests)} held-out requests"
+                if rep is not None
+                else " · no evaluation yet"
+            )
+        else:
+            t.append(f" · {len(self.requests)} requests · {len(self.outputs)} methods")
         if self.mode == "blind":
             t.append(f" · {len(self.queue) + (self.pair is not None)} pairs left", style="cyan")
         t.append(f" · {self.labeled} picks", style="dim")
@@ -207,6 +328,8 @@ class ComparePane(Vertical, can_focus=True):
     def default_focus(self):
         if self.mode == "side":
             return self.query_one("#request-list", OptionList)
+        if self.mode == "report" and self.report is not None:
+            return self.query_one("#report-body", ReportScroll)
         return self
 
     def focus_default(self) -> None:
@@ -330,15 +453,157 @@ class ComparePane(Vertical, can_focus=True):
 
     # -- report --------------------------------------------------------------
     def show_report(self) -> None:
-        path = self.ws.result("report.md")
-        md = self.query_one("#report-md", Markdown)
-        if not path.exists():
-            md.update("*No report yet.* Run the **evaluate** stage in the Train tab (F4).")
-            return
+        """Load the last evaluation (engine.report.load_report) and fill the Report view."""
+        empty = self.query_one("#report-empty", Static)
+        body = self.query_one("#report-body", ReportScroll)
+        path = self.ws.result(EVALUATION_FILE)
+        problem = ""
         try:
-            md.update(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            md.update(f"**Cannot show the report.** {read_problem(path, e, self.ws.rel(path))}")
+            self.report = load_report(self.ws)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            self.report = None
+            problem = f"{self.ws.rel(path)} has an unexpected shape ({type(e).__name__}: {e})."
+        if self.report is None:
+            msg = Text("No evaluation yet.", style="bold")
+            if problem or path.exists():
+                msg = Text("Cannot show the evaluation. ", style="bold red")
+                msg.append(problem or f"{self.ws.rel(path)} cannot be read.", style="red")
+            msg.append(
+                "\nRun the evaluate stage in the Train tab (F4): it measures every method "
+                "on your held-out demonstrations, then this view shows the summary table, the "
+                "judge's win rates and every method's answers beside your text."
+            )
+            empty.update(msg)
+            empty.display, body.display = True, False
+            self.refresh_bindings()
+            return
+        empty.display, body.display = False, True
+        rep = self.report
+        labels = {r["method"]: r.get("label") or r["method"] for r in rep.rows}
+        head = Text("Evaluation", style="bold")
+        if rep.created:
+            head.append(f" of {rep.created}", style="bold")
+        head.append(
+            f"\n↓ lower better · ↑ higher better · {BEST} best · under each: 95% interval, n",
+            style="dim",
+        )
+        self.query_one("#report-head", Static).update(head)
+
+        table = self.query_one("#report-summary", DataTable)
+        table.clear(columns=True)
+        table.fixed_columns = 1
+        table.add_column(Text("method", style="bold"), key="__method__")
+        for key, header, better in rep.columns:
+            table.add_column(summary_header(key, header, better), key=key)
+        for r in rep.rows:
+            cells = [Text(labels[r["method"]], style="bold cyan")]
+            for key, _header, _better in rep.columns:
+                cell = r["cells"].get(key) or {}
+                cells.append(summary_cell(key, cell, key in r.get("best", ())))
+            table.add_row(*cells, height=2, key=r["method"])
+
+        methods = list(rep.matrix.get("methods", []))
+        grid = rep.matrix.get("cells") or {}
+        matrix = self.query_one("#report-matrix", DataTable)
+        matrix.clear(columns=True)
+        judged = any((c or {}).get("n") for row in grid.values() for c in (row or {}).values())
+        title = Text("Judge win rate, row vs column", style="bold")
+        if judged:
+            title.append(" (held-out requests, your text as reference)", style="dim")
+        else:
+            title.append(
+                "\nThe judge did not run (evaluate.judge = false, or an empty rubric).",
+                style="dim",
+            )
+        self.query_one("#report-matrix-title", Static).update(title)
+        matrix.display = judged and len(methods) > 1
+        if matrix.display:
+            matrix.fixed_columns = 1
+            matrix.add_column(Text("row vs col", style="bold"), key="__method__")
+            for b in methods:
+                matrix.add_column(Text(labels.get(b, b), style="bold"), key=b)
+            for a in methods:
+                row = [Text(labels.get(a, a), style="bold cyan")]
+                row += [matrix_cell(a, b, (grid.get(a) or {}).get(b)) for b in methods]
+                matrix.add_row(*row, height=2, key=a)
+
+        select = self.query_one("#report-request", Select)
+        self.report_index = min(self.report_index, max(0, len(rep.requests) - 1))
+        select.set_options(
+            (Text(f"{i + 1}. " + one_line(r["input"], 70)), i) for i, r in enumerate(rep.requests)
+        )
+        if rep.requests:
+            select.value = self.report_index
+        select.display = bool(rep.requests)
+        self.show_answers()
+
+        notes = Text("Notes", style="bold")
+        for n in rep.notes:
+            notes.append("\n• ")
+            notes.append_text(plain(n))
+        if not rep.notes:
+            notes.append("\nnone", style="dim")
+        self.query_one("#report-notes", Static).update(notes)
+        self.refresh_bindings()
+
+    def show_answers(self) -> None:
+        """The chosen held-out request: the person's text beside every method's answers."""
+        rep = self.report
+        title = self.query_one("#report-answers-title", Static)
+        inp = self.query_one("#report-input", Static)
+        person = self.query_one("#report-person", Static)
+        answers = self.query_one("#report-methods", Static)
+        if rep is None or not rep.requests:
+            title.update(Text("No held-out answers were recorded.", style="dim"))
+            for w in (inp, person, answers):
+                w.update("")
+            return
+        i = self.report_index
+        r = rep.requests[i]
+        title.update(
+            Text("Answers to held-out request ", style="bold")
+            .append(f"{i + 1} of {len(rep.requests)}")
+            .append("  ←/→ or the selector", style="dim")
+        )
+        inp.update(Text("Request: ", style="bold").append_text(plain(r.get("input", ""))))
+        person.update(
+            Text("Your text\n", style="bold green").append_text(
+                plain(r.get("person") or "") if r.get("person") else Text("(none)", style="dim")
+            )
+        )
+        labels = {row["method"]: row.get("label") or row["method"] for row in rep.rows}
+        order = [row["method"] for row in rep.rows]
+        order += [m for m in r.get("answers", {}) if m not in order]
+        t = Text()
+        for m in order:
+            texts = r.get("answers", {}).get(m) or []
+            if t.plain:
+                t.append("\n\n")
+            t.append(labels.get(m, m), style="bold cyan")
+            if not texts:
+                t.append("\n(no answer)", style="dim")
+            for k, text in enumerate(texts):
+                if len(texts) > 1:
+                    t.append(f"\nsample {k + 1}/{len(texts)}", style="dim")
+                t.append("\n")
+                t.append_text(plain(text) if str(text).strip() else Text("(empty)", style="dim"))
+        answers.update(t)
+
+    def action_request(self, step: int) -> None:
+        if self.mode != "report" or not self.report or not self.report.requests:
+            return
+        self.report_index = (self.report_index + step) % len(self.report.requests)
+        self.query_one("#report-request", Select).value = self.report_index
+        self.show_answers()
+
+    @on(Select.Changed, "#report-request")
+    def request_chosen(self, event: Select.Changed) -> None:
+        if isinstance(event.value, int):
+            if event.value != self.report_index:
+                self.report_index = event.value
+                self.show_answers()
+        elif self.report and self.report.requests:  # the blank choice: keep the request shown
+            event.select.value = self.report_index
 
     def action_mode(self, mode: str) -> None:
         self.mode = mode
