@@ -18,8 +18,10 @@ the same comparison is the same tokens on both backends. Two output modes:
 
 - ``"feedback"``: the judge writes feedback, then ``[RESULT] A`` or ``[RESULT] B``
   (Prometheus' own format; the default on Tinker);
-- ``"verdict"``: only ``[RESULT] A`` / ``[RESULT] B``, a few tokens (the default locally,
-  where a 135M model's feedback is slow and useless).
+- ``"verdict"``: only ``[RESULT] A`` / ``[RESULT] B`` (the default locally, where a 135M
+  model's feedback is slow and useless). Where the client can score (``compute_logprobs``,
+  both backends), the verdict is the forced choice between the two by their
+  log-probabilities, so every answer parses; otherwise it is sampled, a few tokens.
 
 Position bias
 -------------
@@ -572,7 +574,10 @@ class Judge:
         temperature: float = 0.0,
         concurrency: int = 64,
         seed: int | None = 0,
+        verdict_by: str = "auto",
     ) -> None:
+        if verdict_by not in ("auto", "logprobs", "sample"):
+            raise ValueError(f"verdict_by must be auto, logprobs or sample, not {verdict_by!r}")
         if mode not in JUDGE_MODES:
             raise ValueError(
                 f"Unknown judge mode {mode!r}: choose one of {', '.join(JUDGE_MODES)}."
@@ -585,6 +590,16 @@ class Judge:
         self.concurrency = max(1, int(concurrency))
         self.seed = seed
         self.stats = JudgeStats()
+        # In verdict mode the answer is a forced choice between "[RESULT] A" and "[RESULT] B"
+        # by their log-probabilities under the judge (two scoring requests, no sampling): a
+        # small judge that cannot yet write the verdict format still gives a verdict, and the
+        # trained one gives exactly the choice it was trained to make. Feedback mode samples.
+        can_score = hasattr(getattr(sampler, "client", None), "compute_logprobs")
+        self.verdict_by = (
+            ("logprobs" if mode == "verdict" and can_score else "sample")
+            if verdict_by == "auto"
+            else verdict_by
+        )
 
     def _params(self) -> tinker.SamplingParams:
         return tinker.SamplingParams(
@@ -594,8 +609,28 @@ class Judge:
             stop=self.sampler.renderer.get_stop_sequences(),
         )
 
+    async def _score(self, prompt: tinker.ModelInput, preference: int) -> float:
+        target = self.sampler.tokenizer.encode(verdict_text(preference), add_special_tokens=False)
+        full = tinker.ModelInput.from_ints([*prompt.to_ints(), *target])
+        logprobs = await _resolve(self.sampler.client.compute_logprobs(full))
+        return float(sum(lp for lp in logprobs[-len(target) :] if lp is not None))
+
     async def _answer(self, comparison: Comparison, sem: asyncio.Semaphore) -> str:
         prompt = build_judge_prompt(self.sampler.renderer, comparison, self.mode)
+        if self.verdict_by == "logprobs":
+            async with sem:
+                try:
+                    a, b = await asyncio.gather(
+                        self._score(prompt, PREFER_A), self._score(prompt, PREFER_B)
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a failed request is an unparsable answer
+                    logger.warning("judge request failed: %s", exc)
+                    return ""
+            if a == b:
+                return f"no preference (log p of A and B both {a:.3f})"
+            return f"{verdict_text(PREFER_A if a > b else PREFER_B)} (log p A {a:.3f}, B {b:.3f})"
         async with sem:
             try:
                 future = self.sampler.client.sample(

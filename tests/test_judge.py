@@ -365,7 +365,9 @@ def tiny_sampler(tmp_path_factory):
 
 @needs_backend
 async def test_judge_end_to_end_on_the_tiny_model(tiny_sampler):
-    judge = Judge(tiny_sampler, mode="verdict", max_tokens=6, temperature=1.0, seed=3)
+    judge = Judge(
+        tiny_sampler, mode="verdict", max_tokens=6, temperature=1.0, seed=3, verdict_by="sample"
+    )
     comparisons = [
         comparison(),
         comparison("Thanks!", "Thank you very much for everything.", reference="Thx! Alex"),
@@ -381,3 +383,28 @@ async def test_judge_end_to_end_on_the_tiny_model(tiny_sampler):
     assert judge.stats.answers == 6 and judge.stats.unparsable == unparsable
     assert unparsable > 0  # the random model writes garbage: counted, scored as ties
     assert 0.0 <= judge.stats.unparsable_rate <= 1.0
+
+
+@needs_backend
+async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
+    """Verdict mode on a client that can score: every answer parses, and the verdict is the
+    one of "[RESULT] A" / "[RESULT] B" with the higher log-probability, computed here by hand."""
+    from engine.judge import build_judge_prompt, verdict_text
+
+    judge = Judge(tiny_sampler, mode="verdict")
+    assert judge.verdict_by == "logprobs"
+    comparisons = [comparison(), comparison("Yes.", "No.", reference="Yes! Alex")]
+    records = await judge.judge(comparisons)
+    assert judge.stats.unparsable == 0 and judge.stats.answers == 4
+    for c, r in zip(comparisons, records, strict=True):
+        for cmp, verdict in ((c, r.verdict_ab), (c.swap(), r.verdict_ba)):
+            prompt = build_judge_prompt(tiny_sampler.renderer, cmp, "verdict").to_ints()
+            scores = []
+            for pref in (PREFER_A, PREFER_B):
+                target = tiny_sampler.tokenizer.encode(verdict_text(pref), add_special_tokens=False)
+                lps = await tiny_sampler.client.compute_logprobs(
+                    tinker.ModelInput.from_ints(prompt + target)
+                )
+                scores.append(sum(lps[-len(target) :]))
+            want = Verdict.A if scores[0] > scores[1] else Verdict.B
+            assert verdict is want
