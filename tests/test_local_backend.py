@@ -374,12 +374,16 @@ def test_tinker_backend_needs_a_key():
 async def test_concurrent_compute_logprobs_batch_and_match_single(service):
     sampler = await service.create_sampling_client(base_model=TINY_MODEL)
     rows = [SEQ_A, SEQ_B, SEQ_A[:4], [5]]
-    together = await asyncio.gather(*(sampler.compute_logprobs(types.ModelInput.from_ints(r)) for r in rows))
+    together = await asyncio.gather(
+        *(sampler.compute_logprobs(types.ModelInput.from_ints(r)) for r in rows)
+    )
     for row, values in zip(rows, together, strict=True):
         alone = await sampler.compute_logprobs(types.ModelInput.from_ints(row))
         assert len(values) == len(row) and values[0] is None
         assert torch.allclose(torch.tensor(values[1:]), torch.tensor(alone[1:]), atol=1e-5)
-    last_two = await sampler.compute_logprobs(types.ModelInput.from_ints(SEQ_A), prompt_logprobs_last_n=2)
+    last_two = await sampler.compute_logprobs(
+        types.ModelInput.from_ints(SEQ_A), prompt_logprobs_last_n=2
+    )
     assert last_two[:-2] == [None] * (len(SEQ_A) - 2) and last_two[-2:] == together[0][-2:]
 
 
