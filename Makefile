@@ -24,7 +24,8 @@ run: $(STAMP)
 	cd $(WORKSPACE) && ../$(BIN)/persona
 
 test: $(STAMP)
-	$(BIN)/ruff check engine tui tests bench
+	$(BIN)/ruff check engine tui tests bench persona_cli
+	$(BIN)/ruff format --check engine tui tests bench persona_cli
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -63,8 +63,14 @@ def _type_name(tp: Any) -> str:
 
 
 def _given(value: Any) -> str:
-    kind = {str: "text", bool: "a boolean", int: "an integer", float: "a number",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    kind = {
+        str: "text",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
     return f"{kind} {value!r}" if not isinstance(value, dict) else "a table"
 
 
@@ -114,9 +120,7 @@ def _unknown(where: str, key: str, names: list[str], section: str) -> ConfigErro
     hint = f"; did you mean {near[0]!r}?" if near else ""
     scope = f"[{section}]" if section else "persona.toml"
     full = f"{section}.{key}" if section else key
-    return ConfigError(
-        f"{where}: unknown key {full!r}{hint} ({scope} accepts: {', '.join(names)})"
-    )
+    return ConfigError(f"{where}: unknown key {full!r}{hint} ({scope} accepts: {', '.join(names)})")
 
 
 def check_table(cls: type, data: Any, where: str, section: str = "") -> dict[str, Any]:
@@ -293,7 +297,9 @@ def persona_toml_template() -> str:
     for f in dataclasses.fields(PersonaConfig):
         backend_keys = {k for d in BACKEND_DEFAULTS.values() for k in d.get(f.name, {})}
         out += ["", f"# {f.metadata['doc']}"]
-        out += _section_lines(type(getattr(cfg, f.name)), getattr(cfg, f.name), f.name, backend_keys)
+        out += _section_lines(
+            type(getattr(cfg, f.name)), getattr(cfg, f.name), f.name, backend_keys
+        )
     return "\n".join(out) + "\n"
 
 

@@ -100,7 +100,9 @@ def remove_closing_offer(text: str) -> str:
 def enforce_signoff(text: str, signoff: str) -> str:
     """Make ``signoff`` the last line: drop anything after an existing one, else append it."""
     signoff = signoff.strip()
-    if not signoff or not text.strip():  # nothing to sign: an empty reply stays empty (and gets rejected)
+    if (
+        not signoff or not text.strip()
+    ):  # nothing to sign: an empty reply stays empty (and gets rejected)
         return text
     idx = text.rfind(signoff)
     if idx >= 0:

@@ -68,16 +68,16 @@ class ModelsConfig:
     local: RoleModels = field(
         default=RoleModels(), metadata={"doc": "models on the local backend (a name or a folder)"}
     )
-    tinker: RoleModels = field(
-        default=TINKER_MODELS, metadata={"doc": "models on Tinker"}
-    )
+    tinker: RoleModels = field(default=TINKER_MODELS, metadata={"doc": "models on Tinker"})
 
 
 @dataclass(frozen=True)
 class LocalConfig:
     threads: int = setting(0, "torch threads for the local backend; 0 = the cores free now", ge=0)
     dtype: str = setting(
-        "auto", '"auto" (bf16 where the CPU has it), "bf16" or "fp32"', choices=("auto", "bf16", "fp32")
+        "auto",
+        '"auto" (bf16 where the CPU has it), "bf16" or "fp32"',
+        choices=("auto", "bf16", "fp32"),
     )
 
 
@@ -136,7 +136,8 @@ class SynthOutputsConfig:
     critique: bool = setting(False, "draft -> critique -> revise (three teacher calls per row)")
     signoff: str = setting("", 'a sign-off to enforce, e.g. "— Maya"')
     default_status: str = setting(
-        "pending", "status of new rows; review sets accepted/rejected/edited",
+        "pending",
+        "status of new rows; review sets accepted/rejected/edited",
         choices=("pending", "accepted"),
     )
     limit: int = setting(0, "answer only the first N synthetic inputs; 0 = all", ge=0)
@@ -146,7 +147,8 @@ class SynthOutputsConfig:
 class SftConfig:
     lr: float = setting(2e-4, "learning rate", gt=0)
     lr_schedule: str = setting(
-        "constant", '"constant" or "linear" (decay to 0 at the last step)',
+        "constant",
+        '"constant" or "linear" (decay to 0 at the last step)',
         choices=("constant", "linear"),
     )
     rank: int = setting(16, "LoRA rank", ge=1)
@@ -178,9 +180,7 @@ class RewardModelConfig:
         "", "a Preference-Collection file (parquet or jsonl) to train on besides your own pairs"
     )
     max_examples: int = setting(2000, "rows taken from the dataset", ge=0)
-    heldout_examples: int = setting(
-        64, "first dataset rows kept aside for verdict accuracy", ge=0
-    )
+    heldout_examples: int = setting(64, "first dataset rows kept aside for verdict accuracy", ge=0)
     own_pairs: bool = setting(True, "train on your text preferred over baseline/prompted samples")
     mode: str = setting(
         "auto",
@@ -218,20 +218,25 @@ class RlPromptsConfig:
 
 @dataclass(frozen=True)
 class RlaifConfig:
-    init: str = setting("sft", 'start from the "sft" checkpoint (when there is one) or "base"',
-                        choices=("sft", "base"))
+    init: str = setting(
+        "sft",
+        'start from the "sft" checkpoint (when there is one) or "base"',
+        choices=("sft", "base"),
+    )
     steps: int = setting(8, "RL steps", ge=1)
     batch_size: int = setting(4, "prompts per step", ge=1)
     group_size: int = setting(4, "samples per prompt, judged against each other", ge=2)
     lr: float = setting(4e-5, "learning rate", gt=0)
     rank: int = setting(16, "LoRA rank", ge=1)
-    loss: str = setting("importance_sampling", "policy-gradient loss",
-                        choices=("importance_sampling", "ppo"))
+    loss: str = setting(
+        "importance_sampling", "policy-gradient loss", choices=("importance_sampling", "ppo")
+    )
     max_tokens: int = setting(160, "longest sample, in tokens", ge=1)
     temperature: float = setting(1.0, "sampling temperature", ge=0)
     format_penalty: float = setting(1.0, "subtracted when a sample did not end on a stop", ge=0)
-    eval_every: int = setting(4, "dev win rate against the initial policy every N steps; 0 = off",
-                              ge=0)
+    eval_every: int = setting(
+        4, "dev win rate against the initial policy every N steps; 0 = off", ge=0
+    )
     dev_prompts: int = setting(8, "dev prompts in each dev evaluation", ge=1)
     checkpoint_every: int = setting(4, "checkpoint every N steps; 0 = only at the end", ge=0)
     concurrency: int = setting(16, "judge requests in flight", ge=1)
@@ -316,7 +321,9 @@ class PersonaConfig:
         default=SamplingConfig(), metadata={"doc": "sampling the policy (baseline, prompting, sft)"}
     )
     prompting: PromptingConfig = field(default=PromptingConfig(), metadata={"doc": "stage 3"})
-    synth_inputs: SynthInputsConfig = field(default=SynthInputsConfig(), metadata={"doc": "stage 4"})
+    synth_inputs: SynthInputsConfig = field(
+        default=SynthInputsConfig(), metadata={"doc": "stage 4"}
+    )
     synth_outputs: SynthOutputsConfig = field(
         default=SynthOutputsConfig(), metadata={"doc": "stage 5"}
     )

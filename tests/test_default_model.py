@@ -24,7 +24,9 @@ async def test_default_model_chats_and_trains(tmp_path):
 
     sampler = await service.create_sampling_client(base_model=DEFAULT_MODEL)
     prompt = renderer.build_generation_prompt(convo)
-    params = types.SamplingParams(max_tokens=32, temperature=0.7, seed=0, stop=renderer.get_stop_sequences())
+    params = types.SamplingParams(
+        max_tokens=32, temperature=0.7, seed=0, stop=renderer.get_stop_sequences()
+    )
     sequence = (await sampler.sample(prompt, 1, params)).sequences[0]
     text = tokenizer.decode(sequence.tokens, skip_special_tokens=True)
     assert 0 < len(sequence.tokens) <= 32

@@ -21,10 +21,14 @@ def test_counts():
 def test_deterministic_and_seeded():
     a = split_demos(demos(10), -1, 0, None)
     b = split_demos(list(reversed(demos(10))), -1, 0, None)
-    assert len(a.holdout) == 2 and {d["input"] for d in a.holdout} == {d["input"] for d in b.holdout}
+    assert len(a.holdout) == 2 and {d["input"] for d in a.holdout} == {
+        d["input"] for d in b.holdout
+    }
     assert not {d["input"] for d in a.train} & {d["input"] for d in a.holdout}
     assert len(a.train) == 8
-    others = {tuple(d["input"] for d in split_demos(demos(10), -1, s, None).holdout) for s in range(6)}
+    others = {
+        tuple(d["input"] for d in split_demos(demos(10), -1, s, None).holdout) for s in range(6)
+    }
     assert len(others) > 1  # the seed matters
 
 

@@ -17,7 +17,9 @@ SMALL = ["sampling.max_tokens=8"]
 async def test_only_some_demos_keeps_the_other_rows(ws):
     demos = ws.load_demos()
     out = ws.result("prompt_engineering_results.json")
-    assert isinstance(await Runner(ws).run("prompting", [*SMALL, "prompting.only=[1]"]), StageFinished)
+    assert isinstance(
+        await Runner(ws).run("prompting", [*SMALL, "prompting.only=[1]"]), StageFinished
+    )
     rows = json.loads(out.read_text())
     assert [r["input"] for r in rows] == [demos[1]["input"]]
     assert rows[0]["expected_output"] == demos[1]["output"]
@@ -31,7 +33,9 @@ async def test_only_some_demos_keeps_the_other_rows(ws):
     assert isinstance(final, StageFinished) and final.summary.startswith("1 outputs")
     after = json.loads(out.read_text())
     assert [r["input"] for r in after] == [d["input"] for d in demos]
-    assert [r["output"] for i, r in enumerate(after) if i != 2] == [f"earlier #{i}" for i in range(len(demos)) if i != 2]
+    assert [r["output"] for i, r in enumerate(after) if i != 2] == [
+        f"earlier #{i}" for i in range(len(demos)) if i != 2
+    ]
     assert after[2]["output"] != "earlier #2"
 
 

@@ -42,7 +42,9 @@ def resolve(path: str) -> Path:
         )
     folder = Path(path[len(SCHEME) :] if path.startswith(SCHEME) else path).expanduser()
     if not (folder / META_FILE).is_file():
-        raise CheckpointNotFoundError(f"No local checkpoint at {path} (expected {folder / META_FILE}).")
+        raise CheckpointNotFoundError(
+            f"No local checkpoint at {path} (expected {folder / META_FILE})."
+        )
     return folder
 
 
@@ -51,7 +53,9 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def spec_from_meta(meta: dict[str, Any]) -> LoraSpec:
-    return LoraSpec(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]))
+    return LoraSpec(
+        rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"])
+    )
 
 
 def write(
@@ -77,6 +81,7 @@ def write(
 
     # durable: results/checkpoints.toml (fsynced) will point here
     publish_folder(folder, build, replace=True, durable=True)
+
 
 def read_adapter(path: str) -> dict[str, torch.Tensor]:
     return load_file(str(resolve(path) / ADAPTER_FILE))

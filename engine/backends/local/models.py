@@ -69,6 +69,7 @@ def _publish(build, target: Path) -> Path:
             raise
         return target
 
+
 def _build_smollm2(out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -80,9 +81,9 @@ def _build_smollm2(out: Path) -> None:
     )
     # The GGUF load keeps a quantization marker that stops training and saving; rebuild a
     # plain model from the config and load the dequantized weights strictly.
-    config = AutoConfig.for_model(**{
-        k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"
-    })
+    config = AutoConfig.for_model(
+        **{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    )
     config.dtype = "float32"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = loaded.state_dict()
@@ -111,7 +112,12 @@ def _clean_tokenizer(gguf_tokenizer, vocab_size: int):
 
     data = json.loads(gguf_tokenizer.backend_tokenizer.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    byte_level = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": False,
+        "use_regex": True,
+    }
     data["pre_tokenizer"] = byte_level
     data["post_processor"] = byte_level
     data["decoder"] = byte_level
@@ -209,8 +215,10 @@ def choose_compute(device: str | None = None, dtype: str | None = None) -> Compu
     """
     import torch
 
-    device = device or os.environ.get("PERSONA_DEVICE") or (
-        "cuda" if torch.cuda.is_available() else "cpu"
+    device = (
+        device
+        or os.environ.get("PERSONA_DEVICE")
+        or ("cuda" if torch.cuda.is_available() else "cpu")
     )
     dtype = dtype or os.environ.get("PERSONA_DTYPE")
     if not dtype:
