@@ -370,7 +370,8 @@ BACKEND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "rl_prompts": {"max_tokens": 256},
     },
     "tinker": {
-        "reward_model": {},
+        # validation costs a round trip and tokens: not after every step on the service
+        "sft": {"eval_every": 5},
         "rlaif": {"steps": 40, "batch_size": 16, "eval_every": 5},
         "evaluate": {"samples": 4},
     },
