@@ -193,25 +193,58 @@ def plot_matrix(data: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+# The curves worth a panel, in order; each with the series drawn beside it. Scales differ
+# (a summed log-probability next to a DPO loss hides the loss), so one panel per curve.
+TRAINING_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("train/loss", ("val/loss",)),
+    ("ditto/sft_loss", ("ditto/sft_stop_loss",)),
+    ("ditto/dpo_loss", ()),
+    ("ditto/pair_accuracy", ()),
+    ("rl/reward", ()),
+    ("dev/win_rate", ("dev/win_rate_low", "dev/win_rate_high")),
+    ("rl/sample_chars", ()),
+    ("rm/heldout_accuracy", ()),
+)
+MAX_PANELS = 4
+
+
+def training_panels(curves: dict[str, list[tuple[int, float]]]) -> list[list[str]]:
+    """Which series go in which panel: the known curves first, else the first few others."""
+    panels = [[main, *(c for c in extra if c in curves)] for main, extra in TRAINING_PANELS]
+    panels = [p for p in panels if p[0] in curves]
+    if not panels:
+        panels = [[name] for name in sorted(curves)]
+    return panels[:MAX_PANELS]
+
+
 def plot_training(method: str, run_dir: Path, path: Path) -> Path | None:
     curves = {
         k: v for k, v in ev.training_curves(run_dir).items() if not k.startswith("eval/") and v
     }
     if not curves:
         return None
+    panels = training_panels(curves)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
-    for name, points in sorted(curves.items()):
-        points = sorted(points)
-        ax.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            marker="." if len(points) < 30 else None,
-            label=name,
-        )
-    ax.set_xlabel("step")
-    ax.set_title(f"{ev.method_label(method)}: training curves")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.2 * len(panels), 3.0), dpi=110, squeeze=False
+    )
+    for ax, names in zip(axes[0], panels, strict=True):
+        for name in names:
+            points = sorted(curves[name])
+            style = "--" if name != names[0] else "-"
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                marker="." if len(points) < 30 and name == names[0] else None,
+                label=name,
+            )
+        ax.set_title(names[0], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(names) > 1:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{ev.method_label(method)}: training curves", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
