@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_toml
+from engine.atomic import atomic_write_toml, file_lock
 from engine.errors import PersonaError
 
 REGISTRY = "checkpoints.toml"
@@ -82,11 +82,13 @@ def latest_checkpoint(results_dir: str | Path, stage: str) -> dict[str, Any] | N
 
 
 def record_checkpoint(results_dir: str | Path, stage: str, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into the stage's entry and write the registry atomically."""
-    reg = read_registry(results_dir, strict=True)
-    entry = dict(reg.get(stage, {}))
-    entry.update({k: v for k, v in fields.items() if v is not None})
-    entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    reg[stage] = entry
-    atomic_write_toml(registry_path(results_dir), reg)
+    """Merge ``fields`` into the stage's entry and write the registry atomically, under a
+    lock: two stages running at once (two terminals) must not roll each other's entry back."""
+    with file_lock(registry_path(results_dir)):
+        reg = read_registry(results_dir, strict=True)
+        entry = dict(reg.get(stage, {}))
+        entry.update({k: v for k, v in fields.items() if v is not None})
+        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        reg[stage] = entry
+        atomic_write_toml(registry_path(results_dir), reg)
     return entry

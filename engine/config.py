@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -51,7 +52,7 @@ class ConfigError(PersonaError):
 # -- checking ---------------------------------------------------------------------------
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "text"}
 _PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 
 
@@ -92,7 +93,11 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(float(value))
+        )
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value
@@ -320,11 +325,26 @@ def load_secrets(env_path: str | Path | None) -> dict[str, str]:
     return values
 
 
+SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+
+
+def is_secret_name(name: str) -> bool:
+    """A .env entry whose value must never be written: the known keys and anything named
+    like one. Other entries (HF_HOME=/tmp, flags) are settings, not secrets: redacting them
+    would mangle every path and word that contains their value."""
+    upper = name.upper()
+    return upper in SECRET_KEYS or upper.endswith(SECRET_SUFFIXES)
+
+
 def redact(obj: Any, secrets: dict[str, str] | list[str]) -> Any:
-    """Replace any secret value found in strings of ``obj`` (recursively) with ``***``."""
-    vals = [
-        v for v in (secrets.values() if isinstance(secrets, dict) else secrets) if v and len(v) >= 4
-    ]
+    """Replace any secret value found in strings of ``obj`` (recursively) with ``***``.
+    With a dict (the .env entries), only the entries named like secrets count."""
+    chosen = (
+        [v for k, v in secrets.items() if is_secret_name(k)]
+        if isinstance(secrets, dict)
+        else list(secrets)
+    )
+    vals = [v for v in chosen if v and len(v) >= 4]
     if not vals:
         return obj
 

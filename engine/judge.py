@@ -44,6 +44,8 @@ from typing import Any, Literal
 
 import tinker
 
+from engine.errors import PersonaError
+
 logger = logging.getLogger(__name__)
 
 PREFER_A = 1
@@ -554,6 +556,10 @@ async def _resolve(x: Any) -> Any:
     return x
 
 
+class JudgeUnavailable(PersonaError):
+    """Every request of a judging batch failed: the judge cannot be reached or used."""
+
+
 class Judge:
     """A judge model behind Tinker's sampling interface.
 
@@ -590,6 +596,7 @@ class Judge:
         self.concurrency = max(1, int(concurrency))
         self.seed = seed
         self.stats = JudgeStats()
+        self._failure: Exception | None = None  # the first failed request of a batch
         # In verdict mode the answer is a forced choice between "[RESULT] A" and "[RESULT] B"
         # by their log-probabilities under the judge (two scoring requests, no sampling): a
         # small judge that cannot yet write the verdict format still gives a verdict, and the
@@ -627,6 +634,7 @@ class Judge:
                     raise
                 except Exception as exc:  # a failed request is an unparsable answer
                     logger.warning("judge request failed: %s", exc)
+                    self._failure = self._failure or exc
                     return ""
             if a == b:
                 return f"no preference (log p of A and B both {a:.3f})"
@@ -642,10 +650,14 @@ class Judge:
                 raise
             except Exception as exc:  # one failed request is an unparsable answer, not a crash
                 logger.warning("judge request failed: %s", exc)
+                self._failure = self._failure or exc
                 return ""
 
     async def judge(self, comparisons: Sequence[Comparison]) -> list[JudgeRecord]:
-        """One record per comparison, in order."""
+        """One record per comparison, in order. A failed request counts as an unparsable
+        answer, but when every request of the batch failed (a dead service, a refused key)
+        the first error is raised: a run of ties would hide it."""
+        self._failure = None
         sem = asyncio.Semaphore(self.concurrency)
         tasks = []
         for c in comparisons:
@@ -658,6 +670,10 @@ class Judge:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if texts and self._failure is not None and not any(t for t in texts):
+            raise JudgeUnavailable(
+                f"every judge request failed; the first: {self._failure}"
+            ) from self._failure
         step = 2 if self.both_orders else 1
         records = []
         for k in range(len(comparisons)):

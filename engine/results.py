@@ -17,7 +17,6 @@ Sections appended at the end of this file by other stages own their own new file
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from engine.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, check_writable
+from engine.atomic import file_lock as _file_lock
 from engine.checkpoints import (  # the checkpoint registry, re-exported: results/checkpoints.toml
     REGISTRY,
     latest_checkpoint,
@@ -35,11 +35,6 @@ from engine.checkpoints import (  # the checkpoint registry, re-exported: result
     registry_path,
 )
 from engine.errors import PersonaError
-
-try:  # POSIX: serialise the two writers of the synthetic file
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CHECKPOINTS_FILE",
@@ -441,24 +436,6 @@ def row_key(row: Mapping[str, Any]) -> tuple[str, str]:
 def is_review_decision(row: Mapping[str, Any]) -> bool:
     """A person's decision (accepted/edited/rejected by hand), not an automatic rejection."""
     return row.get("status") in REVIEWED and not row.get("reason")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by every writer of ``path`` (a hidden sidecar file)."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _dump(row: Mapping[str, Any]) -> bytes:

@@ -20,7 +20,10 @@ from engine.workspace import init_workspace
     ("override", "needle"),
     [
         ("sft.lrr=1e-4", "unknown key 'sft.lrr'; did you mean 'lr'?"),
-        ("sft.lr=abc", "sft.lr must be a number, got text 'abc'"),
+        ("sft.lr=abc", "sft.lr must be a finite number, got text 'abc'"),
+        ("sft.lr=inf", "sft.lr must be a finite number"),
+        ("ditto.beta=nan", "ditto.beta must be a finite number"),
+        ("ditto.mix=[1, nan, 1]", "ditto.mix must be a list of numbers"),
         ("sft.lr=-1", "sft.lr = -1: must be greater than 0"),
         ("sft.batch_size=0", "sft.batch_size = 0: must be at least 1"),
         ("sampling.max_tokens=-5", "sampling.max_tokens = -5: must be at least 1"),
@@ -135,3 +138,16 @@ def test_readme_lists_every_key_from_the_structures():
     assert settings_markdown() in README.read_text(encoding="utf-8"), (
         "README's configuration section is stale: run `.venv/bin/python -m engine.config_doc`"
     )
+
+
+def test_only_secret_entries_are_redacted():
+    from engine.config import redact
+
+    env = {
+        "TINKER_API_KEY": "tml-abcdef123",
+        "HF_HOME": "/tmp",
+        "MY_TOKEN": "tok-99999",
+        "X": "false",
+    }
+    text = "run_dir /tmp/w/runs/x, resume false, key tml-abcdef123, tok-99999"
+    assert redact(text, env) == "run_dir /tmp/w/runs/x, resume false, key ***, ***"

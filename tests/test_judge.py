@@ -408,3 +408,13 @@ async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
                 scores.append(sum(lps[-len(target) :]))
             want = Verdict.A if scores[0] > scores[1] else Verdict.B
             assert verdict is want
+
+
+async def test_a_judge_whose_every_request_fails_raises():
+    """A dead service must not look like a run of ties."""
+    from engine.judge import JudgeUnavailable
+
+    sampler = ScriptedSampler(lambda i: RuntimeError("connection refused"))
+    judge = Judge(sampler, mode="verdict")
+    with pytest.raises(JudgeUnavailable, match="connection refused"):
+        await judge.judge([comparison(), comparison()])

@@ -419,7 +419,11 @@ class ComparePane(Vertical, can_focus=True):
             return
         request, a, b = self.pair
         record = preference_record(request, a, b, choice)
-        append_preference(self.ws.results_dir, record)
+        try:
+            append_preference(self.ws.results_dir, record)
+        except OSError as e:  # disk full, read-only folder: say so, keep the pair on screen
+            self.app.notify_plain(str(e), title="Pick not saved", severity="error")
+            return
         self.picks.append({"record": record, "pair": self.pair})
         self.labeled += 1
         self.next_pair()

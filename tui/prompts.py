@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
 from engine.events import StageFailed, StageFinished
-from engine.results import read_rm_validation
+from engine.results import read_method_outputs, read_rm_validation
 from engine.templates import write_prompts
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
@@ -216,7 +216,9 @@ class PromptsPane(Vertical):
         if not rubric:
             self.app.notify_plain("Write a rubric first.", severity="warning")
             return
-        overrides = ["reward_model.validate_only=true", f"reward_model.rubric={json.dumps(rubric)}"]
+        # a TOML string (json.dumps would write emoji as surrogate pairs TOML refuses)
+        value = tomli_w.dumps({"v": rubric}, multiline_strings=False)[len("v = ") :].strip()
+        overrides = ["reward_model.validate_only=true", f"reward_model.rubric={value}"]
         if self.app.launch_stage("reward-model", overrides, source="prompts"):
             self.checking = True
             self.show_status()
@@ -235,7 +237,8 @@ class PromptsPane(Vertical):
                 f"{summary.get('unparsable', 0)}\n",
                 style="dim",
             )
-            human = summary.get("human", {})
+            human = summary.get("human")
+            human = human if isinstance(human, dict) else {}
             if human.get("count"):
                 t.append(
                     f"agrees with your blind picks {human.get('agree', 0)}/{human['count']}\n",
@@ -250,9 +253,11 @@ class PromptsPane(Vertical):
             t.append_text(plain(one_line(str(r.get("baseline_output", "")), 200)))
             t.append("\nB SFT: ", style="cyan")
             t.append_text(plain(one_line(str(r.get("sft_output", "")), 200)))
-            t.append(f"\njudge: {names.get(r.get('preference'), '?')}", style="yellow")
+            pref = r.get("preference")
+            verdict = names.get(pref, "?") if isinstance(pref, int) else "?"
+            t.append(f"\njudge: {verdict}", style="yellow")
             pick = r.get("human_pick")
-            if pick is not None:
+            if isinstance(pick, int):
                 t.append(f" · you: {names.get(pick, '?')}", style="green")
             feedback = str(r.get("grader_response", "")).strip()
             if feedback:
@@ -273,11 +278,9 @@ class PromptsPane(Vertical):
             return
         rows: dict[str, Any] = {}
         for ws in (self.ws, self.scratch):  # a try (scratch) wins over the stage's own run
-            try:
-                raw = json.loads(ws.result(PROMPTING_FILE).read_text(encoding="utf-8"))
-                rows.update({r.get("input"): r for r in raw if isinstance(r, dict)})
-            except (OSError, ValueError, TypeError):
-                pass
+            rows.update(
+                {r["input"]: r for r in read_method_outputs(ws.result(PROMPTING_FILE)).rows}
+            )
         req = demos[sel.value]["input"].strip()  # the stage records inputs trimmed
         own = demos[sel.value]["output"]
         t = Text()

@@ -8,6 +8,7 @@ very same handler as live events.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,14 @@ STATE_STYLE = {
 LOSS = ("train/loss", "val/loss")
 REDRAW_EVERY = 0.25  # seconds: charts redraw at most this often
 MAX_REPLAY_LOG = 400
+
+
+def split_overrides(text: str) -> list[str]:
+    """``section.key=value`` items as typed in one line: a new item starts only where a
+    ``name.name=`` follows a space, so values may hold spaces (``signoff="— Maya"``,
+    ``only=[0, 3]``)."""
+    text = text.strip()
+    return re.split(r"\s+(?=[A-Za-z_][\w]*\.[\w.]*=)", text) if text else []
 
 
 class MetricChart(PlotextPlot):
@@ -293,7 +302,7 @@ class TrainPane(Vertical):
         info.update(t)
 
     def overrides(self) -> list[str]:
-        return self.query_one("#overrides", Input).value.split()
+        return split_overrides(self.query_one("#overrides", Input).value)
 
     # -- actions -------------------------------------------------------------
     def action_launch(self) -> None:
