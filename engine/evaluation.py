@@ -355,9 +355,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+SPLIT_CHANGED_MARK = "(held-out set changed since training: may have trained on it)"
+
+
 def summary_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One plain row per method for the report table and the Compare tab: each column's
-    value, interval and n, plus ``best`` (the column keys where this method is best)."""
+    value, interval and n, plus ``best`` (the column keys where this method is best) and
+    ``split_changed`` (a checkpoint trained with another held-out set; its label says so)."""
     rows = []
     for m in evaluation.get("methods", []):
         name = m["name"]
@@ -376,7 +380,18 @@ def summary_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "n": None,
             },
         }
-        rows.append({"method": name, "label": m.get("label", name), "cells": cells, "best": []})
+        label = m.get("label", name)
+        if m.get("split_changed"):  # trained with another held-out set: may have seen these
+            label += f" {SPLIT_CHANGED_MARK}"
+        rows.append(
+            {
+                "method": name,
+                "label": label,
+                "cells": cells,
+                "best": [],
+                "split_changed": bool(m.get("split_changed")),
+            }
+        )
     for key, _header, better in COLUMNS:
         if better == "none":
             continue

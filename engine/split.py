@@ -154,3 +154,11 @@ def workspace_split(ws: Any, data_cfg: Any, *, record: bool = True) -> Split:
 def set_holdout(ws: Any, inputs: list[str]) -> Path:
     """Record these requests as the held-out ones (the Demonstrations tab's toggle)."""
     return write_record(ws.data_dir, inputs, manual=True)
+
+
+def split_fingerprint(split: Split) -> str:
+    """A short hash of the held-out requests (normalised, sorted): training stages record it
+    with their checkpoint, and evaluate compares it with the current split to tell whether a
+    method may have trained on what it is measured on."""
+    text = "\0".join(sorted(_norm(d["input"]) for d in split.holdout))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -70,3 +70,21 @@ def test_recorded_in_workspace_and_manual_choice(ws: Workspace):
     manual = workspace_split(ws, cfg)
     assert manual.holdout_index == frozenset({0, 1, 2}) and len(manual.train) == len(all_demos) - 3
     assert read_record(ws.data_dir).manual
+
+
+def test_split_fingerprint_follows_the_held_out_requests_only():
+    from engine.split import split_fingerprint
+
+    a = split_demos(demos(10), -1, 0, None)
+    b = split_demos(list(reversed(demos(10))), -1, 0, None)
+    assert split_fingerprint(a) == split_fingerprint(b)  # order of data.json does not matter
+    spaced = [{**d, "input": "  " + d["input"].upper() + " "} for d in demos(10)]
+    assert split_fingerprint(split_demos(spaced, -1, 0, None)) == split_fingerprint(a)
+    # the count grows (8 -> 2 held out) or a held-out request is edited: another fingerprint
+    assert split_fingerprint(split_demos(demos(7), -1, 0, None)) != split_fingerprint(
+        split_demos(demos(8), -1, 0, None)
+    )
+    edited = [
+        {**d, "input": d["input"] + " (edited)"} if d in a.holdout[:1] else d for d in demos(10)
+    ]
+    assert split_fingerprint(split_demos(edited, -1, 0, None)) != split_fingerprint(a)

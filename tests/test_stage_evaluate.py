@@ -289,3 +289,44 @@ async def test_evaluate_without_holdout_says_why(ws: Workspace):
     final = await Runner(ws).run("evaluate")
     assert isinstance(final, StageFailed)
     assert "held out" in final.message and "Add demonstrations" in final.message
+
+
+@needs_backend
+async def test_evaluate_flags_a_checkpoint_trained_with_another_split(ws: Workspace):
+    """sft records the held-out set and its context; a bad judge fails before any sampling;
+    after the held-out set changes, evaluate still measures sft but flags it."""
+    from engine.checkpoints import latest_checkpoint, record_checkpoint
+    from engine.split import set_holdout, split_fingerprint
+
+    _write_synth(ws)
+    sft = await Runner(ws).run("sft", ["sft.steps=1", "sft.sample_after=false"])
+    assert isinstance(sft, StageFinished), sft
+    cfg = load_config(ws.config_path)
+    split = workspace_split(ws, cfg.data, record=False)
+    entry = latest_checkpoint(ws.results_dir, "sft")
+    assert entry["holdout"] == split_fingerprint(split)
+    assert entry["use_system_prompt"] is cfg.sft.use_system_prompt
+
+    quick = ["evaluate.samples=1", "evaluate.max_tokens=4", "evaluate.dev_prompts=0"]
+    # a recorded judge checkpoint that cannot be opened fails before anything is sampled
+    record_checkpoint(
+        ws.results_dir, "reward-model", sampler_path=str(ws.root / "no-such-checkpoint"),
+        finished=True, base_model=cfg.models.judge, backend="local", mode="verdict",
+    )  # fmt: skip
+    events = [e async for e in Runner(ws).run_stage("evaluate", quick)]
+    assert isinstance(events[-1], StageFailed), events[-1]
+    assert "cannot open the judge" in events[-1].message
+    assert not [e for e in events if isinstance(e, SampleProduced)]
+    record_checkpoint(ws.results_dir, "reward-model", use_base=True)
+
+    # the person marks two other demonstrations as held out after training
+    set_holdout(ws, [d["input"] for d in split.train[:2]])
+    final = await Runner(ws).run(
+        "evaluate", [*quick, "evaluate.judge=false", "evaluate.embedding=false"]
+    )
+    assert isinstance(final, StageFinished), final
+    data = json.loads(ws.result("evaluation.json").read_text())
+    by = {m["name"]: m for m in data["methods"]}
+    assert by["sft"]["split_changed"] is True and "split_changed" not in by["baseline"]
+    report = ws.result("report.md").read_text()
+    assert f"| SFT {ev.SPLIT_CHANGED_MARK} |" in report

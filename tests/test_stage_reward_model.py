@@ -139,3 +139,54 @@ async def test_validation_with_rule_judge_and_no_picks(ws: Workspace):
     assert v.summary["position_consistency"] == pytest.approx(1.0)
     assert v.summary["human"]["count"] == 0 and "Compare tab" in v.summary["human"]["note"]
     assert not ws.result("rm_validation.json").exists()
+
+
+def _ctx(ws: Workspace):
+    from engine.context import StageContext
+
+    return StageContext(ws, load_config(ws.config_path), "reward-model", ws.root / "runs" / "x")
+
+
+async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
+    """A trained judge is recorded; a reward-model run with train = false marks the entry
+    use_base, so open_judge (rlaif, evaluate) takes the base judge; training again clears it."""
+    from engine.checkpoints import record_checkpoint
+    from engine.stages.reward_model import _rm_entry
+
+    ctx = _ctx(ws)
+    trained = dict(
+        sampler_path="/somewhere/final", finished=True, step=3, base_model=ctx.model("judge"),
+        backend=ctx.backend, mode="verdict", fingerprint="f",
+    )  # fmt: skip
+    record_checkpoint(ws.results_dir, "reward-model", **trained)
+    assert _rm_entry(ctx)["sampler_path"] == "/somewhere/final"
+
+    final = await Runner(ws).run(
+        "reward-model", ["reward_model.train=false", "reward_model.validate=false"]
+    )
+    assert isinstance(final, StageFinished), final
+    entry = latest_checkpoint(ws.results_dir, "reward-model")
+    assert entry["use_base"] is True
+    assert {k: entry[k] for k in trained} == trained  # the other fields stay
+    assert _rm_entry(ctx) is None
+
+    # a trained run (here: the reuse of a finished training) clears it
+    record_checkpoint(ws.results_dir, "reward-model", use_base=False)
+    assert _rm_entry(ctx)["sampler_path"] == "/somewhere/final"
+
+
+async def test_validate_only_checks_the_files_before_loading_the_judge(ws: Workspace, monkeypatch):
+    from engine.events import StageFailed
+    from engine.stages import reward_model
+
+    async def no_judge(*a, **k):
+        raise AssertionError("the judge was opened before the outputs were checked")
+
+    monkeypatch.setattr(reward_model, "open_judge", no_judge)
+    _write_outputs(ws, "baseline_results.json", "baseline")  # no SFT outputs
+    final = await Runner(ws).run("reward-model", ["reward_model.validate_only=true"])
+    assert isinstance(final, StageFailed), final
+    assert "sft_model_outputs.json" in final.message and "run `persona run sft`" in final.message
+    ws.result("sft_model_outputs.json").write_text("{not json")
+    final = await Runner(ws).run("reward-model", ["reward_model.validate_only=true"])
+    assert isinstance(final, StageFailed) and "sft_model_outputs.json" in final.message, final

@@ -140,3 +140,34 @@ async def test_judge_path_writes_every_file_and_resumes(ws: Workspace):
     rows = read_method_outputs(ws.result("rl_model_outputs.json")).rows
     assert len(rows) == len(ws.load_demos())
     assert set(rows[0]) == {"input", "expected_output", "output"}
+
+
+async def test_rerun_after_a_finished_training_only_samples(ws: Workspace):
+    """A finished training of the same prompts and settings is reused: the rerun trains no
+    step and writes the outputs from the recorded checkpoint. The entry records the context
+    the policy trained in and the held-out set."""
+    from engine.config import load_config
+    from engine.split import split_fingerprint, workspace_split
+
+    toml = RULE_TOML.format(steps=2, lr=0.01, ckpt=0).replace(
+        "sample_after = false", "sample_after = true"
+    )
+    ws.config_path.write_text(ws.config_path.read_text() + toml)
+    _write_prompts(ws)
+    assert isinstance(await Runner(ws).run("rlaif", ["rlaif.sample_after=false"]), StageFinished)
+    entry = latest_checkpoint(ws.results_dir, "rlaif")
+    assert entry["finished"] and entry["step"] == 2
+    assert entry["use_system_prompt"] is True  # the train rows carry the system prompt
+    split = workspace_split(ws, load_config(ws.config_path).data, record=False)
+    assert entry["holdout"] == split_fingerprint(split)
+    (first,) = list_runs(ws, "rlaif")
+    assert not ws.result("rl_model_outputs.json").exists()
+
+    final = await Runner(ws).run("rlaif")
+    assert isinstance(final, StageFinished), final
+    assert "reused" in final.summary
+    second = [r for r in list_runs(ws, "rlaif") if r != first][0]
+    assert not [e for e in load_run_events(second) if isinstance(e, Metric)]
+    assert latest_checkpoint(ws.results_dir, "rlaif")["sampler_path"] == entry["sampler_path"]
+    rows = read_method_outputs(ws.result("rl_model_outputs.json")).rows
+    assert len(rows) == len(ws.load_demos())

@@ -50,6 +50,7 @@ from engine.events import (
     StageFinished,
 )
 from engine.sampling import Sampler, as_completed_tasks, resolve
+from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.workspace import RESULT_FILES
 
@@ -256,6 +257,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             fingerprint=fingerprint,
             base_model=model,
             backend=ctx.backend,
+            holdout=split_fingerprint(split),  # evaluate checks the held-out set is unchanged
         )
         return CheckpointSaved(
             name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)

@@ -18,6 +18,12 @@ For each method and held-out demonstration (``ctx.split().holdout``; nothing tra
    agreement with them;
 5. cost: sampling time and tokens per method, training time/steps from each run's events.
 
+A checkpoint records the held-out set it trained with (``holdout``, engine.split.split_fingerprint);
+one trained with another set (demonstrations added, a held-out request edited) or with none
+recorded is still evaluated, with a warning, ``"split_changed": true`` in its method entry and a
+note next to it in the report: it may have trained on the requests it is measured on. The
+judge is opened (reward_model.open_judge) before any sampling, so a bad judge fails at once.
+
 Every request of a phase is submitted before any is awaited (the local service batches
 them; Tinker pipelines them). Writes results/evaluation.json, evaluation_samples.jsonl,
 evaluation_judgements.jsonl, then the report (engine.report).
@@ -50,6 +56,8 @@ from engine.metrics.stylometry import (
     text_profile,
 )
 from engine.sampling import Sampler, as_completed_tasks, open_sampler, resolve
+from engine.split import split_fingerprint
+from engine.stages.reward_model import judge_checkpoint, open_judge
 from engine.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["evaluate"]
@@ -67,6 +75,7 @@ class Method:
     system_prompt: str | None = None
     examples: list[dict[str, str]] = field(default_factory=list)
     entry: dict[str, Any] = field(default_factory=dict)
+    split_changed: bool = False  # trained with another held-out set: it may have seen these
 
     def context(self, user_turns: Messages) -> Messages:
         """The method's conversation for a request: its system prompt or examples, then the
@@ -91,6 +100,7 @@ class Method:
             "sampler_path": self.entry.get("sampler_path"),
             "run": self.entry.get("run"),
             "step": self.entry.get("step"),
+            **({"split_changed": self.split_changed} if self.kind == "checkpoint" else {}),
         }
 
 
@@ -143,6 +153,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     system_prompt = str(prompts.get("system_prompt", "")).strip()
     rubric = str(prompts.get("rubric", "")).strip()
     registry = read_registry(ws.results_dir)
+    holdout_fp = split_fingerprint(split)
     yield LogLine(
         f"{len(held)} held-out requests (demonstrations {[i + 1 for i in demo_index]}), "
         f"{len(train)} training demonstrations"
@@ -183,9 +194,24 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         except (FileNotFoundError, ValueError) as e:
             yield LogLine(f"{name}: cannot open {entry['sampler_path']} ({e}): skipped", "warning")
             continue
+        # the context it trained in (recorded by sft and rlaif; older entries: sft's setting)
         use_system = bool(
             entry.get("use_system_prompt", name == "sft" and ctx.config.sft.use_system_prompt)
         )
+        changed = entry.get("holdout") != holdout_fp
+        if changed:
+            yield LogLine(
+                f"{name}: "
+                + (
+                    "trained before the held-out set was recorded with checkpoints"
+                    if not entry.get("holdout")
+                    else "trained with another held-out set (demonstrations were added or a "
+                    "held-out request edited since)"
+                )
+                + ": it may have trained on requests it is measured on; evaluating it anyway, "
+                f"marked in the report (rerun {name} to measure it fairly)",
+                "warning",
+            )
         methods.append(
             Method(
                 name,
@@ -193,6 +219,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                 sampler,
                 system_prompt=system_prompt if use_system else None,
                 entry=entry,
+                split_changed=changed,
             )
         )
     if cfg.methods:
@@ -204,6 +231,25 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             raise StageError(f"evaluate.methods = {list(cfg.methods)}: none of them has results.")
     names = [m.name for m in methods]
     yield LogLine(f"methods: {', '.join(names)}")
+
+    # -- the judge, opened before any sampling: a bad judge fails now, not after it ----------
+    judge: Judge | None = None
+    judge_info: dict[str, Any] = {"used": False}
+    if cfg.judge and len(methods) >= 2 and rubric:
+        try:
+            judge, what = await open_judge(ctx, concurrency=cfg.concurrency)
+        except (FileNotFoundError, ValueError) as e:
+            raise StageError(
+                f"cannot open the judge ({e}): rerun the reward-model stage, or set "
+                "reward_model.train = false there to use the base judge, or evaluate.judge = false"
+            ) from e
+        judge_info = {
+            "used": False,
+            "model": ctx.model("judge"),
+            "checkpoint": judge_checkpoint(judge),
+            "mode": judge.mode,
+        }
+        yield LogLine(f"judge: {what}")
 
     sampling = ctx.config.sampling
     sem = asyncio.Semaphore(cfg.concurrency)
@@ -360,20 +406,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     # -- 3. the judge -------------------------------------------------------------------------
     judgements: list[dict[str, Any]] = []
-    judge_info: dict[str, Any] = {"used": False}
     dev_rates: dict[str, Any] = {}
     dev_samples: list[dict[str, Any]] = []
-    if cfg.judge and len(methods) >= 2 and rubric:
-        judge, judge_info = await _open_judge(ctx, registry)
-        yield LogLine(
-            f"judge: {judge_info['model']}"
-            + (
-                f" (reward model {judge_info['checkpoint']})"
-                if judge_info["checkpoint"]
-                else " (base model, untrained)"
-            )
-            + f", {judge_info['mode']} mode"
-        )
+    if judge is not None:
         comps, meta = [], []
         for i, a in enumerate(methods):
             for b in methods[i + 1 :]:
@@ -562,24 +597,6 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         summary=f"{len(methods)} methods on {len(held)} held-out requests"
         + (f"; lowest NLL: {ev.method_label(best)}" if best else ""),
     )
-
-
-async def _open_judge(ctx: StageContext, registry: dict[str, Any]) -> tuple[Judge, dict[str, Any]]:
-    entry = registry.get(JUDGE_STAGE) or {}
-    mode = str(entry.get("mode") or ctx.config.reward_model.mode)
-    if mode not in ("verdict", "feedback"):
-        mode = "verdict" if ctx.backend == "local" else "feedback"
-    path = entry.get("sampler_path")
-    sampler = None
-    if path:
-        try:
-            sampler = await open_sampler(ctx, role="judge", model_path=str(path))
-        except (FileNotFoundError, ValueError):
-            sampler, path = None, None
-    if sampler is None:
-        sampler = await open_sampler(ctx, role="judge")
-    judge = Judge(sampler, mode=mode, concurrency=ctx.config.evaluate.concurrency)  # type: ignore[arg-type]
-    return judge, {"model": ctx.model("judge"), "checkpoint": path, "mode": mode}
 
 
 async def _judge_in_chunks(

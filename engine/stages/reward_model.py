@@ -14,7 +14,8 @@ mode, ``feedback [RESULT] X`` in feedback mode (``reward_model.mode``; auto = ve
 feedback on Tinker). Same runs/checkpoints/resume machinery as sft; the checkpoint is recorded
 as [reward-model] in results/checkpoints.toml (with the judge mode). A finished training of
 the same data is reused, so a rerun after a kill during validation only validates.
-``reward_model.train = false`` uses the base judge as is.
+``reward_model.train = false`` uses the base judge as is, and records ``use_base = true`` in
+[reward-model] so rlaif and evaluate use the base judge too (a later trained run clears it).
 
 Live metrics: train/loss, rm/heldout_accuracy, rm/position_consistency, rm/unparsable_rate
 (held-out: the dataset's held-out rows and the own pairs of a few training demonstrations).
@@ -60,6 +61,7 @@ from engine.results import (
     write_rm_validation,
 )
 from engine.sampling import Sampler, resolve
+from engine.split import split_fingerprint
 from engine.stages.sft import batch_indices, mean_nll
 
 OUTPUT = RM_VALIDATION_FILE
@@ -144,9 +146,12 @@ def _canonical(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
 
 
 def _rm_entry(ctx: StageContext) -> dict[str, Any] | None:
+    """The trained judge to use, or None for the base judge (none trained for this judge model
+    and backend, or the last reward-model run said ``reward_model.train = false``: use_base)."""
     entry = latest_checkpoint(ctx.workspace.results_dir, STAGE)
     if (
         entry
+        and not entry.get("use_base")
         and entry.get("finished")
         and entry.get("sampler_path")
         and entry.get("base_model") == ctx.model("judge")
@@ -160,8 +165,9 @@ async def open_judge(
     ctx: StageContext, *, concurrency: int = 64, use_trained: bool = True
 ) -> tuple[Judge, str]:
     """The reward-model judge: the trained checkpoint of [reward-model] in
-    results/checkpoints.toml when there is one for this judge model and backend, else the base
-    judge model. Returns (judge, a description for logs)."""
+    results/checkpoints.toml when there is one for this judge model and backend (and the last
+    reward-model run did not choose the base judge, ``use_base``), else the base judge model.
+    Returns (judge, a description for logs); ``judge_checkpoint(judge)`` is the checkpoint used."""
     from engine.backends.renderers import get_renderer_for
 
     model = ctx.model("judge")
@@ -181,7 +187,14 @@ async def open_judge(
     sampler = Sampler(
         client=client, renderer=get_renderer_for(model, tok), tokenizer=tok, model=model
     )
-    return Judge(sampler, mode=mode, concurrency=concurrency), what
+    judge = Judge(sampler, mode=mode, concurrency=concurrency)
+    judge.checkpoint = entry["sampler_path"] if entry else None  # type: ignore[attr-defined]
+    return judge, what
+
+
+def judge_checkpoint(judge: Any) -> str | None:
+    """The trained checkpoint a judge from :func:`open_judge` uses (None: the base model)."""
+    return getattr(judge, "checkpoint", None)
 
 
 async def heldout_metrics(judge: Any, examples: Sequence[JudgeExample]) -> dict[str, float]:
@@ -256,24 +269,14 @@ def human_picks_baseline_vs_sft(results_dir: Any) -> dict[str, int]:
     return picks
 
 
-async def validate_rubric(
-    ctx: StageContext,
-    *,
-    rubric: str | None = None,
-    judge: Any = None,
-    judge_name: str | None = None,
-    write: bool = True,
-) -> RmValidation:
-    """Judge baseline vs SFT outputs on every demonstration request with ``rubric`` (default:
-    the one in data/prompts.toml), both orders; write results/rm_validation.json (``write``).
+ValidationOutputs = tuple[dict[str, dict[str, dict[str, Any]]], list[str]]
 
-    ``judge`` defaults to :func:`open_judge` (the trained reward model, else the base judge).
-    Needs results/baseline_results.json and results/sft_model_outputs.json. For the TUI's
-    Prompts & Rubric key: call it with the rubric being edited.
-    """
+
+def load_validation_outputs(ctx: StageContext) -> ValidationOutputs:
+    """The baseline and SFT outputs validation compares, keyed by request, and the requests
+    both have. Raises StageError when either file is missing, unreadable or empty, or they
+    share no request: call it before loading a judge model, so a missing file fails at once."""
     ws = ctx.workspace
-    if rubric is None:
-        rubric = str(ws.load_prompts().get("rubric", "")).strip()
     loaded = {}
     for method, stage in (("baseline", "baseline"), ("sft", "sft")):
         path = ws.result(RESULT_FILES[stage])
@@ -289,6 +292,32 @@ async def validate_rubric(
     inputs = [k for k in loaded["baseline"] if k in loaded["sft"]]
     if not inputs:
         raise StageError("baseline and SFT outputs share no request: rerun both stages.")
+    return loaded, inputs
+
+
+async def validate_rubric(
+    ctx: StageContext,
+    *,
+    rubric: str | None = None,
+    judge: Any = None,
+    judge_name: str | None = None,
+    write: bool = True,
+    outputs: ValidationOutputs | None = None,
+) -> RmValidation:
+    """Judge baseline vs SFT outputs on every demonstration request with ``rubric`` (default:
+    the one in data/prompts.toml), both orders; write results/rm_validation.json (``write``).
+
+    ``judge`` defaults to :func:`open_judge` (the trained reward model, else the base judge).
+    Needs results/baseline_results.json and results/sft_model_outputs.json (``outputs``: what
+    :func:`load_validation_outputs` read, else read here before any judge is opened). For the
+    TUI's Prompts & Rubric key: call it with the rubric being edited.
+    """
+    ws = ctx.workspace
+    if rubric is None:
+        rubric = str(ws.load_prompts().get("rubric", "")).strip()
+    if outputs is None:
+        outputs = load_validation_outputs(ctx)
+    loaded, inputs = outputs
     if judge is None:
         judge, judge_name = await open_judge(ctx, concurrency=ctx.config.reward_model.concurrency)
     comparisons = [
@@ -437,6 +466,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             yield LogLine(
                 f"judge already trained on this data ({prev['sampler_path']}): validating only"
             )
+            if prev.get("use_base"):  # an earlier train = false run chose the base judge
+                record_checkpoint(ws.results_dir, STAGE, use_base=False)
         else:
             async for ev in _train(
                 ctx,
@@ -452,11 +483,17 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             ):
                 yield ev
     else:
+        # Recorded so later stages (rlaif, evaluate) use the base judge too, not an older
+        # trained checkpoint; the entry's other fields stay (a rerun with train = true reuses
+        # a finished training of the same data).
+        record_checkpoint(ws.results_dir, STAGE, use_base=True)
         yield LogLine(f"reward_model.train = false: using the base judge {model} as is")
     outputs.append(ws.rel(registry_path(ws.results_dir)))
     summary = "judge ready"
     if cfg.validate or cfg.validate_only:
         try:
+            # the outputs first: a missing file fails before a judge model is loaded
+            compared = load_validation_outputs(ctx)
             judge, what = await open_judge(
                 ctx,
                 concurrency=ctx.config.reward_model.concurrency,
@@ -464,7 +501,11 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             )
             yield LogLine(f"validating {what} on baseline vs SFT outputs")
             v = await validate_rubric(
-                ctx, rubric=cfg.rubric.strip() or None, judge=judge, judge_name=what
+                ctx,
+                rubric=cfg.rubric.strip() or None,
+                judge=judge,
+                judge_name=what,
+                outputs=compared,
             )
         except StageError as e:
             if cfg.validate_only:
@@ -521,6 +562,7 @@ async def _train(
         )
     tokenizer = tc.get_tokenizer()
     renderer = get_renderer_for(model, tokenizer)
+    holdout = split_fingerprint(ctx.split())  # the own pairs came from the other demos
 
     def to_datum(msgs: list[dict[str, str]]) -> tinker.Datum:
         mi, weights = renderer.build_supervised_example(msgs)
@@ -556,6 +598,8 @@ async def _train(
             base_model=model,
             backend=ctx.backend,
             mode=mode,
+            use_base=False,
+            holdout=holdout,
         )
         return CheckpointSaved(
             name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)

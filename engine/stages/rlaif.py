@@ -56,7 +56,8 @@ from engine.judge import (
 )
 from engine.metrics.stats import win_rate
 from engine.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
-from engine.sampling import Sampler, resolve
+from engine.sampling import Sampler, open_sampler, resolve
+from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.reward_model import open_judge
 from engine.stages.sft import batch_indices
@@ -184,7 +185,50 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         ).encode()
     ).hexdigest()[:16]
 
+    # rl-prompts puts the system prompt into the train rows when there is one: evaluate gives
+    # the checkpoint the same context
+    use_system = any(
+        m.get("role") == "system" for r in train_rows for m in r.get("prompt_conversation", [])
+    )
+    holdout = split_fingerprint(ctx.split())  # the prompts came from the training demos
+
     prev = latest_checkpoint(ws.results_dir, STAGE)
+    if (
+        cfg.resume
+        and prev
+        and prev.get("finished")
+        and prev.get("fingerprint") == fingerprint
+        and prev.get("sampler_path")
+        and int(prev.get("step", 0)) == cfg.steps
+    ):
+        # Training is done (e.g. killed while sampling): only the final sampling is left.
+        reused = str(prev["sampler_path"])
+        yield LogLine(
+            f"training already finished ({reused}, step {cfg.steps}): reusing it"
+            + (", sampling only" if cfg.sample_after else "")
+            + "; --set rlaif.resume=false trains again"
+        )
+        try:
+            sampler = (
+                await open_sampler(ctx, role="policy", model_path=reused)
+                if cfg.sample_after
+                else None
+            )
+        except FileNotFoundError as e:
+            yield LogLine(f"cannot reuse the finished training ({e}); training again", "warning")
+        else:
+            outputs = []
+            async for x in _sample_after(ctx, sampler):
+                if isinstance(x, str):
+                    outputs.append(x)
+                else:
+                    yield x
+            yield StageFinished(
+                stage=ctx.stage,
+                outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
+                summary=f"reused the finished training ({cfg.steps} RL steps); checkpoint {reused}",
+            )
+            return
     start_step, tc = 0, None
     if (
         cfg.resume
@@ -250,6 +294,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             base_model=model,
             backend=ctx.backend,
             init=init["sampler_path"] if init else "base",
+            use_system_prompt=use_system,
+            holdout=holdout,
         )
         return CheckpointSaved(
             name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
@@ -410,20 +456,34 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     yield final
 
     outputs = []
-    if cfg.sample_after:
-        client = await resolve(
-            svc.create_sampling_client(model_path=final.sampler_path, base_model=model)
-        )
-        sampler = Sampler(client=client, renderer=renderer, tokenizer=tokenizer, model=model)
-        system_prompt = str(ws.load_prompts().get("system_prompt", "")).strip() or None
-        out = ws.result(OUTPUT)
-        async for ev in sample_demo_inputs(
-            ctx, sampler, ws.load_demos(), out, system_prompt=system_prompt, source="rlaif"
-        ):
-            yield ev
-        outputs.append(ws.rel(out))
+    sampler = (
+        await open_sampler(ctx, role="policy", model_path=final.sampler_path)
+        if cfg.sample_after
+        else None
+    )
+    async for x in _sample_after(ctx, sampler):
+        if isinstance(x, str):
+            outputs.append(x)
+        else:
+            yield x
     yield StageFinished(
         stage=ctx.stage,
         outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
         summary=f"{step} RL steps; checkpoint {final.sampler_path}",
     )
+
+
+async def _sample_after(ctx: StageContext, sampler: Sampler | None) -> AsyncIterator[Event | str]:
+    """Sample the trained policy on every demo input (None: ``rlaif.sample_after`` is off),
+    with the system prompt it trained with -> results/rl_model_outputs.json; yields the
+    events, then the path written (a str)."""
+    if sampler is None:
+        return
+    ws = ctx.workspace
+    system_prompt = str(ws.load_prompts().get("system_prompt", "")).strip() or None
+    out = ws.result(OUTPUT)
+    async for ev in sample_demo_inputs(
+        ctx, sampler, ws.load_demos(), out, system_prompt=system_prompt, source="rlaif"
+    ):
+        yield ev
+    yield ws.rel(out)

@@ -38,6 +38,7 @@ from engine.context import StageCancelled, StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
 from engine.results import RESULT_FILES, latest_checkpoint, record_checkpoint, registry_path
 from engine.sampling import open_sampler, resolve
+from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import warn_bad
 
@@ -278,6 +279,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         yield LogLine("this backend has no forward(); skipping validation loss", "warning")
 
     last_saved = start_step
+    holdout = split_fingerprint(ctx.split())  # the synthetic data came from the training demos
 
     async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
         state = await resolve(tc.save_state(name))
@@ -295,6 +297,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             final_fingerprint=final_fp if finished else None,
             base_model=model,
             backend=ctx.backend,
+            use_system_prompt=use_system,  # the context evaluate gives this checkpoint
+            holdout=holdout,  # evaluate checks the held-out set is still this one
         )
         return CheckpointSaved(
             name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
