@@ -190,3 +190,29 @@ async def test_validate_only_checks_the_files_before_loading_the_judge(ws: Works
     ws.result("sft_model_outputs.json").write_text("{not json")
     final = await Runner(ws).run("reward-model", ["reward_model.validate_only=true"])
     assert isinstance(final, StageFailed) and "sft_model_outputs.json" in final.message, final
+
+
+@needs_backend
+async def test_comparisons_longer_than_max_length_are_left_out_not_cut(ws: Workspace):
+    """A cut comparison loses its verdict (the target is at the end): it is left out with a
+    warning, and the loss stays a number."""
+    _write_outputs(ws, "baseline_results.json", "base")
+    _write_outputs(ws, "prompt_engineering_results.json", "p")
+    args = [
+        "reward_model.steps=2",
+        "reward_model.batch_size=2",
+        "reward_model.rank=4",
+        "reward_model.validate=false",
+        "reward_model.max_length=400",
+    ]
+    events = [e async for e in Runner(ws).run_stage("reward-model", args)]
+    final = events[-1]
+    warned = [
+        e for e in events if getattr(e, "level", "") == "warning" and "max_length" in e.message
+    ]
+    if isinstance(final, StageFinished):
+        assert warned, "some comparisons must have been too long at 400 tokens"
+        losses = [e.value for e in events if isinstance(e, Metric) and e.name == "train/loss"]
+        assert losses and all(v == v for v in losses)  # no NaN
+    else:  # every comparison was too long: a clear message, not a NaN run
+        assert "reward_model.max_length" in final.message

@@ -564,11 +564,28 @@ async def _train(
     renderer = get_renderer_for(model, tokenizer)
     holdout = split_fingerprint(ctx.split())  # the own pairs came from the other demos
 
-    def to_datum(msgs: list[dict[str, str]]) -> tinker.Datum:
+    def to_datum(msgs: list[dict[str, str]]) -> tuple[tinker.Datum, bool]:
+        """The datum, and whether max_length cut into the judge's target (the verdict is at
+        the very end, so a cut comparison would train on nothing, or on half a verdict)."""
         mi, weights = renderer.build_supervised_example(msgs)
-        return datum_from_model_input_weights(mi, weights, max_length=cfg.max_length)
+        datum = datum_from_model_input_weights(mi, weights, max_length=cfg.max_length)
+        kept = float(datum.loss_fn_inputs["weights"].to_torch().sum())
+        return datum, kept < float(sum(float(w) for w in weights))
 
-    data = await asyncio.to_thread(lambda: [to_datum(c) for c in convs])
+    built = await asyncio.to_thread(lambda: [to_datum(c) for c in convs])
+    data = [d for d, cut in built if not cut]
+    if len(data) < len(built):
+        yield LogLine(
+            f"{len(built) - len(data)} of {len(built)} comparisons are longer than "
+            f"reward_model.max_length = {cfg.max_length} tokens and were left out (their verdict "
+            "would be cut off); raise reward_model.max_length to keep them",
+            "warning",
+        )
+    if not data:
+        raise StageError(
+            f"every comparison is longer than reward_model.max_length = {cfg.max_length} "
+            "tokens: raise it (e.g. --set reward_model.max_length=2048)"
+        )
 
     async def evaluate(step: int) -> AsyncIterator[Event]:
         if not held:
