@@ -236,8 +236,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     step = rounds_done * cfg.steps_per_round
 
     async def save(name: str, finished: bool) -> CheckpointSaved:
-        state = await resolve(tc.save_state(name))
-        sampler = await resolve(tc.save_weights_for_sampler(name))
+        state_future = tc.save_state(name)  # both submitted before either is awaited
+        sampler_future = tc.save_weights_for_sampler(name)
+        state, sampler = await resolve(state_future), await resolve(sampler_future)
         buffer.meta.update(fingerprint=fingerprint, rounds_done=rounds_done)
         buffer.save(buffer_path)
         record_checkpoint(

@@ -63,6 +63,7 @@ from engine.results import (
 from engine.sampling import Sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages.sft import batch_indices, mean_nll
+from engine.training import save_checkpoint
 
 OUTPUT = RM_VALIDATION_FILE
 STAGE = "reward-model"
@@ -537,7 +538,6 @@ async def _train(
     datum_from_model_input_weights: Any,
     get_renderer_for: Any,
 ) -> AsyncIterator[Event]:
-    ws = ctx.workspace
     cfg = ctx.config.reward_model
     model = ctx.model("judge")
     svc = ctx.service_client()
@@ -600,26 +600,19 @@ async def _train(
             yield Metric("rm/position_consistency", step, m["position_consistency"])
 
     async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
-        state = await resolve(tc.save_state(name))
-        sampler = await resolve(tc.save_weights_for_sampler(name))
-        record_checkpoint(
-            ws.results_dir,
+        return await save_checkpoint(
+            ctx,
+            tc,
             STAGE,
-            sampler_path=str(sampler.path),
-            state_path=str(state.path),
+            name,
             step=step,
             total_steps=total_steps,
             finished=finished,
-            run=ws.rel(ctx.run_dir),
             fingerprint=fingerprint,
             base_model=model,
-            backend=ctx.backend,
             mode=mode,
             use_base=False,
             holdout=holdout,
-        )
-        return CheckpointSaved(
-            name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
         )
 
     if start_step == 0:

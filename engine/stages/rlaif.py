@@ -44,7 +44,7 @@ from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
+from engine.checkpoints import latest_checkpoint, registry_path
 from engine.context import StageCancelled, StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
 from engine.judge import (
@@ -61,6 +61,7 @@ from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.reward_model import open_judge
 from engine.stages.sft import batch_indices
+from engine.training import save_checkpoint
 
 OUTPUT = RESULT_FILES["rlaif"]
 STAGE = "rlaif"
@@ -278,27 +279,19 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         )
 
     async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
-        state_f = tc.save_state(name)
-        sampler_f = tc.save_weights_for_sampler(name)
-        state, sampler = await resolve(state_f), await resolve(sampler_f)
-        record_checkpoint(
-            ws.results_dir,
+        return await save_checkpoint(
+            ctx,
+            tc,
             STAGE,
-            sampler_path=str(sampler.path),
-            state_path=str(state.path),
+            name,
             step=step,
             total_steps=cfg.steps,
             finished=finished,
-            run=ws.rel(ctx.run_dir),
             fingerprint=fingerprint,
             base_model=model,
-            backend=ctx.backend,
             init=init["sampler_path"] if init else "base",
             use_system_prompt=use_system,
             holdout=holdout,
-        )
-        return CheckpointSaved(
-            name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
         )
 
     async def dev_eval(step: int, current: Any) -> AsyncIterator[Event]:

@@ -36,11 +36,12 @@ import tinker
 from engine import results
 from engine.context import StageCancelled, StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
-from engine.results import RESULT_FILES, latest_checkpoint, record_checkpoint, registry_path
+from engine.results import RESULT_FILES, latest_checkpoint, registry_path
 from engine.sampling import open_sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import warn_bad
+from engine.training import save_checkpoint
 
 OUTPUT = RESULT_FILES["sft"]
 DATA_FILE = RESULT_FILES["synth-outputs"]
@@ -282,26 +283,19 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     holdout = split_fingerprint(ctx.split())  # the synthetic data came from the training demos
 
     async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
-        state = await resolve(tc.save_state(name))
-        sampler = await resolve(tc.save_weights_for_sampler(name))
-        record_checkpoint(
-            ws.results_dir,
+        return await save_checkpoint(
+            ctx,
+            tc,
             "sft",
-            sampler_path=str(sampler.path),
-            state_path=str(state.path),
+            name,
             step=step,
             total_steps=total_steps,
             finished=finished,
-            run=ws.rel(ctx.run_dir),
             fingerprint=fingerprint,
             final_fingerprint=final_fp if finished else None,
             base_model=model,
-            backend=ctx.backend,
             use_system_prompt=use_system,  # the context evaluate gives this checkpoint
             holdout=holdout,  # evaluate checks the held-out set is still this one
-        )
-        return CheckpointSaved(
-            name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
         )
 
     async def val_loss() -> float:
