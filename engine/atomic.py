@@ -90,12 +90,15 @@ def _target_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours, or one we may not signal)."""
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -117,7 +120,7 @@ def clean_stale_temps(path: str | Path) -> list[Path]:
             continue
         middle = name[len(prefix) : -len(".tmp")].split(".")
         if len(middle) == 2 and middle[0].isdigit():  # .<name>.<pid>.<random>.tmp
-            if _pid_alive(int(middle[0])):
+            if pid_alive(int(middle[0])):
                 continue
         elif len(middle) != 1:  # not one of ours
             continue

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json, atomic_write_toml
+from engine.atomic import atomic_write_json, atomic_write_toml, pid_alive
 from engine.checkpoint_retention import disk_usage, prune_checkpoints
 from engine.checkpoints import read_registry
 from engine.config import ConfigError, redact, snapshot
@@ -50,20 +50,6 @@ Listener = Callable[[Event], Any]
 RUNNING_MARKER = "running.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False
-    return True
-
-
 def _process_started(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), or None if unknown."""
     try:
@@ -81,7 +67,7 @@ def _marker_is_live(marker: dict[str, Any]) -> bool:
         pid = int(marker.get("pid", 0))
     except (TypeError, ValueError):
         return False
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     recorded = marker.get("pid_started")
     if recorded is None:  # an old marker: fall back to the command line

@@ -52,6 +52,7 @@ from engine.events import (
 from engine.sampling import Sampler, as_completed_tasks, resolve
 from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
+from engine.stages.sft import mean_nll
 from engine.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["ditto"]
@@ -102,16 +103,6 @@ def dpo_loss(
         rejected_ref_logprobs=refs[1::2],
         dpo_beta=beta,
     )
-
-
-def _sft_mean_nll(result: Any, batch: list[tinker.Datum]) -> float:
-    total_w = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in batch)
-    s = 0.0
-    for out, d in zip(result.loss_fn_outputs, batch, strict=True):
-        s += float(
-            (out["logprobs"].to_torch().float() * d.loss_fn_inputs["weights"].to_torch()).sum()
-        )
-    return -s / total_w if total_w else float("nan")
 
 
 def _short(text: str, n: int = 300) -> str:
@@ -393,7 +384,7 @@ async def _sft_init(
         opt = tc.optim_step(
             tinker.AdamParams(learning_rate=cfg.sft_lr, beta1=0.9, beta2=0.95, eps=1e-8)
         )
-        loss = _sft_mean_nll(await resolve(fb), batch)
+        loss = mean_nll(await resolve(fb), batch)
         await resolve(opt)
         yield Metric("ditto/sft_loss", step + 1, loss)
         yield Metric("ditto/sft_stop_loss", step + 1, cfg.sft_stop_loss)
