@@ -83,3 +83,16 @@ async def test_rl_prompts_nothing_usable_fails_clearly(ws: Workspace):
     assert isinstance(final, StageFailed)
     assert "rl_prompts.teacher_calls" in final.message
     assert not ws.result("rl_train_data.jsonl").exists()
+
+
+async def test_synth_inputs_never_shows_the_teacher_a_held_out_demo(ws: Workspace):
+    split = workspace_split(ws, load_config(ws.config_path).data)
+    held_inputs = {d["input"] for d in split.holdout}
+    assert held_inputs
+    svc = FakeTeacher(lambda prompt: "\n".join(f"{i + 1}. {r}" for i, r in enumerate(R[:3])))
+    final = await Runner(ws, service_factory=svc).run("synth-inputs")
+    assert isinstance(final, StageFinished), final
+    assert svc.prompts
+    for p in svc.prompts:
+        assert not any(t in p for t in held_inputs)
+        assert any(d["input"] in p for d in split.train)
