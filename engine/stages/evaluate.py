@@ -386,13 +386,13 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         if texts:
             met["style_distance"]["profile_distance"] = style_distance(texts, person_texts)
             met["style_distance"]["by_feature"] = style_distance_by_feature(texts, person_texts)
-        met["embedding_similarity"] = ev.mean_interval(
-            [s["similarity"] for s in mine if "similarity" in s]
+        met["embedding_similarity"] = ev.mean_interval(  # a cosine: its interval stays in [-1, 1]
+            [s["similarity"] for s in mine if "similarity" in s], (-1.0, 1.0)
         )
         met["centroid_similarity"] = ev.mean_interval(
-            [s["centroid_similarity"] for s in mine if "centroid_similarity" in s]
+            [s["centroid_similarity"] for s in mine if "centroid_similarity" in s], (-1.0, 1.0)
         )
-        met["length_words"] = ev.mean_interval([s["length_words"] for s in mine])
+        met["length_words"] = ev.mean_interval([s["length_words"] for s in mine], (0.0, math.inf))
         met["cost"] = {
             "samples": len(mine),
             "sampled_tokens": sum(s["tokens"] for s in mine),
