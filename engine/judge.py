@@ -560,7 +560,24 @@ class JudgeUnavailable(PersonaError):
     """Every request of a judging batch failed: the judge cannot be reached or used."""
 
 
-class Judge:
+class _JudgeBase:
+    """What every judge shares: one comparison at a time, and resettable counts."""
+
+    stats: JudgeStats
+
+    async def judge(self, comparisons: Sequence[Comparison]) -> list[JudgeRecord]:
+        raise NotImplementedError
+
+    async def judge_one(self, comparison: Comparison) -> JudgeRecord:
+        return (await self.judge([comparison]))[0]
+
+    def reset_stats(self) -> JudgeStats:
+        """Start new counts; returns the old ones."""
+        old, self.stats = self.stats, JudgeStats()
+        return old
+
+
+class Judge(_JudgeBase):
     """A judge model behind Tinker's sampling interface.
 
     ``sampler`` is an :class:`engine.sampling.Sampler`-like object (``.client``,
@@ -687,17 +704,9 @@ class Judge:
             records.append(record)
         return records
 
-    async def judge_one(self, comparison: Comparison) -> JudgeRecord:
-        return (await self.judge([comparison]))[0]
-
-    def reset_stats(self) -> JudgeStats:
-        """Start new counts; returns the old ones."""
-        old, self.stats = self.stats, JudgeStats()
-        return old
-
 
 @dataclass
-class RuleJudge:
+class RuleJudge(_JudgeBase):
     """Same interface as :class:`Judge`, no model: prefers the shorter completion (in
     characters). tinker-cookbook's own demo of pairwise RL; for tests.
 
@@ -721,10 +730,3 @@ class RuleJudge:
             self.stats.add(record.preference, record.verdict_ab, record.verdict_ba)
             records.append(record)
         return records
-
-    async def judge_one(self, comparison: Comparison) -> JudgeRecord:
-        return (await self.judge([comparison]))[0]
-
-    def reset_stats(self) -> JudgeStats:
-        old, self.stats = self.stats, JudgeStats()
-        return old

@@ -8,10 +8,11 @@ in results/checkpoints.toml with the stage's own fields (fingerprint, step, held
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from engine.checkpoints import record_checkpoint
-from engine.events import CheckpointSaved
+from engine.events import CheckpointSaved, Event, LogLine
 from engine.sampling import resolve
 
 
@@ -36,3 +37,20 @@ async def save_checkpoint(
     return CheckpointSaved(
         name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
     )
+
+
+def step_name(step: int) -> str:
+    """The name of a periodic checkpoint (``final`` is the last one)."""
+    return f"step-{step:06d}"
+
+
+async def cancel_checkpoint(
+    save: Callable[[int, str, bool], Awaitable[CheckpointSaved]],
+    step: int,
+    last_saved: int,
+    total_steps: int,
+) -> AsyncIterator[Event]:
+    """On cancel: save the steps done since the last checkpoint, so a rerun loses none."""
+    if step > last_saved:
+        yield await save(step, step_name(step), False)
+        yield LogLine(f"cancelled at step {step}/{total_steps}; checkpoint saved, rerun to resume")

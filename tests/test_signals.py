@@ -37,7 +37,7 @@ st.STAGES["baseline"] = dataclasses.replace(st.STAGES["baseline"], run=slow)
 sys.exit(main(["-C", sys.argv[1], "run", "baseline"]))
 """
 
-DEADLINE = 120  # a guard against a hang only: every wait below is for a state
+DEADLINE = 600  # a guard against a hang only: every wait below is for a state
 
 
 def _wait_for(check, what: str) -> None:

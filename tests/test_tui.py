@@ -134,9 +134,13 @@ async def test_synthetic_accept_reject_edit_saved(ws: Workspace):
         assert rows[3]["messages"][-1]["content"] == "Hi Sam — Thu works. — Maya"
         # filter to pending, accept all shown
         await pilot.press("f", "A")
-        await pilot.pause(0.6)  # the autosave
+
+        def statuses() -> list[str]:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [json.loads(line)["status"] for line in lines]
+
+        await until(pilot, lambda: statuses()[4:] == ["accepted", "accepted"])  # the autosave
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        assert [r["status"] for r in rows][4:] == ["accepted", "accepted"]
         assert rows[1]["status"] == "rejected"
         assert "showing 0 of 6" in static_text(app.query_one("#synth-status", Static))
 
@@ -236,8 +240,12 @@ async def test_launch_sft_on_tiny_model(ws: Workspace):
         app.query_one("#stage-table", DataTable).move_cursor(row=names.index("sft"))
         await pilot.press("enter")
         await pilot.pause()
-        final = await app.wait_for_stage(timeout=150)  # 3 tiny steps may already be done
-        await pilot.pause(0.3)
+        final = await app.wait_for_stage()  # 3 tiny steps may already be done
+        chart = app.query_one("#loss-chart", MetricChart)
+        await until(
+            pilot,
+            lambda: app.running_stage is None and len(chart.series.get("train/loss", [])) == 3,
+        )
         assert isinstance(final, StageFinished), final
         assert final.stage == "sft" and app.running_stage is None
         chart = app.query_one("#loss-chart", MetricChart)
@@ -284,7 +292,7 @@ async def test_prompts_saved_and_try_it(ws: Workspace):
         await until(pilot, lambda: app.prompts.dirty)
         await pilot.press("f8")  # runs the stage on the edited prompt, saves nothing
         await until(pilot, lambda: app.running_stage is not None or app.last_final is not None)
-        await app.wait_for_stage(timeout=30)
+        await app.wait_for_stage()
         await until(pilot, lambda: not app.prompts.trying)
         shown = static_text(app.query_one("#try-result", Static))
         assert "[Write like Maya [/b].] for #0" in shown
@@ -333,14 +341,11 @@ async def test_quit_while_training_saves_a_checkpoint_first(ws: Workspace):
         await app.wait_ready()
         assert app.launch_stage("sft")
         chart = app.query_one("#loss-chart", MetricChart)
-        for _ in range(600):  # until training is under way
-            await pilot.pause(0.05)
-            if chart.series.get("train/loss"):
-                break
+        await until(pilot, lambda: bool(chart.series.get("train/loss")))  # training under way
         await pilot.press("ctrl+q")
         await pilot.pause()
         await pilot.click("#choice-discard")
-        await app.wait_for_stage(timeout=120)
+        await app.wait_for_stage()
         await pilot.pause()
     entry = tomllib.loads(ws.result("checkpoints.toml").read_text(encoding="utf-8"))["sft"]
     assert not entry["finished"] and 0 < entry["step"] < 500

@@ -190,7 +190,7 @@ async def test_stopping_shows_at_once(ws: Workspace):
         await pilot.press("x")
         assert table.get_cell("baseline", "state").plain == "stopping…"
         gate.set()
-        await app.wait_for_stage(timeout=30)
+        await app.wait_for_stage()
         await until(pilot, lambda: table.get_cell("baseline", "state").plain != "stopping…")
 
 

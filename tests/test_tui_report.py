@@ -216,7 +216,7 @@ async def test_evaluate_launched_from_train_tab_fills_the_report(ws: Workspace):
         app.query_one("#stage-table", DataTable).move_cursor(row=names.index("evaluate"))
         await pilot.press("enter")
         await pilot.pause()
-        final = await app.wait_for_stage(timeout=150)
+        final = await app.wait_for_stage()
         assert isinstance(final, StageFinished), final
         body = app.query_one("#report-body")
         await until(pilot, lambda: body.display)  # refreshed without leaving the Train tab

@@ -31,7 +31,7 @@ async def test_f10_checks_the_edited_rubric_and_shows_verdicts(ws: Workspace):
         await until(pilot, lambda: app.prompts.dirty)
         await pilot.press("f10")
         await until(pilot, lambda: app.running_stage is not None or app.last_final is not None)
-        await app.wait_for_stage(timeout=300)
+        await app.wait_for_stage()
         assert app.last_final is not None and app.last_final.stage == "reward-model"
         assert not getattr(app.last_final, "message", ""), app.last_final
         await until(pilot, lambda: not app.prompts.checking)

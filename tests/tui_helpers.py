@@ -12,11 +12,17 @@ from engine.workspace import Workspace
 
 async def until(pilot, predicate, tries: int = 500) -> None:
     """Let the app run until ``predicate()`` holds (a state, never a time); fail after
-    ``tries`` idle rounds."""
+    ``tries`` idle rounds. For a state a worker thread reaches (a training step, a file
+    written), each round also yields the processor briefly, so a busy machine only makes
+    it take more rounds, and the cap is far beyond any real need."""
     for _ in range(tries):
         if predicate():
             return
         await pilot.pause()
+    for _ in range(20_000):
+        if predicate():
+            return
+        await pilot.pause(0.01)
     assert predicate(), "the app never reached the state the test waits for"
 
 

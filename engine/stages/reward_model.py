@@ -63,7 +63,7 @@ from engine.results import (
 from engine.sampling import Sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages.sft import batch_indices, mean_nll
-from engine.training import save_checkpoint
+from engine.training import cancel_checkpoint, save_checkpoint, step_name
 
 OUTPUT = RM_VALIDATION_FILE
 STAGE = "reward-model"
@@ -634,16 +634,13 @@ async def _train(
             yield Metric("train/loss", step, mean_nll(result, batch))
             yield Progress(step, total_steps, "reward-model: steps")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                yield await save(step, f"step-{step:06d}", finished=False)
+                yield await save(step, step_name(step), finished=False)
                 last_saved = step
                 async for ev in evaluate(step):
                     yield ev
     except StageCancelled:
-        if step > last_saved:
-            yield await save(step, f"step-{step:06d}", finished=False)
-            yield LogLine(
-                f"cancelled at step {step}/{total_steps}; checkpoint saved, rerun to resume"
-            )
+        async for ev in cancel_checkpoint(save, step, last_saved, total_steps):
+            yield ev
         raise
     yield await save(step, "final", finished=True)
     async for ev in evaluate(step):

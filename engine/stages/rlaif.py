@@ -61,7 +61,7 @@ from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.reward_model import open_judge
 from engine.stages.sft import batch_indices
-from engine.training import save_checkpoint
+from engine.training import cancel_checkpoint, save_checkpoint, step_name
 
 OUTPUT = RESULT_FILES["rlaif"]
 STAGE = "rlaif"
@@ -218,17 +218,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         except FileNotFoundError as e:
             yield LogLine(f"cannot reuse the finished training ({e}); training again", "warning")
         else:
-            outputs = []
-            async for x in _sample_after(ctx, sampler):
-                if isinstance(x, str):
-                    outputs.append(x)
-                else:
-                    yield x
-            yield StageFinished(
-                stage=ctx.stage,
-                outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
-                summary=f"reused the finished training ({cfg.steps} RL steps); checkpoint {reused}",
-            )
+            summary = f"reused the finished training ({cfg.steps} RL steps); checkpoint {reused}"
+            async for ev in _finish(ctx, sampler, summary):
+                yield ev
             return
     start_step, tc = 0, None
     if (
@@ -433,50 +425,43 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             yield Metric("time/training", step, t3 - t2)
             yield Progress(step, cfg.steps, "rlaif: steps")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                yield await save(step, f"step-{step:06d}", finished=False)
+                yield await save(step, step_name(step), finished=False)
                 last_saved = step
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 async for ev in dev_eval(step, current):
                     yield ev
     except StageCancelled:
-        if step > last_saved:
-            yield await save(step, f"step-{step:06d}", finished=False)
-            yield LogLine(
-                f"cancelled at step {step}/{cfg.steps}; checkpoint saved, rerun to resume"
-            )
+        async for ev in cancel_checkpoint(save, step, last_saved, cfg.steps):
+            yield ev
         raise
     final = await save(step, "final", finished=True)
     yield final
 
-    outputs = []
     sampler = (
         await open_sampler(ctx, role="policy", model_path=final.sampler_path)
         if cfg.sample_after
         else None
     )
-    async for x in _sample_after(ctx, sampler):
-        if isinstance(x, str):
-            outputs.append(x)
-        else:
-            yield x
+    async for ev in _finish(ctx, sampler, f"{step} RL steps; checkpoint {final.sampler_path}"):
+        yield ev
+
+
+async def _finish(ctx: StageContext, sampler: Sampler | None, summary: str) -> AsyncIterator[Event]:
+    """Sample the trained policy on every demo input (None: ``rlaif.sample_after`` is off),
+    with the system prompt it trained with -> results/rl_model_outputs.json; then the stage's
+    StageFinished."""
+    ws = ctx.workspace
+    outputs: list[str] = []
+    if sampler is not None:
+        system_prompt = str(ws.load_prompts().get("system_prompt", "")).strip() or None
+        out = ws.result(OUTPUT)
+        async for ev in sample_demo_inputs(
+            ctx, sampler, ws.load_demos(), out, system_prompt=system_prompt, source="rlaif"
+        ):
+            yield ev
+        outputs.append(ws.rel(out))
     yield StageFinished(
         stage=ctx.stage,
         outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
-        summary=f"{step} RL steps; checkpoint {final.sampler_path}",
+        summary=summary,
     )
-
-
-async def _sample_after(ctx: StageContext, sampler: Sampler | None) -> AsyncIterator[Event | str]:
-    """Sample the trained policy on every demo input (None: ``rlaif.sample_after`` is off),
-    with the system prompt it trained with -> results/rl_model_outputs.json; yields the
-    events, then the path written (a str)."""
-    if sampler is None:
-        return
-    ws = ctx.workspace
-    system_prompt = str(ws.load_prompts().get("system_prompt", "")).strip() or None
-    out = ws.result(OUTPUT)
-    async for ev in sample_demo_inputs(
-        ctx, sampler, ws.load_demos(), out, system_prompt=system_prompt, source="rlaif"
-    ):
-        yield ev
-    yield ws.rel(out)

@@ -41,7 +41,7 @@ from engine.sampling import open_sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import warn_bad
-from engine.training import save_checkpoint
+from engine.training import cancel_checkpoint, save_checkpoint, step_name
 
 OUTPUT = RESULT_FILES["sft"]
 DATA_FILE = RESULT_FILES["synth-outputs"]
@@ -322,14 +322,11 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                 yield Metric("val/loss", step, await val_loss())
             yield Progress(step, total_steps, "sft: steps")
             if ckpt_every and step % ckpt_every == 0 and step < total_steps:
-                yield await save(step, f"step-{step:06d}", finished=False)
+                yield await save(step, step_name(step), finished=False)
                 last_saved = step
     except StageCancelled:
-        if step > last_saved:
-            yield await save(step, f"step-{step:06d}", finished=False)
-            yield LogLine(
-                f"cancelled at step {step}/{total_steps}; checkpoint saved, rerun to resume"
-            )
+        async for ev in cancel_checkpoint(save, step, last_saved, total_steps):
+            yield ev
         raise
     final = await save(step, "final", finished=True)
     yield final
