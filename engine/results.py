@@ -172,6 +172,7 @@ class Loaded:
 
     rows: list[Any] = field(default_factory=list)
     bad: list[BadLine] = field(default_factory=list)
+    row_lines: list[int] = field(default_factory=list)  # where each row is (JSON Lines)
     error: str = ""  # the whole file could not be read (named), "" otherwise
 
     @property
@@ -253,6 +254,7 @@ def read_jsonl_checked(path: str | Path, check: Check | None = None) -> Loaded:
             out.bad.append(BadLine(_name(path), n, problem, raw))
         else:
             out.rows.append(value)
+            out.row_lines.append(n)
     return out
 
 

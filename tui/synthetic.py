@@ -6,7 +6,6 @@ after the last key press, and at once on ctrl+s or quit).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rich.text import Text
@@ -17,10 +16,10 @@ from textual.containers import Vertical, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import DataTable, Static
 
-from engine.atomic import atomic_write_jsonl
 from engine.events import StageFinished
+from engine.results import read_jsonl_checked, save_review
 from engine.workspace import RESULT_FILES, Workspace
-from tui.common import EngineEvent, PairEditScreen, cell, focus_now, plain, read_problem
+from tui.common import EngineEvent, PairEditScreen, cell, focus_now, plain
 
 DATA_FILE = RESULT_FILES["synth-outputs"]
 STATUSES = ("pending", "accepted", "rejected", "edited")
@@ -125,26 +124,16 @@ class SyntheticPane(Vertical):
             return []
         name = self.ws.rel(self.path)
         problems: list[str] = []
-
-        def on_bad(n: int, _e: object) -> None:
-            problems.append(f"{name}: line {n} is not valid JSON (skipped)")
-            self.unreadable = True
-
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, ValueError) as e:
-            self.error = read_problem(self.path, e, name)
+        loaded = read_jsonl_checked(self.path)  # lines that are not JSON come back as bad
+        if loaded.error:
+            self.error = loaded.error
             self.unreadable = True
             return []
+        for bad in loaded.bad:
+            problems.append(f"{bad} (skipped)")
+            self.unreadable = True
         rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                on_bad(n, e)
-                continue
+        for r, n in zip(loaded.rows, loaded.row_lines, strict=True):
             why = row_problem(r)
             if not isinstance(r, dict):
                 problems.append(f"{name}: line {n}: {why} (skipped)")
@@ -164,10 +153,6 @@ class SyntheticPane(Vertical):
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size)
-
-    @staticmethod
-    def _row_key(row: dict) -> tuple[str, str]:
-        return (str(row.get("id", "")), row_text(row, "user"))
 
     def load(self) -> None:
         self.error = ""
@@ -193,17 +178,13 @@ class SyntheticPane(Vertical):
                 severity="error",
             )
             return False
-        if self._disk_signature() != self._loaded_signature:
-            # A stage (or another terminal) rewrote the file since we read it: apply only the
-            # rows reviewed here to what is on disk now, so neither side's work is lost.
-            mine = {
-                self._row_key(self.rows[i]): self.rows[i]
-                for i in self._touched
-                if i < len(self.rows)
-            }
-            self.rows = [mine.get(self._row_key(r), r) for r in self._read_rows()]
+        rewritten = self._disk_signature() != self._loaded_signature
+        # Only the rows reviewed here are written, into the file as it is on disk now (under
+        # the writers' lock): a stage or another terminal that rewrote it loses nothing.
+        save_review(self.path, [self.rows[i] for i in self._touched if i < len(self.rows)])
+        if rewritten:
+            self.rows = self._read_rows()
             self.rebuild()
-        atomic_write_jsonl(self.path, self.rows)
         self._loaded_signature = self._disk_signature()
         self._touched = set()
         self.show_status()
