@@ -50,10 +50,9 @@ PROFILE_VERSION = 1
 
 DECODE_BATCHES = (1, 8, 32)
 DECODE_ROWS_PER_REQUEST = {1: 1, 8: 4, 32: 8}  # e.g. 32 rows: 4 prompts x 8 samples (RL groups)
-DECODE_TOKENS = 10  # tokens each decode row runs to (no stop: every row runs to the end)
-DECODE_TOKENS_SHORT = 3  # ... and the shorter run that tells the step time from the join
+DECODE_TOKENS = 12  # tokens each decode row runs to (no stop: every row runs to the end)
 DECODE_PROMPT = 16  # prompt tokens of each request in the rate measurements
-JOIN_ROWS = 8  # rows timed at two lengths: the step time, and a request's join cost
+JOIN_REQUESTS = 4  # one-token requests: what a request costs to join a batch
 CONTEXT_ROWS, CONTEXT_PROMPT = 8, 256  # rows sampling one longer prompt: the context's cost
 PREFILL_ROWS, PREFILL_LEN = 2, 192
 TRAIN_ROWS, TRAIN_LEN = 2, 128
@@ -113,7 +112,8 @@ class SpeedProfile:
     train_tokens_per_s: float  # forward + backward through a LoRA adapter
     optim_step_s: float  # one AdamW step over the adapter
     decode_tokens_per_s: dict[int, float]  # rows sampled together -> tokens/s of all rows
-    request_s: float  # a sampling request joining a batch: its (short) prompt's prefill
+    request_s: float  # a sampling request joining a batch with a short prompt
+    prompt_tokens_per_s: float  # ... and each further prompt token (the decoder's prefill)
     context_s_per_token: float  # per step, per row, per token of context (the KV cache read)
     load_s: float  # loading the base model (a stage pays it once per model)
     checkpoint_s: float  # saving training state + sampler weights
@@ -148,7 +148,7 @@ class SpeedProfile:
 
     def join_s(self, prompt_tokens: float) -> float:
         """What one sampling request costs before its first step: its prompt's prefill."""
-        return self.request_s + max(0.0, prompt_tokens - DECODE_PROMPT) / self.prefill_tokens_per_s
+        return self.request_s + max(0.0, prompt_tokens - DECODE_PROMPT) / self.prompt_tokens_per_s
 
     def step_s(self, rows: int, context: float) -> float:
         """One decode step of ``rows`` rows whose contexts average ``context`` tokens."""
@@ -163,6 +163,7 @@ class SpeedProfile:
             "optim_step_s": self.optim_step_s,
             "decode_tokens_per_s": {str(k): v for k, v in self.decode_tokens_per_s.items()},
             "request_s": self.request_s,
+            "prompt_tokens_per_s": self.prompt_tokens_per_s,
             "context_s_per_token": self.context_s_per_token,
             "load_s": self.load_s,
             "checkpoint_s": self.checkpoint_s,
@@ -195,6 +196,7 @@ class SpeedProfile:
             optim_step_s=seconds(data["optim_step_s"]),
             decode_tokens_per_s=decode,
             request_s=seconds(data["request_s"]),
+            prompt_tokens_per_s=rate(data["prompt_tokens_per_s"]),
             context_s_per_token=seconds(data["context_s_per_token"]),
             load_s=seconds(data["load_s"]),
             checkpoint_s=seconds(data["checkpoint_s"]),
@@ -331,6 +333,7 @@ def _interp_step(step_s: dict[int, float], rows: int) -> float:
         optim_step_s=0.0,
         decode_tokens_per_s=rates,
         request_s=0.0,
+        prompt_tokens_per_s=1.0,
         context_s_per_token=0.0,
         load_s=0.0,
         checkpoint_s=0.0,
@@ -468,31 +471,28 @@ def measure_profile(
         return time.perf_counter() - t0
 
     # warm-up: 32 slots of cache, the prefill and step shapes
-    gen(DECODE_BATCHES[-1] // DECODE_ROWS_PER_REQUEST[DECODE_BATCHES[-1]], 8, 2, 100, 16)
+    top = DECODE_BATCHES[-1]
+    gen(top // DECODE_ROWS_PER_REQUEST[top], DECODE_ROWS_PER_REQUEST[top], 2, 100, DECODE_PROMPT)
     check("sample warm-up")
-    # 8 rows at two lengths: the step time, and what a request costs to join (its prefill)
-    short, n = DECODE_TOKENS_SHORT, DECODE_TOKENS
-    per = DECODE_ROWS_PER_REQUEST[JOIN_ROWS]
-    joins = JOIN_ROWS // per
-    t_short = gen(joins, per, short, 200, DECODE_PROMPT)
-    t_long = gen(joins, per, n, 300, DECODE_PROMPT)
-    step_s = {JOIN_ROWS: max(t_long - t_short, 1e-6) / (n - short)}
-    request_s = max(0.0, t_short - (short - 1) * step_s[JOIN_ROWS]) / joins
-    check(f"sample {JOIN_ROWS}")
+    # what a request costs to join a batch (its prefill), with a short and a longer prompt
+    n = DECODE_TOKENS
+    request_s = gen(JOIN_REQUESTS, 1, 1, 200, DECODE_PROMPT) / JOIN_REQUESTS
+    join_long = gen(1, CONTEXT_ROWS, 1, 300, CONTEXT_PROMPT)
+    prompt_rate = (CONTEXT_PROMPT - DECODE_PROMPT) / max(join_long - request_s, 1e-6)
+    check("sample join")
+    # steps at 1, 8 and 32 rows (short prompts); the first token comes with the prefill
+    step_s: dict[int, float] = {}
     for rows in DECODE_BATCHES:
-        if rows in step_s:
-            continue
-        requests = max(1, rows // DECODE_ROWS_PER_REQUEST[rows])
-        elapsed = gen(requests, rows // requests, n, 1000 * rows, DECODE_PROMPT)
-        # the first token comes with the prefill
+        per = DECODE_ROWS_PER_REQUEST[rows]
+        requests = max(1, rows // per)
+        elapsed = gen(requests, per, n, 1000 * rows, DECODE_PROMPT)
         step_s[rows] = max(elapsed - requests * request_s, 1e-6) / (n - 1)
         check(f"sample {rows}")
     decode = {rows: rows / step_s[rows] for rows in sorted(step_s)}
-    # rows sampling one longer prompt: what each token of context adds to a step
+    # the same rows on a longer prompt: what each token of context adds to a step
     elapsed = gen(1, CONTEXT_ROWS, n, 5000, CONTEXT_PROMPT)
-    prompt_s = request_s + (CONTEXT_PROMPT - DECODE_PROMPT) / prefill
-    long_step = max(elapsed - prompt_s, 1e-6) / (n - 1)
-    extra = CONTEXT_ROWS * (CONTEXT_PROMPT - DECODE_PROMPT + n / 2)
+    long_step = max(elapsed - join_long, 1e-6) / (n - 1)
+    extra = CONTEXT_ROWS * (CONTEXT_PROMPT - DECODE_PROMPT)
     context_s = max(0.0, (long_step - _interp_step(step_s, CONTEXT_ROWS)) / extra)
     check("sample context")
 
@@ -515,6 +515,7 @@ def measure_profile(
         optim_step_s=optim_s,
         decode_tokens_per_s=decode,
         request_s=request_s,
+        prompt_tokens_per_s=prompt_rate,
         context_s_per_token=context_s,
         load_s=load_s,
         checkpoint_s=ckpt_s,
