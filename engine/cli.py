@@ -266,7 +266,9 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``extra``: more commands by name, each with ``add_parser(subparsers)`` and
+    ``run(args, workspace) -> int`` (the ``persona`` script adds its own this way)."""
     from engine.stages import STAGES
 
     p = argparse.ArgumentParser(
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     ps = sub.add_parser("status", help="show each stage's state, outputs and checkpoint")
     ps.add_argument("--json", action="store_true")
+    for command in (extra or {}).values():
+        command.add_parser(sub)
     return p
 
 
@@ -310,13 +314,16 @@ def _error(message: str) -> None:
 
 
 def main(
-    argv: list[str] | None = None, no_command: Callable[[Workspace], int] | None = None
+    argv: list[str] | None = None,
+    no_command: Callable[[Workspace], int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> int:
-    """Run one command; with none, ``no_command(workspace)`` (the app) or the help."""
+    """Run one command; with none, ``no_command(workspace)`` (the app) or the help.
+    ``extra``: more commands (see build_parser)."""
     from engine.backends import configure_hub, quiet_libraries
 
     quiet_libraries()  # no "Loading weights" bars from transformers on the terminal
-    parser = build_parser()
+    parser = build_parser(extra)
     args = parser.parse_args(argv)
     console = Console()
     ws = Workspace(Path(args.workspace)) if args.workspace else find_workspace()
@@ -347,6 +354,8 @@ def main(
         )
     if args.command == "status":
         return cmd_status(ws, args.json, console)
+    if extra and args.command in extra:
+        return int(extra[args.command].run(args, ws) or 0)
     if no_command is not None:
         return int(no_command(ws) or 0)
     parser.print_help()

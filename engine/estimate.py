@@ -58,7 +58,7 @@ class Estimate:
     parts: tuple[tuple[str, float], ...]
     assumptions: tuple[str, ...]
     where: str = ""  # e.g. "bf16, 2 threads"
-    upper_bound: bool = False  # sampling assumed to run every answer to max_tokens
+    upper_bound: bool = False  # sampling: every answer taken to run to max_tokens
 
     def part(self, name: str) -> float:
         return sum(s for p, s in self.parts if p == name)
@@ -66,6 +66,8 @@ class Estimate:
     def line(self, parts: int = 2) -> str:
         """One line for a status bar: "≤ 4 min on this machine (bf16, 2 threads) · 2.1 min
         sampling, 1.5 min training"."""
+        if not self.parts:
+            return f"no model: {self.assumptions[0] if self.assumptions else 'a moment'}"
         head = f"{'≤' if self.upper_bound else '≈'} {human_seconds(self.seconds)} on this machine"
         if self.where:
             head += f" ({self.where})"
@@ -314,19 +316,20 @@ def _demo_sampling(
     counter = cost.counter("policy")
     prompts = [counter.prompt([*_system(system_prompt), *_user(d["input"])]) for d in demos]
     cost.sample("policy", prompts, rows=1, max_tokens=cfg.max_tokens, in_flight=cfg.concurrency)
-    cost.note(f"{what}: {_plural(len(demos), 'request')} × 1 answer × ≤{cfg.max_tokens} tokens")
+    head = f"{what}: " if what else ""
+    cost.note(f"{head}{_plural(len(demos), 'request')} × 1 answer × ≤{cfg.max_tokens} tokens")
 
 
 # -- the stages -----------------------------------------------------------------------------
 
 
 def _demos(cost: _Cost, ws: Workspace) -> None:
-    cost.note("checks data/data.json; no model")
+    cost.note("checks data/data.json in a moment")
 
 
 def _baseline(cost: _Cost, ws: Workspace) -> None:
     cost.load("policy")
-    _demo_sampling(cost, ws.load_demos(), None, "baseline")
+    _demo_sampling(cost, ws.load_demos(), None, "")
 
 
 def _prompting(cost: _Cost, ws: Workspace) -> None:
@@ -946,8 +949,6 @@ def estimate_stage(
     )
     key = first.key
     where = f"{first.dtype_label}, {_plural(key.threads, 'thread')}"
-    if cost.samples:
-        cost.note("every answer runs to max_tokens: an upper bound (most stop sooner)")
     return Estimate(
         stage=stage_name,
         seconds=sum(s for _, s in parts),
@@ -958,4 +959,61 @@ def estimate_stage(
     )
 
 
-__all__ = ["Estimate", "EstimateError", "TokenCounter", "estimate_stage", "human_seconds"]
+# -- the profiles an estimate needs ------------------------------------------------------------
+
+
+def local_models(config: PersonaConfig) -> list[str]:
+    """The distinct models of the policy, teacher and judge roles, in that order."""
+    return list(dict.fromkeys(config.model(r) for r in ("policy", "teacher", "judge")))
+
+
+def cached_profiles(config: PersonaConfig) -> tuple[dict[str, SpeedProfile], list[str]]:
+    """(the profiles in the cache for the config's models on this machine, the models to
+    measure). A model whose profile was measured at another thread count than the service
+    would use now is in both: priced with that profile until its own is measured."""
+    from engine.backends.local import speed_profile as sp
+
+    found: dict[str, SpeedProfile] = {}
+    to_measure: list[str] = []
+    for model in local_models(config):
+        key = sp.current_key(model, threads=config.local.threads, dtype=config.local.dtype)
+        profile = sp.nearest_profile(key)
+        if profile is not None:
+            found[model] = profile
+        if profile is None or profile.key != key:
+            to_measure.append(model)
+    return found, to_measure
+
+
+def measure_profiles(
+    config: PersonaConfig,
+    models: Sequence[str] | None = None,
+    *,
+    remeasure: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, SpeedProfile]:
+    """Measure (or read from the cache) the profile of each of ``models`` (default: the
+    config's) with the config's dtype and threads, as the service would run them."""
+    from engine.backends.local import speed_profile as sp
+    from engine.backends.local.models import choose_compute
+
+    dtype = None if config.local.dtype == "auto" else config.local.dtype
+    plan = choose_compute(None, dtype)
+    return {
+        m: sp.ensure_profile(
+            m, plan, threads=config.local.threads, remeasure=remeasure, should_stop=should_stop
+        )
+        for m in (models if models is not None else local_models(config))
+    }
+
+
+__all__ = [
+    "Estimate",
+    "EstimateError",
+    "TokenCounter",
+    "cached_profiles",
+    "estimate_stage",
+    "human_seconds",
+    "local_models",
+    "measure_profiles",
+]

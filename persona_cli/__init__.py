@@ -10,6 +10,10 @@ import sys
 
 from engine.cli import main as engine_main
 from engine.workspace import Workspace
+from persona_cli import speed
+
+# Commands of the ``persona`` script beyond the engine's own (run, status, init).
+COMMANDS = {"speed": speed}
 
 
 def open_app(ws: Workspace) -> int:
@@ -22,7 +26,7 @@ def open_app(ws: Workspace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return engine_main(argv, no_command=open_app)
+    return engine_main(argv, no_command=open_app, extra=COMMANDS)
 
 
 __all__ = ["main", "open_app"]

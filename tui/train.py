@@ -1,8 +1,14 @@
 """Train tab: every stage with its state; enter launches, x cancels, r replays the last run.
 
 A live log, live curves (loss on one chart, rewards / win rates / other metrics on another),
-and a progress bar with ETA. Replayed runs (runs/<stage>-<time>/events.jsonl) go through the
-very same handler as live events.
+and a progress bar with ETA (from the run's real rate). Replayed runs
+(runs/<stage>-<time>/events.jsonl) go through the very same handler as live events.
+
+Before a launch, the selected stage's estimated time at the current settings (overrides
+included) is shown under its description: engine.estimate computes it from this machine's
+speed profile, in a thread worker. When no profile is cached for this machine, the first
+time the tab is shown with nothing running it is measured once in the background (a few
+seconds; engine/backends/local/speed_profile.py), never while a stage runs.
 """
 
 from __future__ import annotations
@@ -18,8 +24,16 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, ProgressBar, RichLog, Static
+from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
+from engine.estimate import (
+    EstimateError,
+    cached_profiles,
+    estimate_stage,
+    local_models,
+    measure_profiles,
+)
 from engine.events import (
     CheckpointSaved,
     LogLine,
@@ -46,6 +60,10 @@ STATE_STYLE = {
 LOSS = ("train/loss", "val/loss")
 REDRAW_EVERY = 0.25  # seconds: charts redraw at most this often
 MAX_REPLAY_LOG = 400
+# Models whose speed is not measured automatically: the tests' random model (a test that
+# shows the tab must not measure the machine; `persona speed` measures it on demand).
+NO_AUTO_MEASURE = frozenset({"persona/tiny-random"})
+MEASURING = "measuring this machine's speed (once, a few seconds)…"
 
 
 def split_overrides(text: str) -> list[str]:
@@ -167,6 +185,13 @@ class StageTable(DataTable):
 
 
 class TrainPane(Vertical):
+    DEFAULT_CSS = """
+    TrainPane #stage-estimate {
+        height: 1;
+        padding: 0 1;
+        color: $text-muted;
+    }
+    """
     BINDINGS = [
         Binding(
             "x",
@@ -198,6 +223,10 @@ class TrainPane(Vertical):
         self.current: str | None = None  # stage whose events are on screen
         self.current_run = ""  # its run folder
         self._earlier_loaded = False  # the resumed-from runs' loss points are on the chart
+        self._shown = False  # the tab has been shown (the speed is measured only then)
+        self.speed_state = ""  # "" | "measuring" | "measured" | "failed: ..."
+        self.estimate_text = ""  # what the estimate line says now
+        self.estimate_for: tuple[str, str] | None = None  # (stage, overrides) it is for
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="train-top"):
@@ -218,10 +247,12 @@ class TrainPane(Vertical):
             yield Label("idle", id="progress-label")
             yield ProgressBar(id="progress", show_eta=True)
         yield Static(id="stage-info", classes="status-line")
+        yield Static(id="stage-estimate")
         yield LiveLog(id="log", max_lines=2000, wrap=True, markup=False, highlight=False)
 
     def on_mount(self) -> None:
         self.query_one("#metric-chart").display = False
+        self.query_one("#stage-estimate").display = False
         if "engine.stages" in sys.modules:
             self.refresh_stages()
         else:  # the app loads the engine in a thread, then calls refresh_stages
@@ -300,6 +331,116 @@ class TrainPane(Vertical):
             t.append("\n")
             t.append_text(plain(st.message, STATE_STYLE.get(st.state, "")))
         info.update(t)
+        self.request_estimate()
+
+    # -- the estimate before launch -------------------------------------------
+    def on_show(self) -> None:
+        if not self._shown:
+            self._shown = True
+            self.request_estimate()
+
+    @on(Input.Changed, "#overrides")
+    def _overrides_changed(self) -> None:
+        self.request_estimate()
+
+    def request_estimate(self) -> None:
+        """Estimate the selected stage at the current settings, off the event loop."""
+        name = self.selected()
+        if name is None or "engine.stages" not in sys.modules:
+            return
+        overrides = self.query_one("#overrides", Input).value
+        may_measure = (
+            self._shown
+            and self.running is None
+            and self.speed_state != "measuring"
+            and not self.speed_state.startswith("failed")
+        )
+        self._estimate(name, overrides, may_measure)
+
+    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
+    def _estimate(self, name: str, overrides: str, may_measure: bool) -> None:
+        try:
+            text, measure, why = self._estimate_line(name, overrides, may_measure)
+        except Exception as e:  # an estimate must never take the tab down
+            text, measure, why = f"no estimate: {type(e).__name__}: {e}", [], ""
+        if get_current_worker().is_cancelled:
+            return
+        self.app.call_from_thread(self._show_estimate, name, overrides, text, measure, why)
+
+    def _estimate_line(
+        self, name: str, overrides: str, may_measure: bool
+    ) -> tuple[str, list[str], str]:
+        """(the line to show, the models to measure, what the estimate assumes). Runs in a
+        worker thread."""
+        from engine.config import ConfigError
+
+        try:
+            cfg = self.ws.config(split_overrides(overrides))
+        except ConfigError as e:
+            return f"no estimate: {e}", [], ""
+        if cfg.backend.name != "local":
+            return "runs on Tinker: its time depends on the service", [], ""
+        profiles, missing = cached_profiles(cfg)
+        # measured here once per machine: a profile of another thread count is used as it
+        # is (`persona speed` measures the current count)
+        wanted = [m for m in missing if m not in profiles and m not in NO_AUTO_MEASURE]
+        measure = wanted if may_measure else []
+        if cfg.model("policy") not in profiles:
+            if not wanted:
+                return "", [], ""  # the tests' model, never measured automatically: no line
+            if measure or self.speed_state == "measuring":
+                return MEASURING, measure, ""
+            if self.speed_state.startswith("failed"):
+                return f"no estimate: measuring this machine's speed {self.speed_state}", [], ""
+            return "no estimate yet: this machine's speed is measured once nothing runs", [], ""
+        try:  # another role's model without a profile is priced at the policy's speed
+            est = estimate_stage(name, cfg, self.ws, profiles)
+        except EstimateError as e:
+            return f"no estimate: {e}", measure, ""
+        if est is None:
+            return "runs on Tinker: its time depends on the service", [], ""
+        assumed = list(est.assumptions)
+        if est.upper_bound:
+            assumed.append("every answer taken to run to max_tokens: an upper bound")
+        return est.line(), measure, "\n".join(assumed)
+
+    def _show_estimate(
+        self, name: str, overrides: str, text: str, measure: list[str], why: str
+    ) -> None:
+        if measure and self.speed_state != "measuring" and self.running is None:
+            self.speed_state = "measuring"
+            self._measure(overrides, measure)
+        if name != self.selected():
+            return  # the cursor moved on; its own estimate is on the way
+        self.estimate_text = text
+        self.estimate_for = (name, overrides)
+        line = self.query_one("#stage-estimate", Static)
+        style = "italic" if text == MEASURING else ""
+        line.update(Text(one_line(text, 300), style=style, no_wrap=True, overflow="ellipsis"))
+        line.tooltip = why or None
+        line.display = bool(text)
+
+    @work(thread=True, exclusive=True, group="speed", exit_on_error=False)
+    def _measure(self, overrides: str, models: list[str]) -> None:
+        from engine.backends.local.speed_profile import MeasureStopped
+
+        try:
+            cfg = self.ws.config(split_overrides(overrides))
+            measure_profiles(
+                cfg,
+                [m for m in local_models(cfg) if m in models],
+                should_stop=lambda: self.running is not None,
+            )
+            state = "measured"
+        except MeasureStopped:
+            state = ""  # a stage started: measured again once nothing runs
+        except Exception as e:
+            state = f"failed: {type(e).__name__}: {one_line(str(e), 120)}"
+        self.app.call_from_thread(self._measured, state)
+
+    def _measured(self, state: str) -> None:
+        self.speed_state = state
+        self.request_estimate()
 
     def overrides(self) -> list[str]:
         return split_overrides(self.query_one("#overrides", Input).value)
