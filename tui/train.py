@@ -375,7 +375,7 @@ class TrainPane(Vertical):
         from engine.config import ConfigError
 
         try:
-            cfg = self.ws.config(split_overrides(overrides))
+            cfg = self.ws.config(self.launch_overrides(overrides))
         except ConfigError as e:
             return f"no estimate: {e}", [], ""
         if cfg.backend.name != "local":
@@ -425,7 +425,7 @@ class TrainPane(Vertical):
         from engine.backends.local.speed_profile import MeasureStopped
 
         try:
-            cfg = self.ws.config(split_overrides(overrides))
+            cfg = self.ws.config(self.launch_overrides(overrides))
             measure_profiles(
                 cfg,
                 [m for m in local_models(cfg) if m in models],
@@ -444,6 +444,10 @@ class TrainPane(Vertical):
 
     def overrides(self) -> list[str]:
         return split_overrides(self.query_one("#overrides", Input).value)
+
+    def launch_overrides(self, typed: str) -> list[str]:
+        """What a launch would run with: the app's own overrides, then the typed ones."""
+        return [*getattr(self.app, "default_overrides", []), *split_overrides(typed)]
 
     # -- actions -------------------------------------------------------------
     def action_launch(self) -> None:

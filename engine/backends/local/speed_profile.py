@@ -259,6 +259,7 @@ def profile_key(base_model: str, plan: ComputePlan, threads: int) -> ProfileKey:
         threads=int(threads),
         torch=_torch_version(),
         model=str(base_model),
+        version=PROFILE_VERSION,  # read now, not when the class was defined
     )
 
 

@@ -1,0 +1,181 @@
+"""The Train tab shows the selected stage's estimated time before launch (issue 11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TINY, needs_backend
+from textual.widgets import DataTable, Input, Static
+from tui_helpers import until, write_synthetic
+
+from engine.workspace import Workspace
+from tui.app import create_app
+
+pytestmark = needs_backend
+SIZE = (100, 40)
+
+
+@pytest.fixture
+def sp(tmp_path: Path, monkeypatch):
+    """Profiles cached in a temporary folder; a measurement of short rows on one thread."""
+    import torch
+
+    from engine.backends.local import hardware, speed_profile
+
+    monkeypatch.setattr(speed_profile, "speed_dir", lambda: tmp_path / "speed")
+    for name, value in (
+        ("PREFILL_LEN", 32),
+        ("TRAIN_LEN", 32),
+        ("DECODE_TOKENS", 4),
+        ("CONTEXT_PROMPT", 48),
+    ):
+        monkeypatch.setattr(speed_profile, name, value)
+    monkeypatch.setenv("PERSONA_THREADS", "1")
+    monkeypatch.setattr(hardware, "_configured", hardware._configured)  # restored after
+    before = torch.get_num_threads()
+    yield speed_profile
+    torch.set_num_threads(before)
+
+
+def save_slow_profile(sp, ws: Workspace):
+    """A hand-made profile for the tiny model on this machine: slow, round rates."""
+    cfg = ws.config()
+    key = sp.current_key(TINY, threads=cfg.local.threads, dtype=cfg.local.dtype)
+    sp.save_profile(
+        sp.SpeedProfile(
+            key=key,
+            prefill_tokens_per_s=100.0,
+            train_tokens_per_s=10.0,
+            optim_step_s=0.5,
+            decode_tokens_per_s={1: 2.0, 8: 8.0, 32: 16.0},
+            request_s=0.1,
+            prompt_tokens_per_s=100.0,
+            context_s_per_token=0.0,
+            load_s=3.0,
+            checkpoint_s=0.5,
+        )
+    )
+    return key
+
+
+def line_text(app) -> str:
+    content = app.query_one("#stage-estimate", Static).content
+    return content.plain if hasattr(content, "plain") else str(content)
+
+
+async def select(app, pilot, stage: str) -> None:
+    names = [s.name for s in app.train.statuses]
+    app.query_one("#stage-table", DataTable).move_cursor(row=names.index(stage))
+    await pilot.pause()
+
+
+async def test_the_selected_stage_shows_its_estimate(ws: Workspace, sp):
+    key = save_slow_profile(sp, ws)
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        await select(app, pilot, "baseline")
+        train = app.train
+        await until(pilot, lambda: train.estimate_for == ("baseline", ""))
+        text = train.estimate_text
+        dtype = "bf16" if key.dtype == "bfloat16" else "fp32"
+        threads = f"{key.threads} thread{'s' if key.threads != 1 else ''}"
+        assert text.startswith("≤ ") and f"on this machine ({dtype}, {threads})" in text
+        assert "sampling" in text
+        assert line_text(app) == text
+        assert app.query_one("#stage-estimate", Static).display
+        await select(app, pilot, "demos")
+        await until(pilot, lambda: train.estimate_for == ("demos", ""))
+        assert train.estimate_text.startswith("no model")
+
+
+async def test_an_override_typed_changes_the_estimate(ws: Workspace, sp):
+    save_slow_profile(sp, ws)
+    write_synthetic(ws, 12)
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        await select(app, pilot, "sft")
+        train = app.train
+        await until(pilot, lambda: train.estimate_for == ("sft", ""))
+        before = train.estimate_text
+        assert "training" in before
+        overrides = app.query_one("#overrides", Input)
+        await pilot.press("o")
+        await until(pilot, lambda: overrides.has_focus)
+        for ch in "sft.steps=200":
+            await pilot.press(ch)
+        await until(pilot, lambda: train.estimate_for == ("sft", "sft.steps=200"))
+        after = train.estimate_text
+        assert after != before and "training" in after
+        assert line_text(app) == after
+        # a typo in an override says so instead of an estimate
+        await pilot.press("x")
+        await until(pilot, lambda: train.estimate_for == ("sft", "sft.steps=200x"))
+        assert train.estimate_text.startswith("no estimate")
+        overrides.value = "backend.name=tinker"
+        await until(pilot, lambda: train.estimate_for == ("sft", "backend.name=tinker"))
+        assert "runs on Tinker" in train.estimate_text
+
+
+async def test_speed_is_measured_once_when_no_profile_is_cached(ws: Workspace, sp, monkeypatch):
+    import tui.train
+
+    monkeypatch.setattr(tui.train, "NO_AUTO_MEASURE", frozenset())  # measure the tiny model
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        train = app.train
+        await pilot.pause()
+        assert train.speed_state == ""  # the tab has not been shown: nothing measured
+        await pilot.press("f4")
+        await select(app, pilot, "baseline")
+        await until(pilot, lambda: train.speed_state != "")
+        await until(pilot, lambda: train.speed_state == "measured")
+        await until(
+            pilot,
+            lambda: (
+                train.estimate_for == ("baseline", "") and "on this machine" in train.estimate_text
+            ),
+        )
+        profiles = list(sp.speed_dir().glob("profile-*.json"))
+        assert len(profiles) == 1
+        # another stage now reads the cached profile: no second measurement
+        await select(app, pilot, "synth-inputs")
+        await until(pilot, lambda: train.estimate_for == ("synth-inputs", ""))
+        assert "on this machine" in train.estimate_text
+        assert train.speed_state == "measured"
+        assert list(sp.speed_dir().glob("profile-*.json")) == profiles
+
+
+async def test_no_measuring_while_a_stage_runs(ws: Workspace, sp, monkeypatch):
+    import tui.train
+
+    monkeypatch.setattr(tui.train, "NO_AUTO_MEASURE", frozenset())
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        app.running_stage = "baseline"  # as the app marks a stage it runs
+        await pilot.press("f4")
+        await select(app, pilot, "sft")
+        train = app.train
+        await until(pilot, lambda: train.estimate_for == ("sft", ""))
+        assert "measured once nothing runs" in train.estimate_text
+        assert train.speed_state == ""
+        assert not sp.speed_dir().exists() or not list(sp.speed_dir().iterdir())
+        app.running_stage = None
+
+
+async def test_the_tests_model_is_not_measured_automatically(ws: Workspace, sp):
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        await select(app, pilot, "baseline")
+        train = app.train
+        await until(pilot, lambda: train.estimate_for == ("baseline", ""))
+        assert train.estimate_text == "" and train.speed_state == ""
+        assert not app.query_one("#stage-estimate", Static).display
