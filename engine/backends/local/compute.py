@@ -329,9 +329,8 @@ class BaseRuntime:
         )
 
     @staticmethod
-    def _sampling_fn(row: GenRow) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        temperature, top_p, top_k = row.temperature, row.top_p, row.top_k
-        return lambda logits: _sampling_probs(logits, temperature, top_p, top_k)
+    def _sampling_fn(row: GenRow) -> decode.SamplingSpec:
+        return decode.SamplingSpec(row.temperature, row.top_p, row.top_k)
 
     @staticmethod
     def _decode_request(
