@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 BATCH = 4
@@ -89,6 +90,12 @@ def _train_flop_per_token(cfg, seq_len: int) -> float:  # noqa: ANN001
     return 2 * 2 * (macs + attn)
 
 
+def _train_linear_flop_per_token(cfg) -> float:  # noqa: ANN001
+    """The linear layers' share of ``_train_flop_per_token`` (everything but attention)."""
+    layer = sum(a * b for a, b in _model_shapes(cfg)) * cfg.num_hidden_layers
+    return 2 * 2 * (layer + cfg.hidden_size * cfg.vocab_size)
+
+
 def _decode_flop_per_token(cfg) -> float:  # noqa: ANN001
     layer = sum(a * b for a, b in _model_shapes(cfg)) * cfg.num_hidden_layers
     return 2.0 * (layer + cfg.hidden_size * cfg.vocab_size)
@@ -120,6 +127,30 @@ def matmul_peak(cfg, threads: int) -> dict:  # noqa: ANN001
     return out
 
 
+def attention_seconds(cfg, dtype) -> float:  # noqa: ANN001
+    """PyTorch's own causal attention, forward and backward, for one training step's batch
+    (BATCH x SEQ_LEN, the model's heads, every layer): the part of a step no linear-layer
+    work can shorten."""
+    import torch
+    import torch.nn.functional as F
+
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def one() -> None:
+        q = torch.randn(BATCH, heads, SEQ_LEN, hd, dtype=dtype, requires_grad=True)
+        k = torch.randn(BATCH, kv, SEQ_LEN, hd, dtype=dtype, requires_grad=True)
+        v = torch.randn(BATCH, kv, SEQ_LEN, hd, dtype=dtype, requires_grad=True)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv)
+        o.backward(torch.ones_like(o))
+
+    one()
+    t = time.perf_counter()
+    for _ in range(3):
+        one()
+    return round((time.perf_counter() - t) / 3 * cfg.num_hidden_layers, 2)
+
+
 def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
     """A 512-token forward (no grad) at 1 thread and at every usable core: tokens/s."""
     import torch
@@ -143,7 +174,9 @@ def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
 # ---- our backend ------------------------------------------------------------------------
 
 
-def _plain_generate(model, prompt: list[int], n: int, max_tokens: int, seed: int) -> int:  # noqa: ANN001
+def _plain_generate(  # noqa: ANN001
+    model, prompt: list[int], n: int, max_tokens: int, seed: int, top_p: float = 1.0
+) -> int:
     """Plain transformers generate, sampling at temperature 1 for exactly max_tokens tokens."""
     import torch
 
@@ -158,7 +191,7 @@ def _plain_generate(model, prompt: list[int], n: int, max_tokens: int, seed: int
             do_sample=True,
             temperature=1.0,
             top_k=0,
-            top_p=1.0,
+            top_p=top_p,
             pad_token_id=2,
         )
     return (out.shape[1] - len(prompt)) * n
@@ -196,10 +229,20 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["dtype"] = rt.plan.dtype_name
         out["gradient_checkpointing"] = bool(getattr(rt, "gradient_checkpointing", True))
         out["fast_decoder"] = rt.decoder is not None
-        out["matmul_peak_gflops"] = matmul_peak(cfg, svc.threads)
-        torch.set_num_threads(svc.threads)
+
+        # Every computation runs on the service's own worker thread, as the service's does:
+        # each thread that runs parallel torch work starts its own OpenMP team, and with more
+        # team threads than cores every parallel operation pays a wake-up (a second team cut
+        # one-sequence decoding from about 27 to 17 tok/s on 2 cores).
+        def on_worker(fn):  # noqa: ANN001, ANN202
+            return svc._submit(fn).result()
+
+        out["matmul_peak_gflops"] = on_worker(lambda: matmul_peak(cfg, svc.threads))
+        on_worker(lambda: torch.set_num_threads(svc.threads))
         batch = _batch_tokens(rt.vocab_size)
-        out["forward_512_tokens_per_s_by_threads"] = forward_threads(rt, batch[0])
+        out["forward_512_tokens_per_s_by_threads"] = on_worker(
+            lambda: forward_threads(rt, batch[0])
+        )
 
         def as_data(rows: list[list[int]]) -> list:
             return [
@@ -233,6 +276,8 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["train_loss_per_token"] = [round(x, 4) for x in losses]
         out["train_gflops"] = out["train_tokens_per_s"] * _train_flop_per_token(cfg, SEQ_LEN) / 1e9
         out["train_peak_rss_mb"] = _peak_rss_mb()
+        out["train_attention_s"] = on_worker(lambda: attention_seconds(cfg, rt.dtype))
+        out["train_linear_flop_per_token"] = _train_linear_flop_per_token(cfg)
 
         # Variable-length batch: real chat data runs 50..700 tokens a row.
         rng = random.Random(0)
@@ -258,7 +303,7 @@ def part_ours(steps: int, max_tokens: int) -> dict:
             params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=n)
             warm_params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=0)
             base.sample(prompt, num_samples=n, sampling_params=warm_params).result()
-            _plain_generate(plain, prompt_ids, n, 4, 0)
+            on_worker(partial(_plain_generate, plain, prompt_ids, n, 4, 0))
             ours_t, ours_tok, plain_t, plain_tok, stopped = 0.0, 0, 0.0, 0, 0
             for rep in range(2):
                 t = time.perf_counter()
@@ -267,7 +312,9 @@ def part_ours(steps: int, max_tokens: int) -> dict:
                 ours_tok += sum(len(s.tokens) for s in res.sequences)
                 stopped += sum(s.stop_reason == "stop" for s in res.sequences)
                 t = time.perf_counter()
-                plain_tok += _plain_generate(plain, prompt_ids, n, max_tokens, rep)
+                plain_tok += on_worker(
+                    partial(_plain_generate, plain, prompt_ids, n, max_tokens, rep)
+                )
                 plain_t += time.perf_counter() - t
             sampling[str(n)] = {
                 "tokens": ours_tok,
@@ -279,6 +326,20 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["sampling"] = sampling
         out["generate"] = generate
         out["sample_gflops_32"] = sampling["32"]["tokens_per_s"] * _decode_flop_per_token(cfg) / 1e9
+        # The stages sample with top_p 0.95: the nucleus costs more than the draw itself.
+        nucleus = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=9)
+        base.sample(prompt, num_samples=32, sampling_params=warm_params).result()
+        t = time.perf_counter()
+        res = base.sample(prompt, num_samples=32, sampling_params=nucleus).result()
+        ours_t = time.perf_counter() - t
+        t = time.perf_counter()
+        plain_tok = on_worker(
+            partial(_plain_generate, plain, prompt_ids, 32, max_tokens, 9, top_p=0.95)
+        )
+        out["top_p_32"] = {
+            "tokens_per_s": sum(len(x.tokens) for x in res.sequences) / ours_t,
+            "generate_tokens_per_s": plain_tok / (time.perf_counter() - t),
+        }
         del plain
 
         # Sampling from the adapter just trained (as RL and DPO rounds do): LoRA in the path.
@@ -333,8 +394,11 @@ def part_ours(steps: int, max_tokens: int) -> dict:
 # ---- TRL ----------------------------------------------------------------------------------
 
 
-def part_trl(steps: int, dtype_name: str) -> dict:
+def part_trl(steps: int, dtype_name: str, threads: int | None = None) -> dict:
     import torch
+
+    if threads:  # the thread count ours ran with, so the comparison is like for like
+        torch.set_num_threads(threads)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -404,6 +468,7 @@ def part_trl(steps: int, dtype_name: str) -> dict:
         "train_warmup_s": round(durations[0], 2),
         "train_step_s": [round(t, 3) for t in timed],
         "train_tokens_per_s": BATCH * SEQ_LEN * len(timed) / sum(timed),
+        "threads": torch.get_num_threads(),
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -411,7 +476,9 @@ def part_trl(steps: int, dtype_name: str) -> dict:
 # ---- driver -------------------------------------------------------------------------------
 
 
-def _run_part(part: str, args: argparse.Namespace, dtype_name: str | None = None) -> dict:
+def _run_part(
+    part: str, args: argparse.Namespace, dtype_name: str | None = None, threads: int | None = None
+) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [
@@ -426,6 +493,8 @@ def _run_part(part: str, args: argparse.Namespace, dtype_name: str | None = None
     ]
     if dtype_name:
         cmd += ["--dtype", dtype_name]
+    if threads:
+        cmd += ["--threads", str(threads)]
     root = str(Path(__file__).resolve().parents[1])
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -448,6 +517,7 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true", help="measure our backend only")
     parser.add_argument("--part", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps or (2 if args.quick else 3)
     args.max_tokens = args.max_tokens or (32 if args.quick else 64)
@@ -456,13 +526,13 @@ def main() -> None:
         print(json.dumps(part_ours(args.steps, args.max_tokens)))
         return
     if args.part == "trl":
-        print(json.dumps(part_trl(args.steps, args.dtype)))
+        print(json.dumps(part_trl(args.steps, args.dtype, args.threads)))
         return
 
     load_before = _load()
     t0 = time.perf_counter()
     ours = _run_part("ours", args)
-    trl = None if args.skip_trl else _run_part("trl", args, ours["dtype"])
+    trl = None if args.skip_trl else _run_part("trl", args, ours["dtype"], ours["threads"])
     load_after = _load()
 
     s = ours["sampling"]
@@ -510,6 +580,13 @@ def main() -> None:
         f"warm-up {ours['train_warmup_s']} s) = {ours['train_gflops']:.0f} GFLOP/s, "
         f"{train_fraction:.0%} of the matmul peak"
     )
+    step_s = BATCH * SEQ_LEN / ours["train_tokens_per_s"]
+    linear_floor = ours["train_linear_flop_per_token"] * BATCH * SEQ_LEN / (peak_train * 1e9)
+    print(
+        f"  of a {step_s:.2f} s step: attention (PyTorch's CPU kernel, forward + backward) "
+        f"{ours['train_attention_s']:.2f} s; the linear layers at the matmul peak would take "
+        f"{linear_floor:.2f} s: floor {ours['train_attention_s'] + linear_floor:.2f} s"
+    )
     print(
         f"variable-length batch {ours['varlen_lengths']}: {ours['varlen_tokens_per_s']:7.1f} tok/s "
         f"({ours['varlen_tokens_per_s'] / ours['train_tokens_per_s']:.2f}x the 4 x 512 batch)"
@@ -517,7 +594,8 @@ def main() -> None:
     if trl:
         print(
             f"TRL   train: {trl['train_tokens_per_s']:7.1f} tok/s  steps {trl['train_step_s']} s  "
-            f"(gradient checkpointing {trl['gradient_checkpointing']}, peak {trl['peak_rss_mb']:.0f} MB)"
+            f"(gradient checkpointing {trl['gradient_checkpointing']}, {trl['threads']} thread(s), "
+            f"peak {trl['peak_rss_mb']:.0f} MB)"
         )
         print(f"ours / TRL : {train_ratio:.2f}x  (target >= {TARGETS['train_vs_trl']})")
     for n, r in s.items():
@@ -526,6 +604,12 @@ def main() -> None:
             f"= {vs_generate[n]:.2f}x  ({r['tokens']} tokens in {r['seconds']} s, "
             f"{r['stopped_early']} stopped early)"
         )
+    tp = ours["top_p_32"]
+    print(
+        f"sample x32 at top_p 0.95 (the stages' setting): {tp['tokens_per_s']:7.1f} tok/s vs "
+        f"generate {tp['generate_tokens_per_s']:7.1f} = "
+        f"{tp['tokens_per_s'] / tp['generate_tokens_per_s']:.2f}x"
+    )
     print(
         f"sample x32 = {ours['sample_gflops_32']:.0f} GFLOP/s, "
         f"{ours['sample_gflops_32'] / peak_decode:.0%} of the matmul peak; "
@@ -556,6 +640,10 @@ def main() -> None:
         "sample_vs_generate": {n: round(r, 2) for n, r in vs_generate.items()},
         "generate_tokens_per_s": {n: round(r["tokens_per_s"], 1) for n, r in gen.items()},
         "lora_sample_32_tokens_per_s": round(ours["lora_sample_32_tokens_per_s"], 1),
+        "top_p_32_tokens_per_s": round(tp["tokens_per_s"], 1),
+        "top_p_32_vs_generate": round(tp["tokens_per_s"] / tp["generate_tokens_per_s"], 2),
+        "train_attention_s": ours["train_attention_s"],
+        "train_step_floor_s": round(ours["train_attention_s"] + linear_floor, 2),
         "matmul_peak_gflops": peak_train,
         "matmul_peak_gflops_by_dtype": ours["matmul_peak_gflops"],
         "train_fraction_of_peak": round(train_fraction, 3),

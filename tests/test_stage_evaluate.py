@@ -237,6 +237,9 @@ async def test_evaluate_after_sft(ws: Workspace):
     assert {r["input"] for r in held_rows} == set(held_inputs)
     assert len(held_rows) == 4 * 2 * 2
     assert {r["person_output"] for r in held_rows} == {d["output"] for d in split.holdout}
+    # MiniLM similarity ran (on the local service's compute thread), one value per sample
+    assert not any("similarity skipped" in getattr(e, "message", "") for e in events)
+    assert all(-1.0 <= r["similarity"] <= 1.0 for r in held_rows if r["output"].strip())
     for m in names:
         met = data["metrics"][m]
         assert met["nll"]["n"] == 2 and met["nll"]["mean"] > 0 and met["nll"]["tokens"] > 0

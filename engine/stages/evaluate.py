@@ -32,6 +32,7 @@ evaluation_judgements.jsonl, then the report (engine.report).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import time
@@ -132,6 +133,16 @@ async def _gather(coros: list[Awaitable[Any]]) -> list[Any]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _off_loop(ctx: StageContext, fn: Any) -> Any:
+    """Blocking torch work off the event loop: on the local service's compute thread where
+    there is one (one OpenMP team per process keeps the service at full speed), else on a
+    worker thread."""
+    on_compute = getattr(ctx.service_client(), "run_on_compute_thread", None)
+    if callable(on_compute):
+        return await on_compute(fn)
+    return await asyncio.to_thread(fn)
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
@@ -366,10 +377,15 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             from engine.metrics import embedding
 
             texts = [s["output"] for s in samples]
-            paired = await asyncio.to_thread(
-                embedding.paired_similarity, texts, [s["person_output"] for s in samples]
+            paired = await _off_loop(
+                ctx,
+                functools.partial(
+                    embedding.paired_similarity, texts, [s["person_output"] for s in samples]
+                ),
             )
-            centre = await asyncio.to_thread(embedding.centroid_similarity, texts, person_texts)
+            centre = await _off_loop(
+                ctx, functools.partial(embedding.centroid_similarity, texts, person_texts)
+            )
             for s, p, c in zip(samples, paired, centre, strict=True):
                 s["similarity"], s["centroid_similarity"] = p, c
         except Exception as e:  # a missing package must not cost the rest of the evaluation

@@ -105,6 +105,16 @@ class LocalServiceClient:
         self._worker.close()
         return _done(None)
 
+    def run_on_compute_thread(self, fn: Callable[[], Any]) -> AwaitableConcurrentFuture:
+        """Run ``fn`` (other torch work of this process, e.g. an embedding model) on the
+        service's own compute thread, in turn with its requests.
+
+        Each thread that runs parallel torch work starts its own OpenMP team; with more team
+        threads than cores every parallel operation of every team pays a wake-up (a second
+        team cut one-sequence sampling from about 27 to 17 tokens/s on 2 cores).
+        """
+        return self._submit(fn)
+
     # ---- internals ------------------------------------------------------------------
 
     def _submit(self, fn: Callable[[], Any]) -> AwaitableConcurrentFuture:
