@@ -52,15 +52,12 @@ def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
     return max(1, min(cpus, cpus - busy))
 
 
-def configure_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op thread count and return it.
+def planned_threads(requested: int | None = None) -> int:
+    """The thread count ``configure_threads`` would choose now, without setting it.
 
     ``requested`` > 0 is used as given (the config key ``local.threads``); ``None`` or 0
     means ``PERSONA_THREADS`` if set (and > 0), else ``auto_threads()``.
     """
-    global _configured
-    import torch
-
     threads = int(requested or 0)
     if threads <= 0:
         env = os.environ.get("PERSONA_THREADS", "").strip()
@@ -70,6 +67,15 @@ def configure_threads(requested: int | None = None) -> int:
             raise ValueError(f"PERSONA_THREADS must be a whole number, not {env!r}") from exc
     if threads <= 0:
         threads = auto_threads()
+    return threads
+
+
+def configure_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op thread count to ``planned_threads(requested)`` and return it."""
+    global _configured
+    import torch
+
+    threads = planned_threads(requested)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     _configured = threads

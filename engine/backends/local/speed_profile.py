@@ -238,16 +238,13 @@ def expected_threads(requested: int | None = None) -> int:
     """The thread count the service would choose now, without setting it: as
     ``hardware.configure_threads`` decides (an explicit count, PERSONA_THREADS, else the cores
     free now); while a service is running in this process, the count it configured."""
-    if requested and int(requested) > 0:
-        return int(requested)
-    env = os.environ.get("PERSONA_THREADS", "").strip()
+    if not (requested and int(requested) > 0) and not os.environ.get("PERSONA_THREADS", "").strip():
+        configured = hardware.configured_threads()
+        if configured:
+            return configured
     with contextlib.suppress(ValueError):
-        if env and int(env) > 0:
-            return int(env)
-    configured = hardware.configured_threads()
-    if configured:
-        return configured
-    return hardware.auto_threads()
+        return hardware.planned_threads(requested)
+    return hardware.auto_threads()  # a malformed PERSONA_THREADS: the service will say so
 
 
 def profile_key(base_model: str, plan: ComputePlan, threads: int) -> ProfileKey:
