@@ -273,14 +273,17 @@ class _Linear:
         hit = self._lora_cache.get(name)
         if hit is None or hit[0] != key:
             scales = [m.scales[name] for m, _, _ in owned]
-            alpha = scales[0] if len(set(scales)) == 1 else 1.0
+            # One adapter has one scale: it stays the matmul's alpha, as in the model's own
+            # LoRA forward; only mixed scales are folded into their blocks.
+            uniform = len(set(scales)) == 1
+            alpha = scales[0] if uniform else 1.0
             a = torch.cat([m.lora_A[name].detach() for m, _, _ in owned]).to(dtype)
             bd = torch.zeros(self.out_features, a.shape[0], device=a.device)
             col = 0
             for (m, lo, hi), scale in zip(owned, scales, strict=True):
                 block = m.lora_B[name].detach().float()
                 rank = block.shape[1]
-                bd[lo:hi, col : col + rank] = block if alpha != 1.0 else block * scale
+                bd[lo:hi, col : col + rank] = block if uniform else block * scale
                 col += rank
             hit = (key, (a, bd.to(dtype).t().contiguous(), alpha))
             self._lora_cache.pop(name, None)
