@@ -126,6 +126,31 @@ def test_ensure_profile_measures_once_then_reads_the_cache(sp, monkeypatch):
     assert calls == [TINY, TINY]
 
 
+def test_measuring_runs_on_a_thread_that_ends_with_it(sp, monkeypatch):
+    """Torch work leaves an OpenMP team with the thread that ran it; a team left in the
+    app's pool threads would slow every later stage, so the measurement gets its own."""
+    import threading
+
+    seen = []
+    real = sp.measure_profile
+
+    def recording(runtime, **kw):
+        seen.append(threading.current_thread())
+        return real(runtime, **kw)
+
+    monkeypatch.setattr(sp, "measure_profile", recording)
+    sp.ensure_profile(TINY, threads=_threads())
+    assert len(seen) == 1 and seen[0] is not threading.current_thread()
+    assert not seen[0].is_alive()
+
+    def failing(runtime, **kw):
+        raise sp.MeasureStopped()
+
+    monkeypatch.setattr(sp, "measure_profile", failing)
+    with pytest.raises(sp.MeasureStopped):  # an error reaches the caller
+        sp.ensure_profile(TINY, threads=_threads(), remeasure=True)
+
+
 def _fake_measure(sp, monkeypatch, calls):
     def fake(runtime, *, model=None, threads=None, load_s=0.0, should_stop=None):
         calls.append(model)
