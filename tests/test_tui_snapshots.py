@@ -5,10 +5,11 @@ Update after an intended change with: pytest tests/test_tui_snapshots.py --snaps
 
 from __future__ import annotations
 
-from tui_helpers import write_method_outputs, write_past_run, write_synthetic
+from tui_helpers import until, write_method_outputs, write_past_run, write_synthetic
 
 from engine.workspace import Workspace
 from tui.app import create_app
+from tui.train import MetricChart
 
 
 def app_for(ws: Workspace, theme: str = "textual-dark"):
@@ -39,7 +40,13 @@ def test_snapshot_train_replay(ws: Workspace, snap_compare):
         pilot.app.query_one("#stage-table").move_cursor(row=names.index("sft"))
         await pilot.press("r")
         await pilot.app.workers.wait_for_complete()
-        await pilot.pause(0.4)
+        charts = list(pilot.app.query(MetricChart))
+
+        def drawn() -> bool:  # every chart holds the replayed points and has drawn them
+            return bool(charts) and all(c.points and not c._dirty for c in charts)
+
+        await until(pilot, drawn)
+        await pilot.pause()
 
     assert snap_compare(app_for(ws), run_before=replay, terminal_size=(80, 24))
 
