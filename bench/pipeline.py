@@ -24,20 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.events import LogLine, Metric, StageFailed, StageFinished  # noqa: E402
 from engine.runner import Runner  # noqa: E402
+from engine.stages import STAGES  # noqa: E402
 from engine.workspace import init_workspace  # noqa: E402
 
-CHAIN = [
-    "baseline",
-    "prompting",
-    "synth-inputs",
-    "synth-outputs",
-    "sft",
-    "reward-model",
-    "rl-prompts",
-    "rlaif",
-    "ditto",
-    "evaluate",
-]
+CHAIN = [name for name in STAGES if name != "demos"]  # every stage that runs a model
 BUDGET = [
     "sampling.max_tokens=120",
     "synth_inputs.max_seeds=5",

@@ -7,23 +7,12 @@ from conftest import TINY, needs_backend
 from tui_helpers import write_method_outputs, write_synthetic
 
 from engine.estimate import Estimate, EstimateError, TokenCounter, estimate_stage, human_seconds
+from engine.stages import STAGES as STAGE_REGISTRY
 from engine.workspace import Workspace
 
 pytestmark = needs_backend
 
-STAGES = (
-    "demos",
-    "baseline",
-    "prompting",
-    "synth-inputs",
-    "synth-outputs",
-    "sft",
-    "reward-model",
-    "rl-prompts",
-    "rlaif",
-    "ditto",
-    "evaluate",
-)
+STAGES = tuple(STAGE_REGISTRY)  # every registered stage, in order
 
 
 def profile(**kw):

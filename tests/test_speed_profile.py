@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import json
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from conftest import TINY, needs_backend
 
 pytestmark = needs_backend
-
-
-@pytest.fixture
-def sp(tmp_path: Path, monkeypatch):
-    """The speed_profile module with its cache in a temporary folder, measuring short rows
-    on one thread (the test checks the measurement, not this machine)."""
-    import torch
-
-    from engine.backends.local import hardware, speed_profile
-
-    monkeypatch.setattr(hardware, "_configured", hardware._configured)  # restored after
-    monkeypatch.setattr(speed_profile, "speed_dir", lambda: tmp_path / "speed")
-    for name, value in (
-        ("PREFILL_LEN", 32),
-        ("TRAIN_LEN", 32),
-        ("DECODE_TOKENS", 4),
-        ("CONTEXT_PROMPT", 48),
-    ):
-        monkeypatch.setattr(speed_profile, name, value)
-    monkeypatch.setenv("PERSONA_THREADS", "1")  # what configure_threads (ensure_profile) sets
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield speed_profile
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from conftest import TINY, needs_backend
 from textual.widgets import DataTable, Input, Static
 from tui_helpers import until, write_synthetic
@@ -14,28 +11,6 @@ from tui.app import create_app
 
 pytestmark = needs_backend
 SIZE = (100, 40)
-
-
-@pytest.fixture
-def sp(tmp_path: Path, monkeypatch):
-    """Profiles cached in a temporary folder; a measurement of short rows on one thread."""
-    import torch
-
-    from engine.backends.local import hardware, speed_profile
-
-    monkeypatch.setattr(speed_profile, "speed_dir", lambda: tmp_path / "speed")
-    for name, value in (
-        ("PREFILL_LEN", 32),
-        ("TRAIN_LEN", 32),
-        ("DECODE_TOKENS", 4),
-        ("CONTEXT_PROMPT", 48),
-    ):
-        monkeypatch.setattr(speed_profile, name, value)
-    monkeypatch.setenv("PERSONA_THREADS", "1")
-    monkeypatch.setattr(hardware, "_configured", hardware._configured)  # restored after
-    before = torch.get_num_threads()
-    yield speed_profile
-    torch.set_num_threads(before)
 
 
 def save_slow_profile(sp, ws: Workspace):

@@ -361,8 +361,7 @@ class BaseRuntime:
         from transformers import DynamicCache
 
         self.host.switch.active = adapter
-        first = rows[0]
-        temperature, top_p, top_k = first.temperature, first.top_p, first.top_k
+        spec = self._sampling_fn(rows[0])
         n = len(rows)
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -394,19 +393,27 @@ class BaseRuntime:
                 .logits[:, -1, :]
                 .float()
             )
-            logp = torch.log_softmax(logits, dim=-1)
-            probs = _sampling_probs(logits, temperature, top_p, top_k)
-            # One device-to-host copy per step, not one per row (matters on a GPU).
-            choices = logits.argmax(-1).cpu() if probs is None else probs.cpu()
+            # The fast decoder's draw, on the rows still running: each draws from its own
+            # request's generator, so a finished row takes nothing from a shared one.
+            live = [i for i in range(n) if not done[i]]
+            u = None
+            if spec.temperature > 0:
+                u = torch.cat([torch.rand(1, generator=rows[i].generator) for i in live])
+                u = u.to(self.device)
+
+            def more(idx: torch.Tensor, live: list[int] = live) -> torch.Tensor:
+                return torch.cat(
+                    [torch.rand(1, generator=rows[live[j]].generator) for j in idx.tolist()]
+                )
+
+            picked_ids, picked_logp = decode.draw(logits[live], u, spec, more)
             next_ids = torch.full((n,), self.pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                if not done[i]:
-                    next_ids[i] = (
-                        int(choices[i])
-                        if probs is None
-                        else int(torch.multinomial(choices[i], 1, generator=r.generator))
-                    )
-            chosen_logp = logp.gather(1, next_ids.to(self.device)[:, None])[:, 0].cpu().tolist()
+            chosen_logp = [0.0] * n
+            # One device-to-host copy per step, not one per row (matters on a GPU).
+            for i, tok, lp in zip(
+                live, picked_ids.cpu().tolist(), picked_logp.cpu().tolist(), strict=True
+            ):
+                next_ids[i], chosen_logp[i] = tok, lp
             for i, r in enumerate(rows):
                 if done[i]:
                     continue
@@ -470,27 +477,6 @@ class _TargetLogprob(torch.autograd.Function):
             part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
             out[rows] = part
         return out, None
-
-
-def _sampling_probs(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int
-) -> torch.Tensor | None:
-    """The distribution to draw from, or None for greedy decoding."""
-    if temperature <= 0:
-        return None
-    scaled = logits / temperature
-    if top_k and top_k > 0 and top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if 0 < top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-        cumulative = sorted_probs.cumsum(-1)
-        drop = cumulative - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
 
 
 @dataclass

@@ -371,13 +371,6 @@ class SlotDecoder:
         return self._rope
 
     @staticmethod
-    def _norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        # LlamaRMSNorm: float32 statistics, cast back, then the weight in the model's dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-        return module.weight * xf.to(x.dtype)
-
-    @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -455,7 +448,7 @@ class SlotDecoder:
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
         for layer, (kc, vc) in zip(self.layers, self._cache, strict=True):
             attn = layer.self_attn
-            h = self._norm(x, layer.input_layernorm)
+            h = _rms_norm(x, layer.input_layernorm)
             q = attn.q_proj(h).view(1, n, self.n_heads, self.head_dim).transpose(1, 2)
             k = attn.k_proj(h).view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
@@ -466,10 +459,10 @@ class SlotDecoder:
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.groups > 1
             )
             x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
-            h = self._norm(x, layer.post_attention_layernorm)
+            h = _rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        x = self._norm(x[:, -1], self.inner.norm)
+        x = _rms_norm(x[:, -1], self.inner.norm)
         return self.model.lm_head(x)[0].float()
 
     def _step(
@@ -487,7 +480,7 @@ class SlotDecoder:
         x = self.inner.embed_tokens(tokens)
         for layer, (kc, vc) in zip(self.layers, self._cache, strict=True):
             attn = layer.self_attn
-            h = self._norm(x, layer.input_layernorm)
+            h = _rms_norm(x, layer.input_layernorm)
             q = attn.q_proj(h).view(b, self.n_heads, self.head_dim)
             k = attn.k_proj(h).view(b, self.n_kv, self.head_dim)
             v = attn.v_proj(h).view(b, self.n_kv, self.head_dim)
@@ -502,10 +495,10 @@ class SlotDecoder:
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
             o = torch.matmul(probs, values).reshape(b, -1)
             x = x + attn.o_proj(o)
-            h = self._norm(x, layer.post_attention_layernorm)
+            h = _rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        x = self._norm(x, self.inner.norm)
+        x = _rms_norm(x, self.inner.norm)
         return self.model.lm_head(x).float()
 
     def _step_fused(
