@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import threading
 
@@ -450,6 +451,45 @@ def test_fast_decoder_with_an_adapter_matches_transformers(monkeypatch, pack):
     assert [r.tokens for r in rt.generate("a", rows)] == [
         r.tokens for r in rt._generate_hf("a", rows)
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_norm_and_rotation_are_the_models_own_numbers(runtime, dtype):
+    """The decode step's RMSNorm and rotary embedding give the model's numbers bit for bit,
+    and the norm leaves its input (the residual stream) as it was."""
+    from engine.backends.local import decode
+
+    norm = copy.deepcopy(runtime.model.model.norm).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, norm.weight.numel()))
+    x = (torch.randn(7, norm.weight.numel(), generator=torch.Generator().manual_seed(0)) * 3).to(
+        dtype
+    )
+    before = x.clone()
+    with torch.no_grad():
+        assert torch.equal(decode._rms_norm(x, norm), norm(x))
+    assert torch.equal(x, before)
+
+    dec = runtime.decoder
+    cos, sin = (t.to(dtype) for t in dec._rope_table())
+    signed = dec._signed_sin.to(dtype)
+    pos = torch.tensor([0, 3, 17, 200])
+    q = torch.randn(4, 5, dec.head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = dec._rotate(q, cos[pos][:, None], sin[pos][:, None])
+    assert torch.equal(dec._rotate_signed(q, cos[pos][:, None], signed[pos][:, None]), expected)
+
+
+def test_rows_sampled_from_one_prompt_report_the_models_logprobs(runtime):
+    """Rows of one request stand at the same position every step (the decode step writes
+    their keys and values with one slice, not a scatter): each row's sampled tokens carry
+    the logprobs the model gives that row's own text, so no row sees another's cache."""
+    out = runtime.generate(None, _rows(runtime, SEQ_A, 4, 24, temperature=1.0, seed=3))
+    assert len({tuple(r.tokens) for r in out}) == 4  # the rows went their own ways
+    inputs = [SEQ_A + r.tokens[:-1] for r in out]
+    targets = [SEQ_A[1:] + r.tokens for r in out]
+    scored = runtime.token_logprobs(None, inputs, targets, grad=False)
+    for r, lp in zip(out, scored, strict=True):
+        assert torch.allclose(torch.tensor(r.logprobs), lp[len(SEQ_A) - 1 :], atol=1e-4)
 
 
 def test_seeded_sample_is_the_same_alone_or_in_a_batch(runtime):
