@@ -151,6 +151,42 @@ def attention_seconds(cfg, dtype) -> float:  # noqa: ANN001
     return round((time.perf_counter() - t) / 3 * cfg.num_hidden_layers, 2)
 
 
+def decode_linears_ms(rt, rows: int) -> float | None:  # noqa: ANN001
+    """The linear layers of one decode step at ``rows`` rows, called as the step calls them
+    (fused q|k|v, the post-ops, the head; weights read from memory as in a real step): the
+    part of a step no work outside the matmul kernels can shorten. None without the fast
+    decoder."""
+    import torch
+
+    dec = rt.decoder
+    if dec is None:
+        return None
+    layers = dec._fused()
+    dec._use_adapter()
+    hidden = rt.model.config.hidden_size
+    nq, d = dec.n_heads, dec.head_dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=g).to(rt.dtype)
+    attn = torch.randn(rows, nq * d, generator=g).to(rt.dtype)
+
+    def one() -> None:
+        h = x
+        for w in layers:
+            w["qkv"](h)
+            h = w["o"].add(attn, h)
+            h = w["down"].add(w["up"].mul(h, w["gate"].silu(h)), h)
+        dec._fused_head(h)
+
+    with torch.no_grad():
+        one()
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            one()
+            best = min(best, time.perf_counter() - t)
+    return round(best * 1e3, 2)
+
+
 def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
     """A 512-token forward (no grad) at 1 thread and at every usable core: tokens/s."""
     import torch
@@ -326,6 +362,9 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["sampling"] = sampling
         out["generate"] = generate
         out["sample_gflops_32"] = sampling["32"]["tokens_per_s"] * _decode_flop_per_token(cfg) / 1e9
+        out["decode_linears_ms"] = {
+            str(n): on_worker(partial(decode_linears_ms, rt, n)) for n in SAMPLE_COUNTS
+        }
         # The stages sample with top_p 0.95: the nucleus costs more than the draw itself.
         nucleus = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=9)
         base.sample(prompt, num_samples=32, sampling_params=warm_params).result()
@@ -616,6 +655,18 @@ def main() -> None:
         f"from a LoRA adapter: {ours['lora_sample_32_tokens_per_s']:.1f} tok/s"
     )
     print(f"32 vs 1    : {sample_ratio:.2f}x  (target >= {TARGETS['sample_32_vs_1']})")
+    step_ms = {n: 1e3 * int(n) / r["tokens_per_s"] for n, r in s.items()}
+    lin = ours["decode_linears_ms"]
+    for n, want in (
+        ("1", TARGETS["sample_vs_generate_1"]),
+        ("32", TARGETS["sample_vs_generate_32"]),
+    ):
+        budget = 1e3 * int(n) / (want * gen[n]["tokens_per_s"])
+        print(
+            f"  a {n}-row token step: {step_ms[n]:.1f} ms (sampling and bookkeeping included); "
+            f"its linear layers alone {lin[n] if lin[n] is not None else '?'} ms; "
+            f"{want:g}x generate needs <= {budget:.1f} ms"
+        )
     print(
         f"continuous batching, 32 requests: all at once {cb['all_at_once_s']} s, at random "
         f"intervals {cb['random_intervals_s']} s (last submitted at {cb['random_last_submit_s']} s); "
@@ -644,6 +695,8 @@ def main() -> None:
         "top_p_32_vs_generate": round(tp["tokens_per_s"] / tp["generate_tokens_per_s"], 2),
         "train_attention_s": ours["train_attention_s"],
         "train_step_floor_s": round(ours["train_attention_s"] + linear_floor, 2),
+        "decode_step_ms": {n: round(v, 2) for n, v in step_ms.items()},
+        "decode_linears_ms": ours["decode_linears_ms"],
         "matmul_peak_gflops": peak_train,
         "matmul_peak_gflops_by_dtype": ours["matmul_peak_gflops"],
         "train_fraction_of_peak": round(train_fraction, 3),
