@@ -389,6 +389,30 @@ async def test_concurrent_compute_logprobs_batch_and_match_single(service):
     assert last_two[:-2] == [None] * (len(SEQ_A) - 2) and last_two[-2:] == together[0][-2:]
 
 
+def test_rows_that_differ_in_their_last_token_share_one_forward_pass(runtime):
+    """A judge scores "[RESULT] A" and "[RESULT] B" after the same prompt: one forward pass
+    serves both, and every value is the one the row gets scored alone."""
+    prompt = SEQ_A[:-1]
+    rows = [prompt + [17], prompt + [23], SEQ_B, prompt + [17]]
+    forwarded: list[int] = []
+    hook = runtime.model.register_forward_pre_hook(
+        lambda _m, _a, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        together = runtime.score_rows(None, rows)
+    finally:
+        hook.remove()
+    # The prompt once and SEQ_B's inputs once (padded to the prompt's length at most), not
+    # four rows.
+    assert sum(forwarded) <= 2 * len(prompt)
+    for row, values in zip(rows, together, strict=True):
+        alone = runtime.token_logprobs(None, [row[:-1]], [row[1:]], grad=False)[0]
+        assert values[0] is None and len(values) == len(row)
+        assert torch.allclose(torch.tensor(values[1:]), alone, atol=1e-6)
+    assert together[0] == together[3] and together[0][-1] != together[1][-1]
+    assert together[0][:-1] == together[1][:-1]
+
+
 # ---- speed work (issue 11): fast decoder, continuous batching, threads, dtype ----------
 
 

@@ -199,52 +199,88 @@ class BaseRuntime:
         """log p(targets[i][t] | inputs[i][:t+1]) for each row, float32, one tensor per row."""
         self.host.switch.active = adapter
         lengths = [len(row) for row in inputs]
-        if self.packing and len(set(lengths)) > 1:
-            return self._packed_logprobs(inputs, targets, grad=grad)
-        width = max(lengths)
-        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
-        tgt = torch.zeros((len(inputs), width), dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for i, (row, trow) in enumerate(zip(inputs, targets, strict=True)):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            tgt[i, : len(trow)] = torch.tensor(trow, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        ids, tgt, mask = ids.to(self.device), tgt.to(self.device), mask.to(self.device)
         self.model.train(grad)  # gradient checkpointing is active only in train mode
         try:
             with torch.set_grad_enabled(grad):
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp = _TargetLogprob.apply(
-                    logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)
-                ).reshape(tgt.shape)
+                logits, starts = self._logits(inputs)
+                tgt = torch.zeros(logits.shape[0], dtype=torch.long)
+                for start, row in zip(starts, targets, strict=True):
+                    tgt[start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+                logp = _TargetLogprob.apply(logits, tgt.to(self.device))
         finally:
             self.model.eval()
-        return [logp[i, :n] for i, n in enumerate(lengths)]
+        return [logp[s : s + n] for s, n in zip(starts, lengths, strict=True)]
 
-    def _packed_logprobs(
-        self, inputs: list[list[int]], targets: list[list[int]], *, grad: bool
-    ) -> list[torch.Tensor]:
-        """``token_logprobs`` for rows of different lengths laid end to end in one row."""
+    def _logits(self, inputs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """The model's logits for every position of every row, (positions, vocab), and where
+        each row starts in it. Rows of different lengths are laid end to end in one row when
+        the attention can be told where each starts (no padding); otherwise they are padded
+        to the longest, and the padding's positions are in the tensor too."""
         lengths = [len(row) for row in inputs]
-        ids = torch.tensor(
-            [[t for row in inputs for t in row]], dtype=torch.long, device=self.device
-        )
-        tgt = torch.tensor(
-            [t for row in targets for t in row], dtype=torch.long, device=self.device
-        )
-        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(self.device)
-        self.model.train(grad)
-        token = _SEGMENTS.set(lengths)
-        try:
-            with torch.set_grad_enabled(grad):
-                logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[
-                    0
-                ]
-                logp = _TargetLogprob.apply(logits, tgt)
-        finally:
-            _SEGMENTS.reset(token)
-            self.model.eval()
-        return list(logp.split(lengths))
+        if self.packing and len(set(lengths)) > 1:
+            ids = torch.tensor([[t for row in inputs for t in row]], dtype=torch.long)
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            token = _SEGMENTS.set(lengths)
+            try:
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    position_ids=positions.to(self.device),
+                    use_cache=False,
+                )
+            finally:
+                _SEGMENTS.reset(token)
+            starts = [0]
+            for n in lengths[:-1]:
+                starts.append(starts[-1] + n)
+            return out.logits[0], starts
+        width = max(lengths)
+        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, row in enumerate(inputs):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        logits = self.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+        ).logits
+        return logits.reshape(-1, logits.shape[-1]), [i * width for i in range(len(inputs))]
+
+    @torch.no_grad()
+    def score_rows(self, adapter: str | None, rows: list[list[int]]) -> list[list[float | None]]:
+        """[None, log p(t1 | t0), ...] for each row, in micro-batches of similar length.
+
+        Rows that differ only in their last token (a judge scoring "[RESULT] A" against
+        "[RESULT] B") share one forward pass: the last position's logits score each choice.
+        """
+        out: list[list[float | None]] = [[None] * len(r) for r in rows]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            if len(row) > 1:
+                groups.setdefault(tuple(row[:-1]), []).append(i)
+        keys = list(groups)
+        self.host.switch.active = adapter
+        cut = token_budget_packs if self.packing else token_budget_batches
+        for batch in cut([len(k) for k in keys]):
+            logits, starts = self._logits([list(keys[j]) for j in batch])
+            at: list[int] = []  # the logits row each value is read from
+            tgt: list[int] = []
+            for j, start in zip(batch, starts, strict=True):
+                n = len(keys[j])
+                members = groups[keys[j]]
+                at.extend(range(start, start + n - 1))
+                tgt.extend(rows[members[0]][1:-1])
+                at.extend([start + n - 1] * len(members))
+                tgt.extend(rows[i][-1] for i in members)
+            values = _picked_logprobs(logits, torch.tensor(at), torch.tensor(tgt)).tolist()
+            k = 0
+            for j in batch:
+                n = len(keys[j])
+                members = groups[keys[j]]
+                shared = values[k : k + n - 1]
+                last = values[k + n - 1 : k + n - 1 + len(members)]
+                k += n - 1 + len(members)
+                for i, lp in zip(members, last, strict=True):
+                    out[i] = [None, *shared, lp]
+        return out
 
     def microbatched_logprobs(
         self,
@@ -445,6 +481,26 @@ class BaseRuntime:
 LOGPROB_CHUNK_ROWS = 16
 
 
+def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row in float32, a few rows at a time (no float32 copy of them all)."""
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
+        rows = slice(start, start + LOGPROB_CHUNK_ROWS)
+        lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+    return lse
+
+
+def _picked_logprobs(logits: torch.Tensor, at: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits[at[k]])[target[k]] for each k, as _TargetLogprob computes it, reading
+    only the rows asked for (a row may be asked for more than once)."""
+    at, target = at.to(logits.device), target.to(logits.device)
+    lse = torch.empty(at.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, at.shape[0], LOGPROB_CHUNK_ROWS):
+        part = slice(start, start + LOGPROB_CHUNK_ROWS)
+        lse[part] = torch.logsumexp(logits[at[part]].float(), dim=-1)
+    return logits[at, target].float() - lse
+
+
 class _TargetLogprob(torch.autograd.Function):
     """log_softmax(logits)[target] per row, in float32, without a float32 copy of the logits.
 
@@ -456,10 +512,7 @@ class _TargetLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
-            rows = slice(start, start + LOGPROB_CHUNK_ROWS)
-            lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+        lse = _logsumexp_rows(logits)
         picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1).float()
         ctx.save_for_backward(logits, target, lse)
         return picked - lse

@@ -649,16 +649,8 @@ class LocalSamplingClient:
         return self._batch_logprobs([tokens])[0]
 
     def _batch_logprobs(self, rows: list[list[int]]) -> list[list[float | None]]:
-        """[None, log p(t1 | t0), ...] for each row, in micro-batches of similar length."""
-        out: list[list[float | None]] = [[None] * len(r) for r in rows]
-        scored = [i for i, r in enumerate(rows) if len(r) > 1]
-        pieces = self._rt.microbatched_logprobs(
-            self._adapter, [rows[i][:-1] for i in scored], [rows[i][1:] for i in scored], grad=False
-        )
-        for batch, logps in pieces:
-            for j, lp in zip(batch, logps, strict=True):
-                out[scored[j]] = [None, *lp.tolist()]
-        return out
+        """[None, log p(t1 | t0), ...] for each row (see ``BaseRuntime.score_rows``)."""
+        return self._rt.score_rows(self._adapter, rows)
 
     def compute_logprobs(
         self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
