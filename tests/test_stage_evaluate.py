@@ -11,11 +11,12 @@ from conftest import needs_backend
 
 from engine import evaluation as ev
 from engine.config import load_config
-from engine.events import Metric, SampleProduced, StageFailed, StageFinished
+from engine.events import Metric, Progress, SampleProduced, StageFailed, StageFinished
 from engine.metrics.likelihood import Nll
 from engine.results import append_preference, preference_record
 from engine.runner import Runner
 from engine.split import workspace_split
+from engine.stages.evaluate import JUDGE_CHUNK
 from engine.workspace import Workspace
 
 # --------------------------------------------------------------------------- aggregation
@@ -260,6 +261,9 @@ async def test_evaluate_after_sft(ws: Workspace):
     ]
     assert sum(j["set"] == "heldout" for j in judgements) == 24
     assert sum(j["set"] == "dev" for j in judgements) == 3
+    # judging reports progress batch by batch, not once at the end
+    judged = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: judging"]
+    assert judged == [0, JUDGE_CHUNK, 27]
     assert data["judge_matrix"]["sft"]["baseline"]["n"] == 4
     assert set(data["dev_win_rates"]) == {"prompting", "few-shot", "sft"}
     assert data["human"]["n_picks"] == 1 and data["human"]["agreement"]["n"] == 1

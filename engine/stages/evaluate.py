@@ -64,6 +64,10 @@ from engine.workspace import RESULT_FILES
 OUTPUT = RESULT_FILES["evaluate"]
 JUDGE_STAGE = "reward-model"
 NOT_POLICIES = {JUDGE_STAGE}
+# Comparisons judged per batch: both orders of 16 are 32 prompts (64 scoring requests), a
+# full batch for the local service and for the judge's concurrency on Tinker, and few
+# enough that the progress bar moves every few seconds, not once after minutes.
+JUDGE_CHUNK = 16
 
 Messages = list[dict[str, str]]
 
@@ -485,7 +489,11 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         elif cfg.dev_prompts and not dev_turns:
             yield LogLine(f"no {ev.DEV_FILE} (run rl-prompts): no dev win rates", "info")
         yield Progress(0, len(comps), "evaluate: judging")
-        records = await _judge_in_chunks(judge, comps, ctx)
+        records: list[Any] = []
+        for start in range(0, len(comps), JUDGE_CHUNK):
+            ctx.check_cancel()
+            records += await judge.judge(comps[start : start + JUDGE_CHUNK])
+            yield Progress(len(records), len(comps), "evaluate: judging")
         for (kind, a, b, r, s, text), rec in zip(meta, records, strict=True):
             ida, idb = (
                 (f"{a}/r{r}/s{s}", f"{b}/r{r}/s{s}")
@@ -505,7 +513,6 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                     **{k2: v for k2, v in rec.as_dict().items() if k2 != "preference"},
                 }
             )
-        yield Progress(len(comps), len(comps), "evaluate: judging")
         judge_info["stats"] = judge.stats.as_dict()
         judge_info["used"] = True
         held_recs = [
@@ -613,16 +620,6 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         summary=f"{len(methods)} methods on {len(held)} held-out requests"
         + (f"; lowest NLL: {ev.method_label(best)}" if best else ""),
     )
-
-
-async def _judge_in_chunks(
-    judge: Any, comps: list[Comparison], ctx: StageContext, chunk: int = 256
-) -> list[Any]:
-    out = []
-    for start in range(0, len(comps), chunk):
-        ctx.check_cancel()
-        out += await judge.judge(comps[start : start + chunk])
-    return out
 
 
 def _data_needed(ctx: StageContext, m: Method, n_train: int) -> str:
