@@ -263,8 +263,9 @@ class _Cost:
         return s
 
     def judge(self, comparisons: int, prompt_tokens: float, part: str = "judging") -> float:
-        """Forced-choice verdicts (verdict mode where the client scores): two scorings (A and
-        B) per order, both orders: four forward passes of the judge prompt per comparison."""
+        """Forced-choice verdicts (verdict mode where the client scores): A and B scored from
+        one forward pass per order (the local service shares it), both orders: two forward
+        passes of the judge prompt per comparison."""
         cfg = self.config
         mode = cfg.reward_model.mode
         mode = "verdict" if mode == "auto" else mode  # auto is verdict on the local backend
@@ -283,7 +284,7 @@ class _Cost:
                 in_flight=cfg.reward_model.concurrency,
                 part=part,
             )
-        return self.score("judge", 4 * comparisons * (prompt_tokens + 4), part=part)
+        return self.score("judge", 2 * comparisons * (prompt_tokens + 4), part=part)
 
     def train(self, role: str, steps: int, tokens_per_step: float, part: str = "training") -> float:
         p = self.profile(role)
