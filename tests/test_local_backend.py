@@ -413,6 +413,55 @@ def test_rows_that_differ_in_their_last_token_share_one_forward_pass(runtime):
     assert together[0][:-1] == together[1][:-1]
 
 
+@pytest.mark.parametrize("same_length", [True, False])
+def test_positions_without_gradient_leave_the_output_layers_backward(same_length):
+    """Positions whose weight is 0 (an SFT row's prompt, a judge prompt's all but the verdict)
+    get their logits outside the graph: the same logprobs and the same LoRA gradients (the
+    output layer's included), with only the weighted rows in the output layer's backward."""
+    from engine.backends.local.compute import BaseRuntime
+    from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
+    from engine.backends.local.models import choose_compute
+
+    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "fp32"))
+    rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in rt.host.parameters("a"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    rows = [SEQ_A, SEQ_A[::-1]] if same_length else [SEQ_A, SEQ_B]
+    inputs, targets = [r[:-1] for r in rows], [r[1:] for r in rows]
+    weights = [[0.0] * (len(x) - 3) + [1.0, 0.5, 1.0] for x in inputs]
+    live = [[w != 0 for w in row] for row in weights]
+
+    def run(live_rows):
+        for p in rt.host.parameters("a"):
+            p.grad = None
+        head_rows: list[int] = []
+        hook = rt.model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out: (
+                head_rows.append(args[0].shape[0]) if torch.is_grad_enabled() else None
+            )
+        )
+        try:
+            logps = rt.token_logprobs("a", inputs, targets, grad=True, live=live_rows)
+            loss = -sum((lp * torch.tensor(w)).sum() for lp, w in zip(logps, weights, strict=True))
+            loss.backward()
+        finally:
+            hook.remove()
+        grads = [p.grad.clone() for p in rt.host.parameters("a")]
+        return [lp.detach() for lp in logps], grads, head_rows
+
+    split_lp, split_grads, split_rows = run(live)
+    full_lp, full_grads, full_rows = run(None)
+    assert split_rows == [3 * len(rows)]  # only the weighted positions, in the graph
+    assert full_rows[0] >= sum(len(x) for x in inputs)
+    for a, b in zip(split_lp, full_lp, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in split_grads)
+    for a, b in zip(split_grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 # ---- speed work (issue 11): fast decoder, continuous batching, threads, dtype ----------
 
 

@@ -195,34 +195,63 @@ class BaseRuntime:
         targets: list[list[int]],
         *,
         grad: bool,
+        live: list[list[bool]] | None = None,
     ) -> list[torch.Tensor]:
-        """log p(targets[i][t] | inputs[i][:t+1]) for each row, float32, one tensor per row."""
+        """log p(targets[i][t] | inputs[i][:t+1]) for each row, float32, one tensor per row.
+
+        ``live[i][t]`` False says no gradient will reach that position's logprob (its weight
+        or advantage is 0: the prompt of an SFT row, all but the verdict of a judge's). Those
+        positions' logits are computed outside the graph, so the backward pass skips them in
+        the output layer, the model's widest matmul (49k columns for SmolLM2).
+        """
         self.host.switch.active = adapter
         lengths = [len(row) for row in inputs]
+        split = grad and live is not None and not all(all(row) for row in live)
         self.model.train(grad)  # gradient checkpointing is active only in train mode
         try:
             with torch.set_grad_enabled(grad):
-                logits, starts = self._logits(inputs)
-                tgt = torch.zeros(logits.shape[0], dtype=torch.long)
+                hidden, starts = self._hidden(inputs)
+                tgt = torch.zeros(hidden.shape[0], dtype=torch.long)
                 for start, row in zip(starts, targets, strict=True):
                     tgt[start : start + len(row)] = torch.tensor(row, dtype=torch.long)
-                logp = _TargetLogprob.apply(logits, tgt.to(self.device))
+                tgt = tgt.to(self.device)
+                head = self.model.get_output_embeddings()
+                if split:
+                    keep = torch.zeros(hidden.shape[0], dtype=torch.bool)
+                    for start, row in zip(starts, live or [], strict=True):
+                        keep[start : start + len(row)] = torch.tensor(row, dtype=torch.bool)
+                    at = keep.nonzero().squeeze(1).to(self.device)
+                    rest = (~keep).nonzero().squeeze(1).to(self.device)
+                    with torch.no_grad():
+                        fixed = _TargetLogprob.apply(head(hidden[rest]), tgt[rest])
+                    picked = _TargetLogprob.apply(head(hidden[at]), tgt[at])
+                    logp = torch.zeros(hidden.shape[0], device=self.device)
+                    logp = logp.index_put((rest,), fixed).index_put((at,), picked)
+                else:
+                    logp = _TargetLogprob.apply(head(hidden), tgt)
         finally:
             self.model.eval()
         return [logp[s : s + n] for s, n in zip(starts, lengths, strict=True)]
 
     def _logits(self, inputs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
         """The model's logits for every position of every row, (positions, vocab), and where
-        each row starts in it. Rows of different lengths are laid end to end in one row when
-        the attention can be told where each starts (no padding); otherwise they are padded
-        to the longest, and the padding's positions are in the tensor too."""
+        each row starts in it (see ``_hidden``)."""
+        hidden, starts = self._hidden(inputs)
+        return self.model.get_output_embeddings()(hidden), starts
+
+    def _hidden(self, inputs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """The last hidden state for every position of every row, (positions, hidden), and
+        where each row starts in it. Rows of different lengths are laid end to end in one row
+        when the attention can be told where each starts (no padding); otherwise they are
+        padded to the longest, and the padding's positions are in the tensor too."""
+        decoder = self.model.get_decoder()
         lengths = [len(row) for row in inputs]
         if self.packing and len(set(lengths)) > 1:
             ids = torch.tensor([[t for row in inputs for t in row]], dtype=torch.long)
             positions = torch.cat([torch.arange(n) for n in lengths])[None]
             token = _SEGMENTS.set(lengths)
             try:
-                out = self.model(
+                out = decoder(
                     input_ids=ids.to(self.device),
                     position_ids=positions.to(self.device),
                     use_cache=False,
@@ -232,17 +261,17 @@ class BaseRuntime:
             starts = [0]
             for n in lengths[:-1]:
                 starts.append(starts[-1] + n)
-            return out.logits[0], starts
+            return out.last_hidden_state[0], starts
         width = max(lengths)
         ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(inputs), width), dtype=torch.long)
         for i, row in enumerate(inputs):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
-        logits = self.model(
+        hidden = decoder(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-        ).logits
-        return logits.reshape(-1, logits.shape[-1]), [i * width for i in range(len(inputs))]
+        ).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1]), [i * width for i in range(len(inputs))]
 
     @torch.no_grad()
     def score_rows(self, adapter: str | None, rows: list[list[int]]) -> list[list[float | None]]:
@@ -289,6 +318,7 @@ class BaseRuntime:
         targets: list[list[int]],
         *,
         grad: bool,
+        live: list[list[bool]] | None = None,
     ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         """``token_logprobs`` in micro-batches of similar length: (row indices, their logprobs).
 
@@ -300,7 +330,11 @@ class BaseRuntime:
             yield (
                 batch,
                 self.token_logprobs(
-                    adapter, [inputs[i] for i in batch], [targets[i] for i in batch], grad=grad
+                    adapter,
+                    [inputs[i] for i in batch],
+                    [targets[i] for i in batch],
+                    grad=grad,
+                    live=None if live is None else [live[i] for i in batch],
                 ),
             )
 

@@ -41,3 +41,10 @@ def datum_loss(
         f"Unsupported loss_fn {loss_fn!r}: the local backend supports {', '.join(SUPPORTED_LOSSES)} "
         f"and forward_backward_custom."
     )
+
+
+def gradient_positions(loss_fn: str, inputs: Mapping[str, torch.Tensor]) -> list[bool]:
+    """Which positions' logprobs the loss can send a gradient to: those whose weight
+    (cross_entropy) or advantage (the policy-gradient losses) is not 0."""
+    key = "weights" if loss_fn == "cross_entropy" else "advantages"
+    return (inputs[key] != 0).tolist()

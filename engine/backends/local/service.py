@@ -27,7 +27,7 @@ from . import checkpoint_io
 from .compute import BaseRuntime, GenResult, GenRow, make_generator
 from .hardware import configure_threads
 from .lora import LoraSpec, targets_for
-from .losses import REQUIRED_INPUTS, SUPPORTED_LOSSES, datum_loss
+from .losses import REQUIRED_INPUTS, SUPPORTED_LOSSES, datum_loss, gradient_positions
 from .models import ComputePlan, choose_compute, ensure_model_dir
 from .worker import MAX_BATCH_ROWS, Worker, deliver
 
@@ -318,18 +318,24 @@ class LocalTrainingClient:
             prepared.append({"tokens": tokens, "targets": targets, "inputs": inputs})
         return prepared
 
-    def _microbatches(self, prepared: list[dict[str, Any]], grad: bool):
+    def _microbatches(self, prepared: list[dict[str, Any]], grad: bool, loss_fn: str | None = None):
+        """Logprobs per micro-batch. With a built-in loss, positions it sends no gradient to
+        are left out of the backward pass's output layer."""
+        live = None
+        if grad and loss_fn is not None:
+            live = [gradient_positions(loss_fn, p["inputs"]) for p in prepared]
         return self._rt.microbatched_logprobs(
             self.model_id,
             [p["tokens"] for p in prepared],
             [p["targets"] for p in prepared],
             grad=grad,
+            live=live,
         )
 
     def _run_loss(self, prepared, loss_fn, config, backward: bool) -> types.ForwardBackwardOutput:
         outputs: list[dict[str, types.TensorData] | None] = [None] * len(prepared)
         total = 0.0
-        for batch, logps in self._microbatches(prepared, backward):
+        for batch, logps in self._microbatches(prepared, backward, loss_fn):
             loss = sum(
                 datum_loss(loss_fn, lp, prepared[i]["inputs"], config)
                 for i, lp in zip(batch, logps, strict=True)
