@@ -65,8 +65,8 @@ OUTPUT = RESULT_FILES["evaluate"]
 JUDGE_STAGE = "reward-model"
 NOT_POLICIES = {JUDGE_STAGE}
 # Comparisons judged per batch: both orders of 16 are 32 prompts (64 scoring requests), a
-# full batch for the local service and for the judge's concurrency on Tinker, and few
-# enough that the progress bar moves every few seconds, not once after minutes.
+# full batch for the local service and twice the default requests in flight on Tinker, and
+# few enough that the progress bar moves every few seconds, not once after minutes.
 JUDGE_CHUNK = 16
 
 Messages = list[dict[str, str]]
