@@ -271,7 +271,7 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         # team threads than cores every parallel operation pays a wake-up (a second team cut
         # one-sequence decoding from about 27 to 17 tok/s on 2 cores).
         def on_worker(fn):  # noqa: ANN001, ANN202
-            return svc._submit(fn).result()
+            return svc.run_on_compute_thread(fn).result()
 
         out["matmul_peak_gflops"] = on_worker(lambda: matmul_peak(cfg, svc.threads))
         on_worker(lambda: torch.set_num_threads(svc.threads))

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from engine.settings import PersonaConfig
     from engine.workspace import Workspace
 
-MAX_BATCH_ROWS = 64  # engine/backends/local/worker.py: rows one generation pass takes at most
 CHARS_PER_TOKEN = 4.0  # when the model's tokenizer is not on disk
 EMBEDDING_S = 10.0  # evaluate: loading MiniLM and embedding the samples (not profiled)
 REPORT_S = 5.0  # evaluate: the report's plots
@@ -68,16 +67,23 @@ class Estimate:
         sampling, 1.5 min training"."""
         if not self.parts:
             return f"no model: {self.assumptions[0] if self.assumptions else 'a moment'}"
-        head = f"{'≤' if self.upper_bound else '≈'} {human_seconds(self.seconds)} on this machine"
+        head = f"{self.total()} on this machine"
         if self.where:
             head += f" ({self.where})"
-        top = sorted((p for p in self.parts if p[1] >= 0.5), key=lambda p: -p[1])[:parts]
-        if top:
-            head += " · " + ", ".join(f"{human_seconds(s, short=True)} {p}" for p, s in top)
-        return head
+        top = self.top_parts(parts)
+        return f"{head} · {top}" if top else head
+
+    def total(self) -> str:
+        """ "≤ 4 min" (an upper bound) or "≈ 4 min"."""
+        return f"{'≤' if self.upper_bound else '≈'} {human_seconds(self.seconds)}"
+
+    def top_parts(self, n: int) -> str:
+        """The ``n`` largest parts of at least half a second: "2.1 min sampling, 40 s training"."""
+        top = sorted((p for p in self.parts if p[1] >= 0.5), key=lambda p: -p[1])[:n]
+        return ", ".join(f"{human_seconds(s)} {p}" for p, s in top)
 
 
-def human_seconds(seconds: float, short: bool = False) -> str:
+def human_seconds(seconds: float) -> str:
     """5 s, 40 s, 2.1 min, 14 min, 1.3 h."""
     s = max(0.0, float(seconds))
     if s < 1:
@@ -123,26 +129,24 @@ class TokenCounter:
 
     def prompt(self, messages: Messages) -> int:
         """Tokens of the generation prompt for ``messages`` (what a sampling request prefills)."""
-        key = ("p", tuple((m["role"], m["content"]) for m in messages))
-        if key not in self._cache:
-            n = None
-            if self.renderer is not None:
-                try:
-                    n = int(self.renderer.build_generation_prompt(messages).length)
-                except Exception:  # a renderer that cannot take it: count roughly
-                    n = None
-            self._cache[key] = n if n is not None else self._rough(messages)
-        return self._cache[key]
+        return self._rendered("p", messages, lambda r: r.build_generation_prompt(messages).length)
 
     def conversation(self, messages: Messages) -> int:
         """Tokens of a whole conversation as trained on (its supervised example)."""
-        key = ("c", tuple((m["role"], m["content"]) for m in messages))
+        return self._rendered(
+            "c", messages, lambda r: r.build_supervised_example(messages)[0].length
+        )
+
+    def _rendered(self, kind: str, messages: Messages, length: Callable[[Any], int]) -> int:
+        """``length(renderer)`` for ``messages``, cached; counted roughly without a renderer
+        or when the renderer cannot take them."""
+        key = (kind, tuple((m["role"], m["content"]) for m in messages))
         if key not in self._cache:
             n = None
             if self.renderer is not None:
                 try:
-                    n = int(self.renderer.build_supervised_example(messages)[0].length)
-                except Exception:
+                    n = int(length(self.renderer))
+                except Exception:  # a renderer that cannot take it: count roughly
                     n = None
             self._cache[key] = n if n is not None else self._rough(messages)
         return self._cache[key]
@@ -164,19 +168,10 @@ def _counter_for_dir(model: str, folder: str) -> TokenCounter:
 def token_counter(model: str) -> TokenCounter:
     """The counter of a local model: exact when its folder is on disk (a registered model is
     never materialized here), rough otherwise."""
-    from pathlib import Path
+    from engine.backends.local.models import model_dir_if_present
 
-    from engine.backends.local import models
-
-    if model in models.REGISTERED_MODELS:
-        folder = models.cache_dir() / model.replace("/", "--")
-        if not models._is_model_dir(folder):
-            return TokenCounter()
-    else:
-        folder = Path(model).expanduser()
-        if not (folder / "config.json").is_file():
-            return TokenCounter()
-    return _counter_for_dir(model, str(folder.resolve()))
+    folder = model_dir_if_present(model)
+    return TokenCounter() if folder is None else _counter_for_dir(model, str(folder.resolve()))
 
 
 # -- pricing --------------------------------------------------------------------------------
@@ -208,6 +203,7 @@ class _Cost:
     notes: list[str] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
     samples: bool = False
+    counters: dict[str, TokenCounter] = field(default_factory=dict)
 
     def add(self, part: str, seconds: float) -> None:
         self.parts[part] = self.parts.get(part, 0.0) + max(0.0, seconds)
@@ -217,7 +213,15 @@ class _Cost:
             self.notes.append(text)
 
     def counter(self, role: str) -> TokenCounter:
-        return token_counter(self.config.model(role))
+        if role not in self.counters:  # asked once per comparison by the judge's parts
+            self.counters[role] = token_counter(self.config.model(role))
+        return self.counters[role]
+
+    def judge_mode(self) -> str:
+        """The judge's mode on the local backend (the only one estimated)."""
+        from engine.stages.reward_model import mode_on
+
+        return mode_on(self.config.reward_model.mode, "local")
 
     def profile(self, role: str) -> SpeedProfile:
         return self.profiles(self.config.model(role))
@@ -242,6 +246,8 @@ class _Cost:
         """``len(prompts)`` requests of ``rows`` answers each, at most ``in_flight`` requests
         at once (and 64 rows), every answer running to ``max_tokens``: so they start and end
         in waves. Each wave: its requests' prefill, then ``max_tokens`` - 1 steps."""
+        from engine.backends.local.worker import MAX_BATCH_ROWS  # not at import: no torch
+
         p = self.profile(role)
         rows = max(1, int(rows))
         per_wave = max(1, min(int(in_flight), MAX_BATCH_ROWS // rows or 1))
@@ -267,8 +273,7 @@ class _Cost:
         one forward pass per order (the local service shares it), both orders: two forward
         passes of the judge prompt per comparison."""
         cfg = self.config
-        mode = cfg.reward_model.mode
-        mode = "verdict" if mode == "auto" else mode  # auto is verdict on the local backend
+        mode = self.judge_mode()
         if comparisons <= 0:
             return 0.0
         if mode == "feedback":
@@ -387,16 +392,16 @@ def _synth_inputs(cost: _Cost, ws: Workspace) -> None:
     )
 
 
-def _synthetic_requests(cost: _Cost, ws: Workspace) -> tuple[list[dict[str, Any]], bool]:
-    """The synthetic requests synth-outputs will answer (rows with "input"), and whether they
-    were read (False: estimated from the config, synth-inputs not run yet)."""
+def _synthetic_requests(cost: _Cost, ws: Workspace) -> list[dict[str, Any]]:
+    """The synthetic requests synth-outputs will answer (rows with "input"): read, or, before
+    synth-inputs has run, estimated from the config."""
     from engine import results
 
     path = ws.result(results.RESULT_FILES["synth-inputs"])
     if path.exists():
         loaded = results.read_synthetic_inputs(path)
         rows = [r for r in loaded.rows if str(r.get("input", "")).strip()]
-        return rows, True
+        return rows
     cfg = cost.config.synth_inputs
     seeds = _seeds(cost, ws.load_prompts())
     demos = ws.load_demos()
@@ -406,7 +411,7 @@ def _synthetic_requests(cost: _Cost, ws: Workspace) -> tuple[list[dict[str, Any]
         f"synthetic_inputs.jsonl not written yet: assumed {n} requests "
         f"({len(seeds)} seeds × {cfg.per_seed}; the teacher usually writes fewer)"
     )
-    return [{"id": f"in-{i + 1:04d}", "input": typical} for i in range(n)], False
+    return [{"id": f"in-{i + 1:04d}", "input": typical} for i in range(n)]
 
 
 def _synth_outputs(cost: _Cost, ws: Workspace) -> None:
@@ -414,7 +419,7 @@ def _synth_outputs(cost: _Cost, ws: Workspace) -> None:
     from engine.templates import fill
 
     cfg = cost.config.synth_outputs
-    rows, _read = _synthetic_requests(cost, ws)
+    rows = _synthetic_requests(cost, ws)
     if cfg.limit > 0:
         rows = rows[: cfg.limit]
     existing = results.read_synthetic_rows(ws.result(results.RESULT_FILES["synth-outputs"]))
@@ -472,7 +477,7 @@ def _sft(cost: _Cost, ws: Workspace) -> None:
             raise EstimateError(f"{ws.rel(path)} has no training rows ({_how})")
         lengths = [counter.conversation(c) for c in convs]
     else:
-        reqs, _ = _synthetic_requests(cost, ws)
+        reqs = _synthetic_requests(cost, ws)
         answer = cost.config.synth_outputs.max_tokens
         system_prompt = str(ws.load_prompts().get("system_prompt", "")).strip()
         system = _system(system_prompt if cfg.use_system_prompt else None)
@@ -517,9 +522,7 @@ def _sft(cost: _Cost, ws: Workspace) -> None:
 def _judge_prompt_tokens(cost: _Cost, comparison: Any) -> int:
     from engine.judge import judge_messages
 
-    mode = cost.config.reward_model.mode
-    mode = "verdict" if mode == "auto" else mode
-    return cost.counter("judge").prompt(judge_messages(comparison, mode))
+    return cost.counter("judge").prompt(judge_messages(comparison, cost.judge_mode()))
 
 
 def _method_rows(ws: Workspace, stage: str) -> list[dict[str, Any]]:
@@ -555,7 +558,7 @@ def _reward_model(cost: _Cost, ws: Workspace) -> None:
     from engine.stages.reward_model import OWN_SOURCES, _canonical, _split_own, build_own_pairs
 
     cfg = cost.config.reward_model
-    mode = "verdict" if cfg.mode == "auto" else cfg.mode
+    mode = cost.judge_mode()
     cost.load("judge")
     counter = cost.counter("judge")
     if cfg.train and not cfg.validate_only:
@@ -633,7 +636,7 @@ def _rl_prompts(cost: _Cost, ws: Workspace) -> None:
     cost.note(f"{_plural(calls, 'teacher call')} × ≤{cfg.max_tokens} tokens")
 
 
-def _rl_rows(cost: _Cost, ws: Workspace, name: str) -> list[dict[str, Any]] | None:
+def _rl_rows(ws: Workspace, name: str) -> list[dict[str, Any]] | None:
     from engine import results
 
     path = ws.result(name)
@@ -658,7 +661,7 @@ def _rlaif(cost: _Cost, ws: Workspace) -> None:
     system_prompt = str(prompts.get("system_prompt", "")).strip()
     rubric = str(prompts.get("rubric", "")).strip()
     counter = cost.counter("policy")
-    train_rows = _rl_rows(cost, ws, RL_TRAIN_FILE)
+    train_rows = _rl_rows(ws, RL_TRAIN_FILE)
     if train_rows:
         convs = [
             [
@@ -671,7 +674,7 @@ def _rlaif(cost: _Cost, ws: Workspace) -> None:
         demos = _split(cost, ws).train or ws.load_demos()
         convs = [[*_system(system_prompt), *_user(d["input"])] for d in demos]
         cost.note("rl_train_data.jsonl not written yet: prompts taken as long as the demos'")
-    dev_rows = _rl_rows(cost, ws, RL_DEV_FILE)
+    dev_rows = _rl_rows(ws, RL_DEV_FILE)
     if dev_rows is not None:
         dev_convs = [
             [
@@ -853,21 +856,13 @@ def _evaluate(cost: _Cost, ws: Workspace) -> None:
         comp = Comparison(_user(held[0]["input"]), "", "", rubric, reference=held[0]["output"])
         judge_prompt = _judge_prompt_tokens(cost, comp) + 2 * cfg.max_tokens
         cost.judge(held_pairs, judge_prompt)
-        dev_rows = _rl_rows(cost, ws, RL_DEV_FILE) if cfg.dev_prompts else None
+        dev_rows = _rl_rows(ws, RL_DEV_FILE) if cfg.dev_prompts else None
         n_dev = len(dev_rows[: cfg.dev_prompts]) if dev_rows else 0
         if n_dev and any(name == "baseline" for name, _, _ in methods):
-            dev_prompt = _mean(
-                [
-                    counter.prompt(
-                        [
-                            {"role": str(x.get("role")), "content": str(x.get("content", ""))}
-                            for x in r.get("prompt_conversation", [])
-                            if x.get("role") != "system"
-                        ]
-                    )
-                    for r in dev_rows[:n_dev]
-                ]
-            )
+            from engine.stages.evaluate import _dev_turns  # the stage's own reading
+
+            turns = [t for t in (_dev_turns(r) for r in dev_rows[:n_dev]) if t]
+            dev_prompt = _mean([counter.prompt(t) for t in turns])
             for group in groups:
                 size = sum(1 for _, g, _ in methods if g == group)
                 cost.sample(
@@ -938,9 +933,8 @@ def estimate_stage(
         by_model, first = {}, profile
     cost = _Cost(config, lambda model: by_model.get(model, first))
     fn(cost, workspace)
-    models = {config.model(r) for r in ("policy", "teacher", "judge")}
-    if by_model and any(m not in by_model for m in models & cost.loaded):
-        missing = sorted(m for m in models & cost.loaded if m not in by_model)
+    missing = sorted(cost.loaded - by_model.keys())
+    if by_model and missing:
         cost.note(f"{', '.join(missing)} timed at {first.key.model}'s speed")
     if any(not token_counter(m).exact for m in cost.loaded):
         cost.note("tokens counted roughly (4 characters a token): the model is not on disk yet")
@@ -965,7 +959,9 @@ def estimate_stage(
 
 def local_models(config: PersonaConfig) -> list[str]:
     """The distinct models of the policy, teacher and judge roles, in that order."""
-    return list(dict.fromkeys(config.model(r) for r in ("policy", "teacher", "judge")))
+    from engine.config import ROLES
+
+    return list(dict.fromkeys(config.model(r) for r in ROLES))
 
 
 def cached_profiles(config: PersonaConfig) -> tuple[dict[str, SpeedProfile], list[str]]:

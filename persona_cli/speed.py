@@ -41,7 +41,6 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
         EstimateError,
         cached_profiles,
         estimate_stage,
-        human_seconds,
         measure_profiles,
     )
 
@@ -99,12 +98,7 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
         if not est.parts:
             table.add_row(name, "–", escape(est.line()))
             continue
-        top = sorted(est.parts, key=lambda p: -p[1])[:3]
-        table.add_row(
-            name,
-            f"{'≤' if est.upper_bound else '≈'} {human_seconds(est.seconds)}",
-            escape(", ".join(f"{human_seconds(s, short=True)} {p}" for p, s in top if s >= 0.5)),
-        )
+        table.add_row(name, est.total(), escape(est.top_parts(3)))
         if args.verbose:
             notes += [f"{name}: {a}" for a in est.assumptions]
     console.print(table)

@@ -90,6 +90,25 @@ def sp(tmp_path: Path, monkeypatch):
     torch.set_num_threads(before)
 
 
+def hand_profile(key, **values):
+    """A hand-made speed profile: round rates, no join or context cost unless given, so a
+    test's arithmetic is exact."""
+    from engine.backends.local.speed_profile import SpeedProfile
+
+    rates = dict(
+        prefill_tokens_per_s=1000.0,
+        train_tokens_per_s=100.0,
+        optim_step_s=0.5,
+        decode_tokens_per_s={1: 10.0, 8: 40.0, 32: 80.0},
+        request_s=0.0,
+        prompt_tokens_per_s=1e12,
+        context_s_per_token=0.0,
+        load_s=2.0,
+        checkpoint_s=0.25,
+    )
+    return SpeedProfile(key=key, **{**rates, **values})
+
+
 def backend_ready() -> bool:
     try:
         from engine.backends import make_service_client  # noqa: F401

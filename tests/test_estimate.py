@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TINY, needs_backend
+from conftest import TINY, hand_profile, needs_backend
 from tui_helpers import write_method_outputs, write_synthetic
 
 from engine.estimate import Estimate, EstimateError, TokenCounter, estimate_stage, human_seconds
@@ -16,23 +16,10 @@ STAGES = tuple(STAGE_REGISTRY)  # every registered stage, in order
 
 
 def profile(**kw):
-    """Round numbers; no join or context cost unless asked, so the arithmetic is exact."""
-    from engine.backends.local.speed_profile import ProfileKey, SpeedProfile
+    from engine.backends.local.speed_profile import ProfileKey
 
-    values = dict(
-        prefill_tokens_per_s=1000.0,
-        train_tokens_per_s=100.0,
-        optim_step_s=0.5,
-        decode_tokens_per_s={1: 10.0, 8: 40.0, 32: 80.0},
-        request_s=0.0,
-        prompt_tokens_per_s=1e12,
-        context_s_per_token=0.0,
-        load_s=2.0,
-        checkpoint_s=0.25,
-    )
-    values.update(kw)
     key = ProfileKey("Test CPU", ("avx2",), "cpu", "bfloat16", 2, "2.13.0", TINY)
-    return SpeedProfile(key=key, **values)
+    return hand_profile(key, **kw)
 
 
 def est(ws: Workspace, stage: str, *overrides: str, p=None) -> Estimate:

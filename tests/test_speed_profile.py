@@ -6,7 +6,7 @@ import json
 from importlib import metadata
 
 import pytest
-from conftest import TINY, needs_backend
+from conftest import TINY, hand_profile, needs_backend
 
 pytestmark = needs_backend
 
@@ -24,22 +24,17 @@ def _threads() -> int:
     return torch.get_num_threads()  # the count torch runs with now: nothing is changed
 
 
-def fake_profile(sp, key, **kw):
+def fake_profile(key, **kw):
     values = dict(
-        prefill_tokens_per_s=1000.0,
-        train_tokens_per_s=100.0,
         optim_step_s=0.1,
-        decode_tokens_per_s={1: 10.0, 8: 40.0, 32: 80.0},
         request_s=0.05,
         prompt_tokens_per_s=800.0,
         context_s_per_token=1e-5,
-        load_s=2.0,
         checkpoint_s=0.5,
         measure_s=3.0,
         measured_at="2025-01-01T00:00:00",
     )
-    values.update(kw)
-    return sp.SpeedProfile(key=key, **values)
+    return hand_profile(key, **{**values, **kw})
 
 
 def test_measure_on_the_tiny_model(sp, runtime):
@@ -67,7 +62,7 @@ def test_measure_on_the_tiny_model(sp, runtime):
 
 def test_json_round_trip(sp):
     key = sp.profile_key(TINY, _plan(), 2)
-    p = fake_profile(sp, key)
+    p = fake_profile(key)
     back = sp.SpeedProfile.from_dict(json.loads(json.dumps(p.to_dict())))
     assert back == p
     assert back.decode_tokens_per_s == {1: 10.0, 8: 40.0, 32: 80.0}
@@ -129,7 +124,7 @@ def test_measuring_runs_on_a_thread_that_ends_with_it(sp, monkeypatch):
 def _fake_measure(sp, monkeypatch, calls):
     def fake(runtime, *, model=None, threads=None, load_s=0.0, should_stop=None):
         calls.append(model)
-        return fake_profile(sp, sp.profile_key(model, runtime.plan, threads), load_s=load_s)
+        return fake_profile(sp.profile_key(model, runtime.plan, threads), load_s=load_s)
 
     monkeypatch.setattr(sp, "measure_profile", fake)
 
@@ -176,7 +171,7 @@ def test_a_new_profile_version_ignores_old_profiles(sp, monkeypatch):
 def test_another_thread_count_is_the_nearest_profile(sp):
     plan = _plan()
     for threads in (1, 4):
-        sp.save_profile(fake_profile(sp, sp.profile_key(TINY, plan, threads)))
+        sp.save_profile(fake_profile(sp.profile_key(TINY, plan, threads)))
     key3 = sp.profile_key(TINY, plan, 3)
     assert sp.load_profile(key3) is None
     assert sp.nearest_profile(key3).key.threads == 4
@@ -186,7 +181,7 @@ def test_another_thread_count_is_the_nearest_profile(sp):
 
 
 def test_decode_rate_interpolates_between_the_measured_batches(sp):
-    p = fake_profile(sp, sp.profile_key(TINY, _plan(), 1))
+    p = fake_profile(sp.profile_key(TINY, _plan(), 1))
     assert p.decode_rate(1) == pytest.approx(10.0)
     assert p.decode_rate(8) == pytest.approx(40.0)
     assert p.decode_rate(32) == pytest.approx(80.0)

@@ -51,7 +51,7 @@ class Future:
 
 
 class FakeTokenizer:
-    pass
+    """Stands in for the SDK's tokenizer: the client must hand back what the SDK gave."""
 
 
 class FakeTrainingClient:

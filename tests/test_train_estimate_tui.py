@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import TINY, needs_backend
+from conftest import TINY, hand_profile, needs_backend
 from textual.widgets import DataTable, Input, Static
 from tui_helpers import until, write_synthetic
 
@@ -18,15 +18,13 @@ def save_slow_profile(sp, ws: Workspace):
     cfg = ws.config()
     key = sp.current_key(TINY, threads=cfg.local.threads, dtype=cfg.local.dtype)
     sp.save_profile(
-        sp.SpeedProfile(
-            key=key,
+        hand_profile(
+            key,
             prefill_tokens_per_s=100.0,
             train_tokens_per_s=10.0,
-            optim_step_s=0.5,
             decode_tokens_per_s={1: 2.0, 8: 8.0, 32: 16.0},
             request_s=0.1,
             prompt_tokens_per_s=100.0,
-            context_s_per_token=0.0,
             load_s=3.0,
             checkpoint_s=0.5,
         )
@@ -45,15 +43,20 @@ async def select(app, pilot, stage: str) -> None:
     await pilot.pause()
 
 
+async def open_at(app, pilot, stage: str):
+    """The Train tab with ``stage`` selected and its estimate shown; the Train pane."""
+    await app.wait_ready()
+    await pilot.press("f4")
+    await select(app, pilot, stage)
+    await until(pilot, lambda: app.train.estimate_for == (stage, ""))
+    return app.train
+
+
 async def test_the_selected_stage_shows_its_estimate(ws: Workspace, sp):
     key = save_slow_profile(sp, ws)
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
-        await app.wait_ready()
-        await pilot.press("f4")
-        await select(app, pilot, "baseline")
-        train = app.train
-        await until(pilot, lambda: train.estimate_for == ("baseline", ""))
+        train = await open_at(app, pilot, "baseline")
         text = train.estimate_text
         dtype = "bf16" if key.dtype == "bfloat16" else "fp32"
         threads = f"{key.threads} thread{'s' if key.threads != 1 else ''}"
@@ -71,11 +74,7 @@ async def test_an_override_typed_changes_the_estimate(ws: Workspace, sp):
     write_synthetic(ws, 12)
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
-        await app.wait_ready()
-        await pilot.press("f4")
-        await select(app, pilot, "sft")
-        train = app.train
-        await until(pilot, lambda: train.estimate_for == ("sft", ""))
+        train = await open_at(app, pilot, "sft")
         before = train.estimate_text
         assert "training" in before
         overrides = app.query_one("#overrides", Input)
@@ -147,10 +146,6 @@ async def test_no_measuring_while_a_stage_runs(ws: Workspace, sp, monkeypatch):
 async def test_the_tests_model_is_not_measured_automatically(ws: Workspace, sp):
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
-        await app.wait_ready()
-        await pilot.press("f4")
-        await select(app, pilot, "baseline")
-        train = app.train
-        await until(pilot, lambda: train.estimate_for == ("baseline", ""))
+        train = await open_at(app, pilot, "baseline")
         assert train.estimate_text == "" and train.speed_state == ""
         assert not app.query_one("#stage-estimate", Static).display

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from engine.atomic import atomic_write_json, atomic_write_jsonl
 from engine.events import LogLine, Metric, Progress, StageFinished, StageStarted, event_to_dict
 from engine.workspace import Workspace
 
+# A guard against a hang only: every wait is for a state, however long a busy machine takes.
+HANG_GUARD_S = 600
+
 
 async def until(pilot, predicate, tries: int = 500) -> None:
-    """Let the app run until ``predicate()`` holds (a state, never a time); fail after
-    ``tries`` idle rounds. For a state a worker thread reaches (a training step, a file
-    written), each round also yields the processor briefly, so a busy machine only makes
-    it take more rounds, and the cap is far beyond any real need."""
+    """Let the app run until ``predicate()`` holds (a state, never a time). The first
+    ``tries`` rounds only let the app process its messages; after them, for a state a worker
+    thread reaches (a training step, a file written), each round also yields the processor
+    briefly. It fails only when the app has not got there after HANG_GUARD_S."""
     for _ in range(tries):
         if predicate():
             return
         await pilot.pause()
-    for _ in range(20_000):
-        if predicate():
-            return
+    end = time.monotonic() + HANG_GUARD_S
+    while not predicate():
+        assert time.monotonic() < end, "the app never reached the state the test waits for"
         await pilot.pause(0.01)
-    assert predicate(), "the app never reached the state the test waits for"
 
 
 SEEDS = ("turn down request", "social events", "cold emailing")

@@ -23,6 +23,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.timer import Timer
 from textual.widgets import DataTable, Input, Label, ProgressBar, RichLog, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
@@ -31,7 +32,6 @@ from engine.estimate import (
     EstimateError,
     cached_profiles,
     estimate_stage,
-    local_models,
     measure_profiles,
 )
 from engine.events import (
@@ -64,6 +64,7 @@ MAX_REPLAY_LOG = 400
 # shows the tab must not measure the machine; `persona speed` measures it on demand).
 NO_AUTO_MEASURE = frozenset({"persona/tiny-random"})
 MEASURING = "measuring this machine's speed (once, a few seconds)…"
+ESTIMATE_AFTER = 0.15  # seconds without a key or cursor move before the estimate starts
 
 
 def split_overrides(text: str) -> list[str]:
@@ -227,6 +228,7 @@ class TrainPane(Vertical):
         self.speed_state = ""  # "" | "measuring" | "measured" | "failed: ..."
         self.estimate_text = ""  # what the estimate line says now
         self.estimate_for: tuple[str, str] | None = None  # (stage, overrides) it is for
+        self._estimate_timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="train-top"):
@@ -344,7 +346,15 @@ class TrainPane(Vertical):
         self.request_estimate()
 
     def request_estimate(self) -> None:
-        """Estimate the selected stage at the current settings, off the event loop."""
+        """Estimate the selected stage at the current settings, off the event loop, once
+        the keys and cursor moves of a burst have stopped: typing an override starts one
+        estimate, not one per key (a thread worker runs to its end even when replaced)."""
+        if self._estimate_timer is not None:
+            self._estimate_timer.stop()
+        self._estimate_timer = self.set_timer(ESTIMATE_AFTER, self._request_estimate_now)
+
+    def _request_estimate_now(self) -> None:
+        self._estimate_timer = None
         name = self.selected()
         if name is None or "engine.stages" not in sys.modules:
             return
@@ -426,11 +436,7 @@ class TrainPane(Vertical):
 
         try:
             cfg = self.ws.config(self.launch_overrides(overrides))
-            measure_profiles(
-                cfg,
-                [m for m in local_models(cfg) if m in models],
-                should_stop=lambda: self.running is not None,
-            )
+            measure_profiles(cfg, models, should_stop=lambda: self.running is not None)
             state = "measured"
         except MeasureStopped:
             state = ""  # a stage started: measured again once nothing runs

@@ -71,9 +71,13 @@ OWN_SOURCES = ("baseline", "prompting")
 
 
 def judge_mode(ctx: StageContext) -> str:
-    mode = ctx.config.reward_model.mode
+    return mode_on(ctx.config.reward_model.mode, ctx.backend)
+
+
+def mode_on(mode: str, backend: str) -> str:
+    """The judge mode a setting means on a backend: auto is feedback on Tinker, else verdict."""
     if mode == "auto":
-        return "feedback" if ctx.backend == "tinker" else "verdict"
+        return "feedback" if backend == "tinker" else "verdict"
     return mode
 
 

@@ -9,6 +9,7 @@ the cores this process may use (``os.sched_getaffinity``) less the load already 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -52,22 +53,23 @@ def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
     return max(1, min(cpus, cpus - busy))
 
 
-def planned_threads(requested: int | None = None) -> int:
-    """The thread count ``configure_threads`` would choose now, without setting it.
-
-    ``requested`` > 0 is used as given (the config key ``local.threads``); ``None`` or 0
-    means ``PERSONA_THREADS`` if set (and > 0), else ``auto_threads()``.
-    """
+def explicit_threads(requested: int | None = None) -> int:
+    """The thread count asked for: ``requested`` > 0 (the config key ``local.threads``), else
+    ``PERSONA_THREADS`` > 0; 0 when neither asks (automatic)."""
     threads = int(requested or 0)
-    if threads <= 0:
-        env = os.environ.get("PERSONA_THREADS", "").strip()
-        try:
-            threads = int(env) if env else 0
-        except ValueError as exc:
-            raise ValueError(f"PERSONA_THREADS must be a whole number, not {env!r}") from exc
-    if threads <= 0:
-        threads = auto_threads()
-    return threads
+    if threads > 0:
+        return threads
+    env = os.environ.get("PERSONA_THREADS", "").strip()
+    try:
+        return max(0, int(env)) if env else 0
+    except ValueError as exc:
+        raise ValueError(f"PERSONA_THREADS must be a whole number, not {env!r}") from exc
+
+
+def planned_threads(requested: int | None = None) -> int:
+    """The thread count ``configure_threads`` would choose now, without setting it: the one
+    asked for (``explicit_threads``), else ``auto_threads()``."""
+    return explicit_threads(requested) or auto_threads()
 
 
 def configure_threads(requested: int | None = None) -> int:
@@ -87,12 +89,18 @@ def configured_threads() -> int | None:
     return _configured
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def _cpuinfo_lines() -> tuple[str, ...]:
+    """/proc/cpuinfo, read once: the CPU does not change while the process runs (the Train
+    tab's estimate asks for it on every change)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
-        return set()
-    for line in text.splitlines():
+        return ()
+
+
+def cpu_flags() -> set[str]:
+    for line in _cpuinfo_lines():
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
@@ -109,10 +117,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return "unknown"

@@ -162,6 +162,16 @@ def _build_tiny(out: Path) -> None:
 _BUILDERS = {DEFAULT_MODEL: _build_smollm2, TINY_MODEL: _build_tiny}
 
 
+def model_dir_if_present(base_model: str) -> Path | None:
+    """The local folder holding ``base_model`` when it is on disk already (a registered model
+    materialized, or a model folder); None otherwise. Never materializes."""
+    if base_model in _BUILDERS:
+        target = cache_dir() / base_model.replace("/", "--")
+        return target if _is_model_dir(target) else None
+    path = Path(base_model).expanduser()
+    return path.resolve() if (path / "config.json").is_file() else None
+
+
 def ensure_model_dir(base_model: str) -> Path:
     """The local folder holding ``base_model``, materializing a registered one if needed."""
     if base_model in _BUILDERS:

@@ -24,7 +24,6 @@ call the service makes), never another one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -127,25 +126,9 @@ class SpeedProfile:
         return {"bfloat16": "bf16", "float32": "fp32"}.get(self.key.dtype, self.key.dtype)
 
     def decode_rate(self, rows: int) -> float:
-        """Tokens/s of all rows together when ``rows`` are sampled at once: log-log between
-        the measured batch sizes, and beyond them along the last segment's slope."""
-        pts = sorted((int(b), float(r)) for b, r in self.decode_tokens_per_s.items() if r > 0)
-        if not pts:
-            raise ValueError("the profile has no decode rate")
-        rows = max(1, int(rows))
-        if len(pts) == 1:
-            return pts[0][1]
-        if rows <= pts[0][0]:
-            return pts[0][1] * rows / pts[0][0]
-        lo, hi = pts[-2], pts[-1]
-        for a, b in zip(pts, pts[1:], strict=False):
-            if rows <= b[0]:
-                lo, hi = a, b
-                break
-        slope = math.log(hi[1] / lo[1]) / math.log(hi[0] / lo[0])
-        if rows > hi[0]:
-            slope = min(max(slope, 0.0), 1.0)  # beyond what was measured: never superlinear
-        return lo[1] * (rows / lo[0]) ** slope
+        """Tokens/s of all rows together when ``rows`` are sampled at once (see
+        ``_rate_at``)."""
+        return _rate_at(self.decode_tokens_per_s, rows)
 
     def join_s(self, prompt_tokens: float) -> float:
         """What one sampling request costs before its first step: its prompt's prefill."""
@@ -239,13 +222,11 @@ def expected_threads(requested: int | None = None) -> int:
     """The thread count the service would choose now, without setting it: as
     ``hardware.configure_threads`` decides (an explicit count, PERSONA_THREADS, else the cores
     free now); while a service is running in this process, the count it configured."""
-    if not (requested and int(requested) > 0) and not os.environ.get("PERSONA_THREADS", "").strip():
-        configured = hardware.configured_threads()
-        if configured:
-            return configured
-    with contextlib.suppress(ValueError):
-        return hardware.planned_threads(requested)
-    return hardware.auto_threads()  # a malformed PERSONA_THREADS: the service will say so
+    try:
+        explicit = hardware.explicit_threads(requested)
+    except ValueError:  # a malformed PERSONA_THREADS: the service will say so
+        return hardware.auto_threads()
+    return explicit or hardware.configured_threads() or hardware.auto_threads()
 
 
 def profile_key(base_model: str, plan: ComputePlan, threads: int) -> ProfileKey:
@@ -322,22 +303,31 @@ def _tokens(n: int, vocab: int, salt: int) -> list[int]:
     return [(salt * 7919 + i * 104_729) % (vocab - 1) + 1 for i in range(n)]
 
 
+def _rate_at(rates: dict[int, float], rows: int) -> float:
+    """Tokens/s of all rows together at ``rows`` rows, from rates measured at some batch
+    sizes: log-log between them, and beyond them along the last segment's slope."""
+    pts = sorted((int(b), float(r)) for b, r in rates.items() if r > 0)
+    if not pts:
+        raise ValueError("the profile has no decode rate")
+    rows = max(1, int(rows))
+    if len(pts) == 1:
+        return pts[0][1]
+    if rows <= pts[0][0]:
+        return pts[0][1] * rows / pts[0][0]
+    lo, hi = pts[-2], pts[-1]
+    for a, b in zip(pts, pts[1:], strict=False):
+        if rows <= b[0]:
+            lo, hi = a, b
+            break
+    slope = math.log(hi[1] / lo[1]) / math.log(hi[0] / lo[0])
+    if rows > hi[0]:
+        slope = min(max(slope, 0.0), 1.0)  # beyond what was measured: never superlinear
+    return lo[1] * (rows / lo[0]) ** slope
+
+
 def _interp_step(step_s: dict[int, float], rows: int) -> float:
     """A measured step time at ``rows`` rows (log-log between the measured batch sizes)."""
-    rates = {b: b / s for b, s in step_s.items()}
-    probe = SpeedProfile(
-        key=ProfileKey("", (), "", "", 1, "", ""),
-        prefill_tokens_per_s=1.0,
-        train_tokens_per_s=1.0,
-        optim_step_s=0.0,
-        decode_tokens_per_s=rates,
-        request_s=0.0,
-        prompt_tokens_per_s=1.0,
-        context_s_per_token=0.0,
-        load_s=0.0,
-        checkpoint_s=0.0,
-    )
-    return rows / probe.decode_rate(rows)
+    return rows / _rate_at({b: b / s for b, s in step_s.items()}, rows)
 
 
 def measure_profile(
