@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -266,30 +267,55 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     return 0
 
 
+def stage_name(text: str) -> str:
+    """A stage's name for ``persona run``; a typo gets the nearest name."""
+    from engine.stages import STAGES
+
+    if text in STAGES:
+        return text
+    near = difflib.get_close_matches(text, list(STAGES), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown stage {text!r}{hint} (stages: {', '.join(STAGES)})"
+    )
+
+
 def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The parser; ``extra``: more commands by name, each with ``add_parser(subparsers)`` and
     ``run(args, workspace) -> int`` (the ``persona`` script adds its own this way)."""
     from engine.stages import STAGES
 
     p = argparse.ArgumentParser(
-        prog="persona", description="Personalize a language model to your writing."
+        prog="persona",
+        description="Personalize a language model to your writing. "
+        "With no command, `persona` opens the app on the workspace.",
     )
     p.add_argument(
         "-C", "--workspace", help="workspace folder (default: the nearest one holding persona.toml)"
     )
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", title="commands (none: open the app)")
     pi = sub.add_parser("init", help="create a workspace with the example data")
-    pi.add_argument("dir", nargs="?", default=".")
+    pi.add_argument("dir", nargs="?", default=".", help="the folder to create (default: here)")
     pi.add_argument("--force", action="store_true", help="overwrite existing config and data files")
     pr = sub.add_parser("run", help="run one stage")
-    pr.add_argument("stage", choices=list(STAGES), metavar="STAGE", help=" | ".join(STAGES))
-    pr.add_argument("--backend", choices=("local", "tinker"))
+    pr.add_argument("stage", type=stage_name, metavar="STAGE", help=" | ".join(STAGES))
     pr.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+        "--backend",
+        choices=("local", "tinker"),
+        help="where models run: local (this machine) or tinker (needs TINKER_API_KEY in .env); "
+        "default: persona.toml's [backend] name",
+    )
+    pr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change one persona.toml setting for this run (repeatable), e.g. sft.lr=1e-4",
     )
     pr.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     ps = sub.add_parser("status", help="show each stage's state, outputs and checkpoint")
-    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--json", action="store_true", help="print the states as JSON")
     for command in (extra or {}).values():
         command.add_parser(sub)
     return p
