@@ -110,7 +110,7 @@ def test_run_baseline_on_tiny_model(ws: Workspace, capsys):
     assert len(rows) == 10
 
 
-# -- issue 12 #12, #23, #11, issue 13 #16 -------------------------------------------------------
+# -- usage outside a workspace, status details, terminal safety, init's printed command ----------
 
 
 def test_status_outside_a_workspace_is_a_usage_error(tmp_path: Path, capsys, monkeypatch):

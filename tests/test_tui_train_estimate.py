@@ -1,4 +1,4 @@
-"""The Train tab shows the selected stage's estimated time before launch (issue 11)."""
+"""The Train tab shows the selected stage's estimated time before launch."""
 
 from __future__ import annotations
 

@@ -1,0 +1,152 @@
+"""The Train tab: launching, the log, progress and stopping, charts live and replayed.
+
+Pilot tests on a temporary tiny-model workspace; each waits for a state
+(tui_helpers.until), never for time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.text import Text
+from textual.widgets import DataTable, Static
+from tui_helpers import until, write_past_run, write_synthetic
+
+from engine.events import LogLine, Progress, StageFinished, StageStarted
+from engine.workspace import Workspace
+from tui.app import create_app
+from tui.train import MetricChart
+
+SIZE = (80, 24)
+WIDE = (100, 40)  # tests written for a larger terminal
+
+
+def text_of(widget: Static) -> str:
+    content = widget.content
+    return content.plain if hasattr(content, "plain") else str(content)
+
+
+async def test_replay_past_run_into_charts(ws: Workspace):
+    write_past_run(ws, "sft", steps=5)
+    app = create_app(ws)
+    async with app.run_test(size=WIDE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        await pilot.pause()
+        table = app.query_one("#stage-table", DataTable)
+        table.move_cursor(
+            row=list(app.train.statuses).index(
+                next(s for s in app.train.statuses if s.name == "sft")
+            )
+        )
+        await pilot.press("r")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.query_one("#loss-chart", MetricChart).points == 10
+        assert app.query_one("#metric-chart", MetricChart).points == 1
+        assert app.query_one("#metric-chart").display
+
+
+async def test_launch_sft_on_tiny_model(ws: Workspace):
+    pytest.importorskip("engine.backends.local")
+    write_synthetic(ws, 8, status="accepted")
+    app = create_app(
+        ws, overrides=["sft.sample_after=false", "sft.steps=3", "sft.checkpoint_every=0"]
+    )
+    async with app.run_test(size=WIDE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        await pilot.pause()
+        names = [s.name for s in app.train.statuses]
+        app.query_one("#stage-table", DataTable).move_cursor(row=names.index("sft"))
+        await pilot.press("enter")
+        await pilot.pause()
+        final = await app.wait_for_stage()  # 3 tiny steps may already be done
+        chart = app.query_one("#loss-chart", MetricChart)
+        await until(
+            pilot,
+            lambda: app.running_stage is None and len(chart.series.get("train/loss", [])) == 3,
+        )
+        assert isinstance(final, StageFinished), final
+        assert final.stage == "sft" and app.running_stage is None
+        chart = app.query_one("#loss-chart", MetricChart)
+        assert len(chart.series.get("train/loss", [])) == 3
+        table = app.query_one("#stage-table", DataTable)
+        await until(pilot, lambda: table.get_cell("sft", "state").plain == "done")
+        assert isinstance(table.get_cell("sft", "state"), Text)
+
+
+async def test_log_and_eta_visible_at_80_columns(ws: Workspace):
+    """A run started from another tab shows its log on Train; the ETA fits in 80 columns."""
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        app.dispatch_event(StageStarted(stage="baseline", run_dir=""))
+        for i in range(3):
+            app.dispatch_event(LogLine(f"line {i}"))
+        app.dispatch_event(Progress(3, 10, "baseline: sampling"))
+        await pilot.press("f4")
+        log = app.query_one("#log")
+        await until(pilot, lambda: len(log.lines) >= 4 and log.pending == 0)
+        bar = app.query_one("#progress")
+        await until(pilot, lambda: bar.region.width > 0)
+        assert bar.region.right <= SIZE[0]
+        eta = bar.query_one("ETAStatus")
+        assert eta.region.right <= SIZE[0] and eta.region.width >= 8
+
+
+async def test_stopping_shows_at_once(ws: Workspace):
+    """x marks the row `stopping…` before the stage ends."""
+    import asyncio
+    from dataclasses import dataclass
+    from typing import Any
+
+    from engine.runner import Runner
+
+    gate = asyncio.Event()
+
+    @dataclass(frozen=True)
+    class Spec:
+        run: Any
+        trains: bool = False
+
+    async def slow(ctx):
+        yield LogLine("working")
+        await gate.wait()
+
+    runner = Runner(ws, stages={"baseline": Spec(slow)})
+    app = create_app(ws, runner=runner)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        assert app.launch_stage("baseline")
+        table = app.query_one("#stage-table", DataTable)
+        await until(pilot, lambda: table.get_cell("baseline", "state").plain == "running")
+        await pilot.press("x")
+        assert table.get_cell("baseline", "state").plain == "stopping…"
+        gate.set()
+        await app.wait_for_stage()
+        await until(pilot, lambda: table.get_cell("baseline", "state").plain != "stopping…")
+
+
+async def test_loss_chart_spans_resumed_runs(ws: Workspace):
+    """A run resumed at step 6 shows steps 1-5 of the run before it too."""
+    write_past_run(ws, "sft", steps=5)
+    later = ws.runs_dir / "sft-20250102-000000"
+    later.mkdir(parents=True)
+    from engine.events import Metric, StageFinished, event_to_dict
+
+    evs = [StageStarted(stage="sft", run_dir=str(later))]
+    evs += [Metric("train/loss", s, 1.0 / s) for s in range(6, 9)]
+    evs.append(StageFinished(stage="sft", outputs=(), summary=""))
+    (later / "events.jsonl").write_text(
+        "".join(json.dumps(event_to_dict(e)) + "\n" for e in evs), encoding="utf-8"
+    )
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        app.train.replay(later)
+        chart = app.query_one("#loss-chart", MetricChart)
+        await until(pilot, lambda: len(chart.series.get("train/loss", [])) == 8)
+        assert [p[0] for p in chart.series["train/loss"]] == list(range(1, 9))
