@@ -12,7 +12,7 @@ from tui_helpers import until, write_method_outputs, write_synthetic
 
 from engine.workspace import Workspace
 from tui.app import create_app
-from tui.common import ConfirmScreen
+from tui.dialogs import ConfirmScreen
 from tui.train import MetricChart
 
 SIZE = (80, 24)

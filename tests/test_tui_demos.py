@@ -13,7 +13,7 @@ from tui_helpers import until
 
 from engine.workspace import Workspace
 from tui.app import create_app
-from tui.common import ConfirmScreen, PairEditScreen
+from tui.dialogs import ConfirmScreen, PairEditScreen
 
 SIZE = (80, 24)
 WIDE = (100, 40)  # tests written for a larger terminal

@@ -15,7 +15,8 @@ from engine.report import load_report
 from engine.results import EVALUATION_SAMPLES_FILE, write_evaluation, write_evaluation_rows
 from engine.workspace import Workspace
 from tui.app import create_app
-from tui.common import EngineEvent, focus_now
+from tui.dialogs import focus_now
+from tui.messages import EngineEvent
 
 SIZE = (80, 24)
 METHODS = ("baseline", "prompting", "sft")

@@ -12,7 +12,7 @@ from tui_helpers import until, write_synthetic
 
 from engine.workspace import Workspace
 from tui.app import create_app
-from tui.common import PairEditScreen
+from tui.dialogs import PairEditScreen
 
 SIZE = (80, 24)
 WIDE = (100, 40)  # tests written for a larger terminal

@@ -24,15 +24,10 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from engine.events import StageFailed
 from engine.runner import Runner
 from engine.workspace import Workspace, find_workspace
-from tui.common import (
-    CancelRequested,
-    ConfirmScreen,
-    EngineEvent,
-    LaunchRequested,
-    focus_now,
-)
 from tui.compare import ComparePane
 from tui.demos import DemosPane
+from tui.dialogs import ConfirmScreen, focus_now
+from tui.messages import CancelRequested, EngineEvent, LaunchRequested
 from tui.prompts import PromptsPane
 from tui.synthetic import SyntheticPane
 from tui.train import TrainPane

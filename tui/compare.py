@@ -35,7 +35,9 @@ from engine.results import (
     remove_preference,
 )
 from engine.workspace import Workspace
-from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
+from tui.dialogs import focus_now
+from tui.messages import EngineEvent
+from tui.text import one_line, plain, read_demos
 
 RELOAD_AFTER = {*METHOD_FILES, "demos", "evaluate"}
 

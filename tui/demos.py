@@ -11,7 +11,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
 from engine.workspace import Workspace, WorkspaceError, validate_demos
-from tui.common import ConfirmScreen, PairEditScreen, cell, focus_now, plain, read_demos
+from tui.dialogs import ConfirmScreen, PairEditScreen, focus_now
+from tui.text import cell, plain, read_demos
 
 HELD = "held out"
 

@@ -17,7 +17,9 @@ from engine.events import StageFailed, StageFinished
 from engine.results import read_method_outputs, read_rm_validation
 from engine.templates import write_prompts
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
-from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
+from tui.dialogs import focus_now
+from tui.messages import EngineEvent
+from tui.text import one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
 SCRATCH = "scratch"  # results/scratch/: "try it" runs, never read as a stage's results

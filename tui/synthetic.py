@@ -19,7 +19,9 @@ from textual.widgets import DataTable, Static
 from engine.events import StageFinished
 from engine.results import read_jsonl_checked, save_review
 from engine.workspace import RESULT_FILES, Workspace
-from tui.common import EngineEvent, PairEditScreen, cell, focus_now, plain
+from tui.dialogs import PairEditScreen, focus_now
+from tui.messages import EngineEvent
+from tui.text import cell, plain
 
 DATA_FILE = RESULT_FILES["synth-outputs"]
 STATUSES = ("pending", "accepted", "rejected", "edited")

@@ -46,7 +46,9 @@ from engine.events import (
 )
 from engine.runner import list_runs, load_run_events, stage_status
 from engine.workspace import Workspace
-from tui.common import CancelRequested, EngineEvent, LaunchRequested, focus_now, one_line, plain
+from tui.dialogs import focus_now
+from tui.messages import CancelRequested, EngineEvent, LaunchRequested
+from tui.text import one_line, plain
 
 STATE_STYLE = {
     "done": "green",

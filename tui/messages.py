@@ -1,0 +1,35 @@
+"""The messages between the panes and the app: engine events down, requests up.
+
+The app alone starts and stops stages and holds what runs; panes ask it with these messages
+and learn what happens from the EngineEvent and StageState messages it sends them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.message import Message
+
+
+class EngineEvent(Message):
+    """One engine event (engine.events.*), delivered to widgets as a Textual message."""
+
+    bubble = False
+
+    def __init__(self, event: Any, *, replay: bool = False) -> None:
+        super().__init__()
+        self.event = event
+        self.replay = replay
+
+
+class LaunchRequested(Message):
+    """A pane asks the app to start a stage (the app alone decides and holds what runs)."""
+
+    def __init__(self, stage: str, overrides: list[str] | None = None, source: str = "") -> None:
+        super().__init__()
+        self.stage = stage
+        self.overrides = list(overrides or [])
+        self.source = source
+
+
+class CancelRequested(Message):
+    """A pane asks the app to stop the running stage."""
