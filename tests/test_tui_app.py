@@ -152,3 +152,19 @@ async def test_bad_files_are_named_and_the_app_stays_usable(ws: Workspace):
         await app.wait_ready()
         await pilot.press("f4", "f1")
         assert app.is_running
+
+
+async def test_a_dialog_wraps_its_question_instead_of_cutting_words(ws: Workspace):
+    """At 80x24 a long question is shown whole, wrapped at word boundaries."""
+    from tui_helpers import screen_text
+
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.focused, DataTable))
+        await pilot.press("h")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await until(pilot, lambda: "Hold out demonstration" in screen_text(app))
+        inside = [line.split("█")[1] for line in screen_text(app).splitlines() if "█" in line]
+        words = " ".join(" ".join(inside).split())  # the dialog's own lines, within its border
+        assert "never trained on; evaluate measures on them." in words
+        assert "ditto) unfair to compare: run those again." in words

@@ -30,7 +30,7 @@ async def test_blind_ab_picks_saved(ws: Workspace):
         await pilot.pause()
         shown = []
         for key in ("1", "2", "t"):
-            shown.append(app.compare.pair)
+            shown.append(app.compare.blind.pair)
             await pilot.press(key)
             await pilot.pause()
     lines = ws.result("human_preferences.jsonl").read_text(encoding="utf-8").splitlines()
@@ -64,7 +64,7 @@ async def test_blind_ab_each_pair_once_undo_skip_and_the_end(ws: Workspace):
     app = create_app(ws, compare_seed=3)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f5", "b")
-        cmp = app.compare
+        cmp = app.compare.blind
         await until(pilot, lambda: cmp.pair is not None)
         first = cmp.pair
         await pilot.press("n")
@@ -89,15 +89,58 @@ async def test_blind_ab_each_pair_once_undo_skip_and_the_end(ws: Workspace):
     assert len(prefs) == total
 
 
-async def test_side_by_side_is_columns_and_palette_text(ws: Workspace):
-    """Side by side shows the texts as columns; the palette shows no internal action names."""
-    write_method_outputs(ws, methods=("baseline", "sft"))
+async def test_side_by_side_shows_each_method_beside_your_text_at_80x24(ws: Workspace):
+    """Every method's answer can be read next to the person's text at 80x24: "Your text" and
+    one method side by side, ←/→ step through the methods, the title names the method and its
+    place; a wide terminal shows more methods at once. The palette shows no internal names."""
+    write_method_outputs(ws, methods=("baseline", "prompting", "sft"))
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f5")
-        await until(pilot, lambda: len(app.query(".side-col")) == 3)
+        await until(pilot, lambda: len(app.query(".side-col")) == 2)
+
+        def shown() -> list[str]:
+            return [
+                " ".join(text_of(s) for s in col.query(Static)) for col in app.query(".side-col")
+            ]
+
         cols = list(app.query(".side-col"))
         assert cols[0].region.x < cols[1].region.x  # beside each other, not stacked
+        assert all(c.region.right <= 80 and c.region.width >= 20 for c in cols)  # on screen
+        demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
+        seen = []
+        for _ in range(3):
+            your, method = shown()
+            assert your.startswith("Your text") and demos[0]["output"][:20] in your
+            name = method.split()[0]
+            assert f"{name}  " in method and "/3" in method
+            assert f"{name} says hi to #0" in method.replace("[bold]", "").replace("[/]", "")
+            seen.append(name)
+            await pilot.press("right")
+            await until(pilot, lambda n=name: shown() and shown()[1].split()[0] != n)
+        assert sorted(seen) == ["baseline", "prompting", "sft"]
+        await pilot.press("left")
+        await until(pilot, lambda: shown()[1].split()[0] == seen[-1])
+        await pilot.resize_terminal(160, 40)
+        await until(pilot, lambda: len(app.query(".side-col")) == 4)  # your text + 3 methods
         commands = list(app.get_system_commands(app.screen))
         assert not [c for c in commands if "(show_tab" in c.help or "action (" in c.help]
         assert sum("theme" in c.title.lower() for c in commands) <= 1
+
+
+async def test_a_fixed_data_file_reread_with_ctrl_l_clears_the_problem(ws: Workspace):
+    """data/data.json broken, then fixed in an editor and re-read (ctrl+l on Demos, or on
+    Compare): Compare shows the demonstrations again and no longer names the problem."""
+    good = ws.demos_path.read_text(encoding="utf-8")
+    ws.demos_path.write_text(good[:-20], encoding="utf-8")
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        status = app.query_one("#compare-status", Static)
+        await until(pilot, lambda: "data/data.json" in text_of(status))
+        ws.demos_path.write_text(good, encoding="utf-8")
+        await pilot.press("f1", "ctrl+l")
+        await until(pilot, lambda: "data/data.json" not in text_of(status))
+        assert f"{len(json.loads(good))} requests" in text_of(status)
+        ws.demos_path.write_text(good[:-20], encoding="utf-8")
+        await pilot.press("f5", "ctrl+l")
+        await until(pilot, lambda: "data/data.json" in text_of(status))

@@ -27,7 +27,7 @@ from engine.workspace import Workspace, find_workspace
 from tui.compare import ComparePane
 from tui.demos import DemosPane
 from tui.dialogs import ConfirmScreen, focus_now
-from tui.messages import CancelRequested, EngineEvent, LaunchRequested
+from tui.messages import CancelRequested, EngineEvent, FilesChanged, LaunchRequested
 from tui.prompts import PromptsPane
 from tui.synthetic import SyntheticPane
 from tui.train import TrainPane
@@ -354,6 +354,13 @@ class PersonaApp(App[None]):
     def _launch_requested(self, message: LaunchRequested) -> None:
         message.stop()
         self.launch_stage(message.stage, message.overrides, message.source)
+
+    @on(FilesChanged)
+    def _files_changed(self, message: FilesChanged) -> None:
+        """A pane changed or re-read a file others show: pass it down to them."""
+        message.stop()
+        for pane in (self.prompts, self.compare):
+            pane.post_message(FilesChanged(*message.what))
 
     @on(CancelRequested)
     def _cancel_requested(self, message: CancelRequested) -> None:

@@ -12,6 +12,7 @@ from textual.widgets import DataTable, Static
 
 from engine.workspace import Workspace, WorkspaceError, validate_demos
 from tui.dialogs import ConfirmScreen, PairEditScreen, focus_now
+from tui.messages import FilesChanged
 from tui.text import cell, plain, read_demos
 
 HELD = "held out"
@@ -112,16 +113,18 @@ class DemosPane(Vertical):
         yield Static(id="demos-problems", classes="problems")
 
     def on_mount(self) -> None:
-        self.load()
+        self.load(announce=False)
 
     # -- data ----------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, announce: bool = True) -> None:
         """Read data/data.json as it is (even when invalid, so the problems can be fixed here)."""
         demos, self.load_error = read_demos(self.ws)
         self.demos = demos
         self.dirty = False
         self.deleted = []
         self.refresh_table()
+        if announce:
+            self.post_message(FilesChanged("demos"))  # Compare and Prompts read it again
 
     def problems(self) -> tuple[list[str], set[int]]:
         """Every validation problem, and the rows they are about."""
@@ -148,6 +151,7 @@ class DemosPane(Vertical):
             return False
         self.dirty = False
         self.refresh_table()
+        self.post_message(FilesChanged("demos"))
         self.app.notify_plain(f"Saved {self.ws.rel(self.ws.demos_path)}", timeout=2)
         return True
 

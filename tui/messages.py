@@ -33,3 +33,12 @@ class LaunchRequested(Message):
 
 class CancelRequested(Message):
     """A pane asks the app to stop the running stage."""
+
+
+class FilesChanged(Message):
+    """A pane read or wrote a workspace file others show (``what``: "demos", "synthetic"...);
+    the app passes it down to every pane."""
+
+    def __init__(self, *what: str) -> None:
+        super().__init__()
+        self.what = frozenset(what)

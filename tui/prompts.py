@@ -18,7 +18,7 @@ from engine.results import read_method_outputs, read_rm_validation
 from engine.templates import write_prompts
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.dialogs import focus_now
-from tui.messages import EngineEvent
+from tui.messages import EngineEvent, FilesChanged
 from tui.text import one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
@@ -295,6 +295,12 @@ class PromptsPane(Vertical):
         else:
             t.append_text(plain(str(row.get("output", ""))))
         box.update(t)
+
+    def on_files_changed(self, message: FilesChanged) -> None:
+        message.stop()
+        if "demos" in message.what:
+            self.reload_demos()
+            self.show_try()
 
     def on_engine_event(self, message: EngineEvent) -> None:
         ev = message.event
