@@ -43,8 +43,8 @@ async def test_replay_past_run_into_charts(ws: Workspace):
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert app.query_one("#loss-chart", MetricChart).points == 10
-        assert app.query_one("#metric-chart", MetricChart).points == 1
-        assert app.query_one("#metric-chart").display
+        assert app.query_one("#rates-chart", MetricChart).points == 1
+        assert app.query_one("#rates-box").display  # 40 rows: both charts show
 
 
 async def test_launch_sft_on_tiny_model(ws: Workspace):

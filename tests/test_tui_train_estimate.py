@@ -48,8 +48,8 @@ async def open_at(app, pilot, stage: str):
     await app.wait_ready()
     await pilot.press("f4")
     await select(app, pilot, stage)
-    await until(pilot, lambda: app.train.estimate_for == (stage, ""))
-    return app.train
+    await until(pilot, lambda: app.train.estimate.estimate_for == (stage, ""))
+    return app.train.estimate
 
 
 async def test_the_selected_stage_shows_its_estimate(ws: Workspace, sp):
@@ -96,13 +96,15 @@ async def test_an_override_typed_changes_the_estimate(ws: Workspace, sp):
 
 
 async def test_speed_is_measured_once_when_no_profile_is_cached(ws: Workspace, sp, monkeypatch):
-    import tui.train
+    import tui.train_estimate
 
-    monkeypatch.setattr(tui.train, "NO_AUTO_MEASURE", frozenset())  # measure the tiny model
+    monkeypatch.setattr(
+        tui.train_estimate, "NO_AUTO_MEASURE", frozenset()
+    )  # measure the tiny model
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
         await app.wait_ready()
-        train = app.train
+        train = app.train.estimate
         await pilot.pause()
         assert train.speed_state == ""  # the tab has not been shown: nothing measured
         await pilot.press("f4")
@@ -126,16 +128,16 @@ async def test_speed_is_measured_once_when_no_profile_is_cached(ws: Workspace, s
 
 
 async def test_no_measuring_while_a_stage_runs(ws: Workspace, sp, monkeypatch):
-    import tui.train
+    import tui.train_estimate
 
-    monkeypatch.setattr(tui.train, "NO_AUTO_MEASURE", frozenset())
+    monkeypatch.setattr(tui.train_estimate, "NO_AUTO_MEASURE", frozenset())
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
         await app.wait_ready()
         app.running_stage = "baseline"  # as the app marks a stage it runs
         await pilot.press("f4")
         await select(app, pilot, "sft")
-        train = app.train
+        train = app.train.estimate
         await until(pilot, lambda: train.estimate_for == ("sft", ""))
         assert "measured once nothing runs" in train.estimate_text
         assert train.speed_state == ""

@@ -24,11 +24,18 @@ class EngineEvent(Message):
 class LaunchRequested(Message):
     """A pane asks the app to start a stage (the app alone decides and holds what runs)."""
 
-    def __init__(self, stage: str, overrides: list[str] | None = None, source: str = "") -> None:
+    def __init__(
+        self,
+        stage: str,
+        overrides: list[str] | None = None,
+        source: str = "",
+        workspace: Any = None,
+    ) -> None:
         super().__init__()
         self.stage = stage
         self.overrides = list(overrides or [])
         self.source = source
+        self.workspace = workspace  # another view of the workspace (the Prompts tab's try)
 
 
 class CancelRequested(Message):
@@ -42,3 +49,16 @@ class FilesChanged(Message):
     def __init__(self, *what: str) -> None:
         super().__init__()
         self.what = frozenset(what)
+
+
+class RunState(Message):
+    """The app to its panes: what runs now (None: nothing) and whether it was asked to stop;
+    ``source``: the pane that asked for it ("train", "prompts", ...)."""
+
+    bubble = False
+
+    def __init__(self, running: str | None, stopping: bool = False, source: str = "") -> None:
+        super().__init__()
+        self.running = running
+        self.stopping = stopping
+        self.source = source

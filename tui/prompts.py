@@ -18,7 +18,7 @@ from engine.results import read_method_outputs, read_rm_validation
 from engine.templates import write_prompts
 from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.dialogs import focus_now
-from tui.messages import EngineEvent, FilesChanged
+from tui.messages import EngineEvent, FilesChanged, LaunchRequested, RunState
 from tui.text import one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
@@ -194,21 +194,7 @@ class PromptsPane(Vertical):
             return
         sel = self.query_one("#try-demo", Select)
         only = [f"prompting.only=[{sel.value}]"] if isinstance(sel.value, int) else []
-        from engine.runner import Runner
-
-        base = self.app.runner  # same stages and service, another view of the workspace
-        runner = Runner(
-            scratch,
-            listeners=base.listeners,
-            service_factory=base.service_factory,
-            stages=getattr(base, "_stages", None),
-        )
-        if self.app.launch_stage("prompting", only, source="prompts", runner=runner):
-            self.trying = True
-            self.show_status()
-            self.query_one("#try-result", Static).update(
-                Text("running the prompting stage…", style="dim")
-            )
+        self.post_message(LaunchRequested("prompting", only, source="prompts", workspace=scratch))
 
     # -- check the rubric (the reward-model stage's validation) --------------------
     def action_check_rubric(self) -> None:
@@ -221,12 +207,20 @@ class PromptsPane(Vertical):
         # a TOML string (json.dumps would write emoji as surrogate pairs TOML refuses)
         value = tomli_w.dumps({"v": rubric}, multiline_strings=False)[len("v = ") :].strip()
         overrides = ["reward_model.validate_only=true", f"reward_model.rubric={value}"]
-        if self.app.launch_stage("reward-model", overrides, source="prompts"):
+        self.post_message(LaunchRequested("reward-model", overrides, source="prompts"))
+
+    def on_run_state(self, message: RunState) -> None:
+        """The app started (or ended) what this tab asked for: say so here."""
+        if message.source != "prompts" or message.running is None:
+            return
+        box = self.query_one("#try-result", Static)
+        if message.running == "prompting" and not self.trying:
+            self.trying = True
+            box.update(Text("running the prompting stage…", style="dim"))
+        elif message.running == "reward-model" and not self.checking:
             self.checking = True
-            self.show_status()
-            self.query_one("#try-result", Static).update(
-                Text("the judge is comparing baseline and SFT outputs…", style="dim")
-            )
+            box.update(Text("the judge is comparing baseline and SFT outputs…", style="dim"))
+        self.show_status()
 
     def show_rubric_check(self) -> None:
         records, summary = read_rm_validation(self.ws.result(RESULT_FILES["reward-model"]))
