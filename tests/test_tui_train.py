@@ -150,3 +150,124 @@ async def test_loss_chart_spans_resumed_runs(ws: Workspace):
         chart = app.query_one("#loss-chart", MetricChart)
         await until(pilot, lambda: len(chart.series.get("train/loss", [])) == 8)
         assert [p[0] for p in chart.series["train/loss"]] == list(range(1, 9))
+
+
+def _write_run(run, events) -> None:
+    from engine.events import event_to_dict
+
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "events.jsonl", "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(event_to_dict(e)) + "\n" for e in events))
+
+
+def _state(app, stage: str) -> str:
+    return app.query_one("#stage-table", DataTable).get_cell(stage, "state").plain
+
+
+async def test_a_stage_run_from_the_command_line_shows_running_then_done(ws: Workspace):
+    """While another process runs a stage (its running marker names a live process) the row
+    says running; when that run ends the row says done, without a key pressed."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=-1)
+    try:
+        run = ws.runs_dir / "baseline-20990101-000000"
+        _write_run(run, [StageStarted(stage="baseline", run_dir=str(run))])
+        marker = {"pid": proc.pid, "pid_started": psutil.Process(proc.pid).create_time()}
+        (run / "running.json").write_text(json.dumps(marker), encoding="utf-8")
+        app = create_app(ws)
+        async with app.run_test(size=SIZE) as pilot:
+            await app.wait_ready()
+            await pilot.press("f4")
+            await until(pilot, lambda: _state(app, "baseline") == "running")
+            names = [r.name for r in app.train.rows]
+            app.query_one("#stage-table", DataTable).move_cursor(row=names.index("baseline"))
+            info = app.query_one("#stage-info", Static)
+            await until(pilot, lambda: "another process" in text_of(info))
+            _write_run(run, [StageFinished(stage="baseline", outputs=(), summary="ok")])
+            (run / "running.json").unlink()
+            proc.stdin.close()
+            await until(pilot, lambda: _state(app, "baseline") == "done")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_failed_rerun_keeps_the_finished_result_with_a_note(ws: Workspace):
+    """A later failed or cancelled attempt does not relabel finished work: the row says done
+    (marked !) and the info line names the attempt and its message."""
+    from engine.events import StageFailed
+
+    done = ws.runs_dir / "baseline-20250101-000000"
+    _write_run(done, [StageStarted(stage="baseline", run_dir=str(done))])
+    _write_run(done, [StageFinished(stage="baseline", outputs=(), summary="8 samples")])
+    failed = ws.runs_dir / "baseline-20250102-000000"
+    _write_run(failed, [StageStarted(stage="baseline", run_dir=str(failed))])
+    _write_run(failed, [StageFailed(stage="baseline", message="TINKER_API_KEY is not set")])
+    import os
+
+    os.utime(failed / "events.jsonl", (2e9, 2e9))  # the newer run, whatever the clock
+    os.utime(failed, (2e9, 2e9))
+    cancelled = ws.runs_dir / "sft-20250102-000000"
+    _write_run(cancelled, [StageStarted(stage="sft", run_dir=str(cancelled))])
+    _write_run(cancelled, [StageFailed(stage="sft", message="stopped", cancelled=True)])
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        await until(pilot, lambda: bool(app.train.rows))
+        assert _state(app, "baseline") == "done !"
+        assert _state(app, "sft") == "cancelled"  # nothing finished before it
+        names = [r.name for r in app.train.rows]
+        app.query_one("#stage-table", DataTable).move_cursor(row=names.index("baseline"))
+        info = app.query_one("#stage-info", Static)
+        await until(pilot, lambda: "TINKER_API_KEY" in text_of(info))
+        assert "the last attempt" in text_of(info) and "failed" in text_of(info)
+
+
+async def test_ditto_and_rlaif_curves_show_at_80x24_with_legends(ws: Workspace):
+    """Each training stage's main curves draw at 80x24, live and replayed, with a legend:
+    ditto's sft and dpo losses on the loss chart, rl/* rewards on the next (c switches)."""
+    from engine.events import Metric
+
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        app.dispatch_event(StageStarted(stage="ditto", run_dir=""))
+        for s in range(1, 4):
+            app.dispatch_event(Metric("ditto/sft_loss", s, 2.0 / s))
+            app.dispatch_event(Metric("ditto/dpo_loss", s, 0.7 / s))
+            app.dispatch_event(Metric("rl/reward", s, 0.1 * s))
+        loss = app.query_one("#loss-chart", MetricChart)
+        await until(pilot, lambda: loss.points == 6 and not loss._dirty)
+        assert loss.region.width >= 30 and loss.region.height >= 5  # on screen at 80x24
+        legend = loss.parent.query_one(".chart-legend", Static)
+        assert "ditto/sft_loss" in text_of(legend) and "ditto/dpo_loss" in text_of(legend)
+        assert "c next" in loss.caption
+        await pilot.press("c")
+        rates = app.query_one("#rates-chart", MetricChart)
+        await until(pilot, lambda: rates.region.height >= 5 and not rates._dirty)
+        assert "rl/reward" in text_of(rates.parent.query_one(".chart-legend", Static))
+        assert loss.region.height == 0  # one at a time at 80x24
+
+
+async def test_a_cancelled_run_leaves_no_progress_or_eta_behind(ws: Workspace):
+    """After a run is cancelled the bar and its ETA go; the label says where it stopped."""
+    from engine.events import StageFailed
+
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        app.dispatch_event(StageStarted(stage="sft", run_dir=""))
+        app.dispatch_event(Progress(38, 100, "sft: steps"))
+        bar = app.query_one("#progress")
+        await until(pilot, lambda: bar.display and bar.progress == 38)
+        app.dispatch_event(StageFailed(stage="sft", message="stopped", cancelled=True))
+        label = app.query_one("#progress-label", Static)
+        await until(pilot, lambda: "cancelled" in text_of(label))
+        assert not bar.display and "38%" in text_of(label)

@@ -151,3 +151,27 @@ async def test_the_tests_model_is_not_measured_automatically(ws: Workspace, sp):
         train = await open_at(app, pilot, "baseline")
         assert train.estimate_text == "" and train.speed_state == ""
         assert not app.query_one("#stage-estimate", Static).display
+
+
+async def test_accepting_rows_estimates_sft_again_without_a_cursor_move(ws: Workspace, sp):
+    """The estimate follows the inputs: rows accepted in the Synthetic tab (saved) change
+    sft's estimate on the Train tab with the cursor where it was."""
+    from engine.atomic import atomic_write_jsonl
+    from tui_helpers import synthetic_rows
+
+    save_slow_profile(sp, ws)
+    rows = synthetic_rows(30)
+    for r in rows[:2]:
+        r["status"] = "accepted"
+    atomic_write_jsonl(ws.result("synthetic_personalized_data.jsonl"), rows)
+    app = create_app(ws, overrides=["sft.steps=0", "sft.train_on=reviewed"])  # rows count
+    async with app.run_test(size=SIZE) as pilot:
+        estimate = await open_at(app, pilot, "sft")
+        before = estimate.estimate_text
+        assert "training" in before
+        await pilot.press("f3")
+        await until(pilot, lambda: app.focused is app.query_one("#synth-table"))
+        await pilot.press("A", "ctrl+s")
+        await pilot.press("f4")
+        await until(pilot, lambda: estimate.estimate_text != before)
+        assert "training" in estimate.estimate_text and estimate.estimate_for == ("sft", "")
