@@ -264,6 +264,9 @@ async def test_evaluate_after_sft(ws: Workspace):
     # judging reports progress batch by batch, not once at the end
     judged = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: judging"]
     assert judged == [0, JUDGE_CHUNK, 27]
+    # the dev samples move per request finished (4 methods x 1 dev prompt), not once at the end
+    dev = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: dev samples"]
+    assert dev == [0, 1, 2, 3, 4]
     assert data["judge_matrix"]["sft"]["baseline"]["n"] == 4
     assert set(data["dev_win_rates"]) == {"prompting", "few-shot", "sft"}
     assert data["human"]["n_picks"] == 1 and data["human"]["agreement"]["n"] == 1
