@@ -204,6 +204,16 @@ class RewardModelConfig:
         "", "check with this rubric instead of data/prompts.toml's (the Prompts tab's f10)"
     )
     concurrency: int = setting(16, "judge requests in flight (held-out metrics, validation)", ge=1)
+    combine: str = setting(
+        "calibrated",
+        'both orders into a verdict: "calibrated" (sign of the position-balanced margin where '
+        'the judge scores verdicts; agreement where it samples them) or "agree" (both orders '
+        "must agree, else a tie)",
+        choices=("calibrated", "agree"),
+    )
+    tie_margin: float = setting(
+        0.05, "calibrated rule: a tie when the balanced margin is below this (nats)", ge=0
+    )
 
 
 @dataclass(frozen=True)
@@ -234,6 +244,12 @@ class RlaifConfig:
     max_tokens: int = setting(160, "longest sample, in tokens", ge=1)
     temperature: float = setting(1.0, "sampling temperature", ge=0)
     format_penalty: float = setting(1.0, "subtracted when a sample did not end on a stop", ge=0)
+    reward: str = setting(
+        "margin",
+        '"margin" (mean calibrated judge margin over a sample\'s matches, clipped to ±1 nat) or '
+        '"wins" ((wins - losses) / matches)',
+        choices=("margin", "wins"),
+    )
     eval_every: int = setting(
         4, "dev win rate against the initial policy every N steps; 0 = off", ge=0
     )

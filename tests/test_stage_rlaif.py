@@ -172,3 +172,34 @@ async def test_rerun_after_a_finished_training_only_samples(ws: Workspace):
     assert latest_checkpoint(ws.results_dir, "rlaif")["sampler_path"] == entry["sampler_path"]
     rows = read_method_outputs(ws.result("rl_model_outputs.json")).rows
     assert len(rows) == len(ws.load_demos())
+
+
+async def test_rule_judge_rl_learns_through_a_constant_slot_bias(ws: Workspace, monkeypatch):
+    """The rule judge again, now answering "A" in both orders every time (a slot bias of 3
+    nats above a 1-nat signal, like the small model judges): under the agreement rule every
+    matchup would tie; with calibrated margins the policy still learns to be shorter."""
+    import functools
+
+    from engine.judge import RuleJudge
+    from engine.stages import rlaif
+
+    monkeypatch.setattr(rlaif, "RuleJudge", functools.partial(RuleJudge, slot_bias=3.0))
+    # no format penalty: the judge is the only source of reward (with the agreement rule
+    # every step logs "every group tied; no update" and the length stays put)
+    ws.config_path.write_text(
+        ws.config_path.read_text()
+        + RULE_TOML.format(steps=16, lr=0.05, ckpt=0)
+        + "seed = 1\nformat_penalty = 0.0\n"
+    )
+    _write_prompts(ws)
+    final = await Runner(ws).run("rlaif")
+    assert isinstance(final, StageFinished), final
+    chars = [v for _, v in _metrics(ws, "rl/sample_chars")]
+    assert len(chars) == 16
+    # seeded: 82 -> 57 characters here; under reward_model.combine = "agree" the same run
+    # ties every matchup, trains no step and stays at 78-83
+    assert sum(chars[-3:]) / 3 < 0.8 * sum(chars[:3]) / 3, chars
+    assert {v for _, v in _metrics(ws, "rl/position_bias")} == {3.0}
+    assert {v for _, v in _metrics(ws, "rl/position_consistency")} == {0.0}
+    ties = [v for _, v in _metrics(ws, "rl/tie_rate")]
+    assert sum(ties) / len(ties) <= 0.5, ties  # only equal lengths tie

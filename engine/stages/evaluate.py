@@ -45,7 +45,7 @@ from engine import evaluation as ev
 from engine.checkpoints import read_registry
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
-from engine.judge import Comparison, Judge
+from engine.judge import Comparison, Judge, judge_warnings, person_accuracy
 from engine.metrics.likelihood import target_nlls
 from engine.metrics.stylometry import (
     spread_of,
@@ -610,12 +610,38 @@ async def _judge_phase(st: _State) -> AsyncIterator[Event]:
             )
         st.judge_info["stats"] = judge.stats.as_dict()
         st.judge_info["used"] = True
+        async with aclosing(_accuracy_phase(st)) as events:
+            async for event in events:
+                yield event
         async with aclosing(_judge_metrics(st)) as events:
             async for event in events:
                 yield event
     wins = ev.judge_wins_per_sample([j for j in st.judgements if j["set"] == "heldout"])
     for s in st.samples:
         s["judge"] = wins.get(s["id"], [0, 0, 0])
+
+
+async def _accuracy_phase(st: _State) -> AsyncIterator[Event]:
+    """Whether the judge can tell the person's held-out text from the base and few-shot
+    samples for the same request (it should prefer the person's), and why not to trust it."""
+    assert st.judge is not None
+    cases: dict[str, list[tuple[Messages, str, str]]] = {"vs_base": [], "vs_few_shot": []}
+    for key, method in (("vs_base", "baseline"), ("vs_few_shot", "few-shot")):
+        for r, d in enumerate(st.held):
+            for text, _n in st.outputs.get((method, r), []):
+                if text.strip() and text.strip() != d["output"].strip():
+                    cases[key].append((_user(d["input"]), d["output"], text))
+    n = sum(len(v) for v in cases.values())
+    yield Progress(0, n, "evaluate: judge accuracy")
+    accuracy, stats = await person_accuracy(st.judge, cases, st.rubric)
+    yield Progress(n, n, "evaluate: judge accuracy")
+    st.judge_info["accuracy"] = accuracy
+    st.judge_info["accuracy_stats"] = stats
+    for key, cell in accuracy.items():
+        yield Metric(f"eval/judge_accuracy/{key}", 0, cell["value"])
+    st.judge_info["warnings"] = judge_warnings(st.judge_info["stats"], accuracy)
+    for line in st.judge_info["warnings"]:
+        yield LogLine(line, "warning")
 
 
 async def _judge_metrics(st: _State) -> AsyncIterator[Event]:

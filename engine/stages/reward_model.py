@@ -192,9 +192,15 @@ async def open_judge(
     sampler = Sampler(
         client=client, renderer=get_renderer_for(model, tok), tokenizer=tok, model=model
     )
-    judge = Judge(sampler, mode=mode, concurrency=concurrency)
+    judge = Judge(sampler, mode=mode, concurrency=concurrency, **combine_settings(ctx))
     judge.checkpoint = entry["sampler_path"] if entry else None  # type: ignore[attr-defined]
     return judge, what
+
+
+def combine_settings(ctx: StageContext) -> dict[str, Any]:
+    """How every judge of this workspace turns both orders into a verdict."""
+    cfg = ctx.config.reward_model
+    return {"combine": cfg.combine, "tie_margin": cfg.tie_margin}
 
 
 def judge_checkpoint(judge: Any) -> str | None:
@@ -596,7 +602,12 @@ async def _train(
             return
         client = await resolve(tc.save_weights_and_get_sampling_client(f"eval-{step:06d}"))
         sampler = Sampler(client=client, renderer=renderer, tokenizer=tokenizer, model=model)
-        judge = Judge(sampler, mode=mode, concurrency=ctx.config.reward_model.concurrency)
+        judge = Judge(
+            sampler,
+            mode=mode,
+            concurrency=ctx.config.reward_model.concurrency,
+            **combine_settings(ctx),
+        )
         m = await heldout_metrics(judge, held)
         yield Metric("rm/heldout_accuracy", step, m["accuracy"])
         yield Metric("rm/unparsable_rate", step, m["unparsable_rate"])

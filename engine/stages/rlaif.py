@@ -48,9 +48,13 @@ from engine.checkpoints import latest_checkpoint, registry_path
 from engine.context import StageCancelled, StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
 from engine.judge import (
+    MARGIN_CLIP,
     Comparison,
+    JudgeRecord,
+    JudgeStats,
     RuleJudge,
     has_zero_variance,
+    margin_rewards,
     matchups,
     tournament_rewards,
 )
@@ -59,7 +63,7 @@ from engine.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_pro
 from engine.sampling import Sampler, open_sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.reward_model import open_judge
+from engine.stages.reward_model import combine_settings, open_judge
 from engine.stages.sft import batch_indices
 from engine.training import cancel_checkpoint, save_checkpoint, step_name
 
@@ -147,6 +151,53 @@ def build_training_data(
         for d in data
     ]
     return data, len(groups) - len(kept)
+
+
+def step_rewards(
+    cfg: Any, groups: Sequence[Sequence[Any]], pairs: Sequence[tuple[int, int]],
+    records: Sequence[JudgeRecord],
+) -> list[list[float]]:  # fmt: skip
+    """Each group's rewards from its matchups' records (``len(pairs)`` per group, in order):
+    ``rlaif.reward = "margin"``: the mean calibrated margin s (clipped), a record not decided
+    by the calibrated rule (a sampled verdict, or ``reward_model.combine = "agree"``)
+    counting as its verdict at full strength; ``"wins"``: wins minus losses over matches.
+    Minus ``format_penalty`` for a sample that ran out of tokens."""
+    rewards = []
+    for g, group in enumerate(groups):
+        recs = records[g * len(pairs) : (g + 1) * len(pairs)]
+        stopped = [s.stop_reason == "stop" for s in group]
+        if cfg.reward == "margin":
+            graded = [
+                (
+                    i,
+                    j,
+                    r.s
+                    if r.combined_by == "calibrated" and r.s is not None
+                    else float(r.preference) * MARGIN_CLIP,
+                )
+                for (i, j), r in zip(pairs, recs, strict=True)
+            ]
+            rewards.append(margin_rewards(len(group), graded, stopped, cfg.format_penalty))
+        else:
+            res = [(i, j, r.preference) for (i, j), r in zip(pairs, recs, strict=True)]
+            rewards.append(tournament_rewards(len(group), res, stopped, cfg.format_penalty))
+    return rewards
+
+
+def judge_step_metrics(stats: JudgeStats) -> dict[str, float]:
+    """The judge's statistics for one step: decided and tied shares of the matchups, mean
+    position bias (nats), unparsable rate, position consistency."""
+    n_match = max(1, stats.comparisons)
+    out = {
+        "rl/decided_rate": (stats.wins_a + stats.wins_b) / n_match,
+        "rl/tie_rate": stats.ties / n_match,
+        "rl/unparsable_rate": stats.unparsable_rate,
+    }
+    if stats.consistency_rate is not None:
+        out["rl/position_consistency"] = stats.consistency_rate
+    if stats.mean_position_bias is not None:
+        out["rl/position_bias"] = stats.mean_position_bias
+    return out
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
@@ -256,7 +307,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     else:
         init_client = await resolve(svc.create_sampling_client(base_model=model))
     if cfg.judge == "shorter":
-        judge, what = RuleJudge(), "rule judge (prefers shorter samples)"
+        judge, what = RuleJudge(**combine_settings(ctx)), "rule judge (prefers shorter samples)"
     else:
         judge, what = await open_judge(ctx, concurrency=cfg.concurrency)
     pairs = matchups(cfg.group_size, CHUNK)
@@ -365,13 +416,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             records, init_lps = await asyncio.gather(judge.judge(comps), _gather(kl_futs))
             stats = judge.stats
             t2 = time.perf_counter()
-            rewards = []
-            for g in range(len(groups)):
-                res = [
-                    (i, j, records[g * len(pairs) + m].preference) for m, (i, j) in enumerate(pairs)
-                ]
-                stopped = [s.stop_reason == "stop" for s in groups[g]]
-                rewards.append(tournament_rewards(len(groups[g]), res, stopped, cfg.format_penalty))
+            rewards = step_rewards(cfg, groups, pairs, records)
             data, skipped = build_training_data(prompts, groups, rewards)
             if data:
                 fb = tc.forward_backward(data, cfg.loss)  # submit both before awaiting
@@ -402,13 +447,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                     ]
             flat = [r for g in rewards for r in g]
             n_tokens = [len(s.tokens) for g in groups for s in g]
-            n_match = max(1, stats.comparisons)
             yield Metric("rl/reward", step, sum(flat) / len(flat))
-            yield Metric("rl/decided_rate", step, (stats.wins_a + stats.wins_b) / n_match)
-            yield Metric("rl/tie_rate", step, stats.ties / n_match)
-            yield Metric("rl/unparsable_rate", step, stats.unparsable_rate)
-            if stats.consistency_rate is not None:
-                yield Metric("rl/position_consistency", step, stats.consistency_rate)
+            for name, value in judge_step_metrics(stats).items():
+                yield Metric(name, step, value)
             yield Metric("rl/sample_tokens", step, sum(n_tokens) / len(n_tokens))
             chars = [len(t.strip()) for g in texts for t in g]
             yield Metric("rl/sample_chars", step, sum(chars) / len(chars))
