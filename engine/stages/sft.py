@@ -101,25 +101,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     plan = plan_training(convs, cfg)
     model = ctx.model("policy")
-    train_run = TrainRun(
-        ctx,
-        "sft",
-        section="sft",
-        settings=section_settings(cfg, "sft"),
-        inputs={
-            "data": digest(convs),
-            "base_model": model,
-            "split": split_fingerprint(ctx.split()),
-        },
-        total=plan.total_steps,
-        length_keys=("sft.steps", "sft.epochs"),
-        growable=cfg.lr_schedule != "linear",  # a linear schedule's every step depends on the total
-        fields={
-            "base_model": model,
-            "use_system_prompt": cfg.use_system_prompt,  # the context evaluate gives it
-            "holdout": split_fingerprint(ctx.split()),  # evaluate checks it is still this one
-        },
-    )
+    train_run = train_run_for(ctx, convs)
     decision = train_run.decide(resume=cfg.resume)
     yield train_run.explain(decision)
     if decision.action == "reuse" and decision.entry:
@@ -141,6 +123,28 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             return
     async for ev in _train(ctx, train_run, decision, plan, convs, model):
         yield ev
+
+
+def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]]) -> TrainRun:
+    """sft's lifecycle: its whole section, the conversations, the policy and the split."""
+    cfg = ctx.config.sft
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())  # the synthetic data came from the training demos
+    return TrainRun(
+        ctx,
+        "sft",
+        section="sft",
+        settings=section_settings(cfg, "sft"),
+        inputs={"data": digest(convs), "base_model": model, "split": holdout},
+        total=plan_training(convs, cfg).total_steps,
+        length_keys=("sft.steps", "sft.epochs"),
+        growable=cfg.lr_schedule != "linear",  # a linear schedule's every step depends on the total
+        fields={
+            "base_model": model,
+            "use_system_prompt": cfg.use_system_prompt,  # the context evaluate gives it
+            "holdout": holdout,  # evaluate checks the held-out set is still this one
+        },
+    )
 
 
 @dataclass(frozen=True)
