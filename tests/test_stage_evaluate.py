@@ -261,6 +261,17 @@ async def test_evaluate_after_sft(ws: Workspace):
     ]
     assert sum(j["set"] == "heldout" for j in judgements) == 24
     assert sum(j["set"] == "dev" for j in judgements) == 3
+    for j in judgements:  # both orders' margins, the balanced preference and the bias
+        assert j["combined_by"] == "calibrated"
+        assert j["s"] == pytest.approx((j["m_ab"] - j["m_ba"]) / 2)
+        assert j["b"] == pytest.approx((j["m_ab"] + j["m_ba"]) / 2)
+    stats = data["judge"]["stats"]
+    assert stats["comparisons"] == 27 and stats["mean_position_bias"] is not None
+    assert stats["decided_share"] == (stats["wins_a"] + stats["wins_b"]) / 27
+    # the judge's accuracy: the person's held-out text against the base and few-shot samples
+    acc = data["judge"]["accuracy"]
+    assert acc["vs_base"]["n"] <= 4 and acc["vs_few_shot"]["n"] <= 4 and acc["vs_base"]["n"]
+    assert isinstance(data["judge"]["warnings"], list)
     # judging reports progress batch by batch, not once at the end
     judged = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: judging"]
     assert judged == [0, JUDGE_CHUNK, 27]

@@ -49,8 +49,11 @@ from engine.judge import (
     Comparison,
     Judge,
     JudgeStats,
+    judge_warnings,
+    person_accuracy,
     training_messages,
 )
+from engine.judge_accuracy import ACCURACY_FILE, Case, heldout_cases
 from engine.preference_data import JudgeExample, load_preference_collection
 from engine.results import (
     RESULT_FILES,
@@ -66,7 +69,9 @@ from engine.train_run import TrainRun, adam, digest, section_settings
 
 OUTPUT = RM_VALIDATION_FILE
 STAGE = "reward-model"
-OWN_SOURCES = ("baseline", "prompting")
+# Every stage that samples the policy on the demonstrations: the judge trains on the person's
+# text preferred over each of them (for the training demonstrations only).
+OWN_SOURCES = ("baseline", "prompting", "sft", "ditto")
 
 
 def judge_mode(ctx: StageContext) -> str:
@@ -244,13 +249,17 @@ class RmValidation:
     def lines(self) -> list[str]:
         """The summary as a few log lines."""
         s = self.summary
-        cons = s.get("position_consistency")
+        cons, bias = s.get("position_consistency"), s.get("mean_position_bias")
+        decided = s.get("decided_share")
         out = [
             f"judge ({s.get('judge', '?')}) on {s.get('n', 0)} requests: baseline preferred "
             f"{s.get('baseline_wins', 0)}, SFT preferred {s.get('sft_wins', 0)}, ties "
-            f"{s.get('ties', 0)}; unparsable answers {s.get('unparsable', 0)}; position "
-            f"consistency {'n/a' if cons is None else f'{cons:.0%}'}"
+            f"{s.get('ties', 0)}; decided {'n/a' if decided is None else f'{decided:.0%}'}; "
+            f"mean position bias {'n/a' if bias is None else f'{bias:+.2f} nats'}; unparsable "
+            f"answers {s.get('unparsable', 0)}; position consistency "
+            f"{'n/a' if cons is None else f'{cons:.0%}'}"
         ]
+        out += accuracy_lines(s.get("accuracy") or {})
         h = s.get("human", {})
         if h.get("count"):
             out.append(
@@ -313,6 +322,7 @@ async def validate_rubric(
     judge_name: str | None = None,
     write: bool = True,
     outputs: ValidationOutputs | None = None,
+    accuracy: dict[str, Any] | None = None,
 ) -> RmValidation:
     """Judge baseline vs SFT outputs on every demonstration request with ``rubric`` (default:
     the one in data/prompts.toml), both orders; write results/rm_validation.json (``write``).
@@ -320,7 +330,8 @@ async def validate_rubric(
     ``judge`` defaults to :func:`open_judge` (the trained reward model, else the base judge).
     Needs results/baseline_results.json and results/sft_model_outputs.json (``outputs``: what
     :func:`load_validation_outputs` read, else read here before any judge is opened). For the
-    TUI's Prompts & Rubric key: call it with the rubric being edited.
+    TUI's Prompts & Rubric key: call it with the rubric being edited. ``accuracy``
+    (:func:`accuracy_block`) goes into the summary with the warnings it gives.
     """
     ws = ctx.workspace
     if rubric is None:
@@ -359,6 +370,7 @@ async def validate_rubric(
             "verdicts": [str(r.verdict_ab), None if r.verdict_ba is None else str(r.verdict_ba)],
             "consistent": r.consistent,
             "human_pick": picks.get(k),
+            **{x: r.as_dict()[x] for x in ("m_ab", "m_ba", "s", "b", "combined_by")},
         }
         records.append(rec)
         if k in picks:
@@ -386,12 +398,86 @@ async def validate_rubric(
         "unparsable": stats.unparsable,
         "unparsable_rate": stats.unparsable_rate,
         "position_consistency": stats.consistency_rate,
+        "decided_share": stats.decided_share,
+        "mean_position_bias": stats.mean_position_bias,
+        "combine": getattr(judge, "combine", None),
         "human": human,
     }
+    if accuracy is not None:
+        summary["accuracy"] = accuracy
+        in_use = accuracy.get("trained") or accuracy.get("base") or {}
+        summary["warnings"] = judge_warnings(stats.as_dict(), in_use)
     result = RmValidation(records, summary)
     if write:
         write_rm_validation(ws.result(OUTPUT), records, summary)
     return result
+
+
+# --------------------------------------------------------------------------- judge accuracy
+
+
+def seen_in_training_cases(ctx: StageContext, rubric: str) -> list[Case]:
+    """The person's text against every stage's sample on the training demonstrations: the
+    pairs the judge trains on (the person's text shown first; the judge swaps the order)."""
+    rows = {}
+    for src in OWN_SOURCES:
+        got = read_method_outputs(ctx.workspace.result(RESULT_FILES[src]))
+        if got.rows:
+            rows[src] = got.rows
+    return [
+        (list(e.comparison.prompt_conversation), e.comparison.completion_a,
+         e.comparison.completion_b)
+        for e in build_own_pairs(ctx.split().train, rows, rubric)
+        if e.preference == PREFER_A
+    ]  # fmt: skip
+
+
+async def accuracy_block(
+    ctx: StageContext, judges: dict[str, Any], rubric: str
+) -> tuple[dict[str, Any], list[str]]:
+    """``{"base"|"trained": {"vs_base", "vs_few_shot", "seen_in_training": {value, n, ci},
+    "position_bias_nats", "decided_share"}, "n_heldout_requests"}`` for each judge given, and
+    log lines."""
+    cases, sampled = await heldout_cases(ctx)
+    seen = seen_in_training_cases(ctx, rubric)
+    lines = [
+        ("sampled" if sampled else "read")
+        + f" {sum(len(v) for v in cases.values())} base and few-shot samples on the held-out "
+        f"requests for the judge's accuracy ({ACCURACY_FILE})"
+    ]
+    out: dict[str, Any] = {"n_heldout_requests": len(ctx.split().holdout)}
+    for name, judge in judges.items():
+        cells, stats = await person_accuracy(judge, {**cases, "seen_in_training": seen}, rubric)
+        out[name] = {
+            **cells,
+            "position_bias_nats": stats["mean_position_bias"],
+            "decided_share": stats["decided_share"],
+        }
+    lines += accuracy_lines(out)
+    return out, lines
+
+
+def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
+    """One log line per judge: how often it prefers the person's own text."""
+    out = []
+    for name in ("base", "trained"):
+        cells = accuracy.get(name)
+        if not isinstance(cells, dict):
+            continue
+        parts = []
+        for key, label in (
+            ("vs_base", "held-out vs base"),
+            ("vs_few_shot", "held-out vs few-shot"),
+            ("seen_in_training", "seen in training"),
+        ):
+            c = cells.get(key)
+            if isinstance(c, dict) and c.get("n"):
+                parts.append(
+                    f"{label} {c['value']:.0%} [{c['ci'][0]:.0%}–{c['ci'][1]:.0%}] n={c['n']}"
+                )
+        if parts:
+            out.append(f"{name} judge prefers your own text: " + "; ".join(parts))
+    return out
 
 
 # --------------------------------------------------------------------------- the stage
@@ -458,40 +544,63 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         record_checkpoint(ws.results_dir, STAGE, use_base=True)
         yield LogLine(f"reward_model.train = false: using the base judge {model} as is")
     outputs.append(ws.rel(registry_path(ws.results_dir)))
-    summary = "judge ready"
+    summary = ["judge ready"]
     if cfg.validate or cfg.validate_only:
-        try:
-            # the outputs first: a missing file fails before a judge model is loaded
-            compared = load_validation_outputs(ctx)
-            judge, what = await open_judge(
-                ctx,
-                concurrency=ctx.config.reward_model.concurrency,
-                use_trained=cfg.train or cfg.validate_only,
-            )
-            yield LogLine(f"validating {what} on baseline vs SFT outputs")
-            v = await validate_rubric(
-                ctx,
-                rubric=cfg.rubric.strip() or None,
-                judge=judge,
-                judge_name=what,
-                outputs=compared,
-            )
-        except StageError as e:
-            if cfg.validate_only:
-                raise
-            yield LogLine(f"validation skipped: {e}", "warning")
-        else:
-            for line in v.lines():
-                yield LogLine(line)
-            s = v.summary
-            if s["position_consistency"] is not None:
-                yield Metric("rm/validation_consistency", 0, s["position_consistency"])
-            outputs.insert(0, ws.rel(ws.result(OUTPUT)))
-            summary = (
-                f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
-                f"on {s['n']} requests"
-            )
-    yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary)
+        async for ev in _validate(ctx, outputs, summary):
+            yield ev
+    yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary[-1])
+
+
+async def _validate(
+    ctx: StageContext, outputs: list[str], summary: list[str]
+) -> AsyncIterator[Event]:
+    """The judge's accuracy on held-out demonstrations (the base judge and the trained one),
+    then baseline vs SFT with the rubric -> rm_validation.json; plain warnings when the judge
+    decided (almost) nothing or cannot tell the person's writing from a model's. Appends the
+    stage's summary line to ``summary`` and the file to ``outputs``."""
+    cfg = ctx.config.reward_model
+    ws = ctx.workspace
+    rubric = cfg.rubric.strip() or str(ws.load_prompts().get("rubric", "")).strip()
+    try:
+        # the outputs first: a missing file fails before a judge model is loaded
+        compared = load_validation_outputs(ctx)
+        judge, what = await open_judge(
+            ctx, concurrency=cfg.concurrency, use_trained=cfg.train or cfg.validate_only
+        )
+        judges = {"trained" if judge_checkpoint(judge) else "base": judge}
+        if judge_checkpoint(judge) and not cfg.validate_only:  # did training help?
+            base, _ = await open_judge(ctx, concurrency=cfg.concurrency, use_trained=False)
+            judges = {"base": base, **judges}
+        yield LogLine(f"measuring the judge's accuracy on held-out demonstrations ({what})")
+        accuracy, lines = await accuracy_block(ctx, judges, rubric)
+        for line in lines:
+            yield LogLine(line)
+        yield LogLine(f"validating {what} on baseline vs SFT outputs")
+        v = await validate_rubric(
+            ctx, rubric=rubric, judge=judge, judge_name=what, outputs=compared, accuracy=accuracy
+        )
+    except StageError as e:
+        if cfg.validate_only:
+            raise
+        yield LogLine(f"validation skipped: {e}", "warning")
+        return
+    for line in v.lines():
+        yield LogLine(line)
+    for line in v.summary.get("warnings", []):
+        yield LogLine(line, "warning")
+    s = v.summary
+    if s["position_consistency"] is not None:
+        yield Metric("rm/validation_consistency", 0, s["position_consistency"])
+    for name, cells in accuracy.items():
+        for key in ("vs_base", "vs_few_shot", "seen_in_training"):
+            if isinstance(cells, dict) and key in cells:
+                yield Metric(f"rm/accuracy/{name}/{key}", 0, cells[key]["value"])
+    outputs.insert(0, ws.rel(ws.result(OUTPUT)))
+    summary.append(
+        f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
+        f"on {s['n']} requests"
+        + ("; do not trust this judge (see the warnings)" if s.get("warnings") else "")
+    )
 
 
 def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]], mode: str) -> TrainRun:
