@@ -60,6 +60,7 @@ from engine.results import (
     RM_VALIDATION_FILE,
     read_method_outputs,
     read_preferences,
+    read_rm_validation,
     write_rm_validation,
 )
 from engine.sampling import Sampler, resolve
@@ -455,6 +456,16 @@ async def accuracy_block(
         }
     lines += accuracy_lines(out)
     return out, lines
+
+
+def known_warnings(ctx: StageContext, judge: Any) -> list[str]:
+    """The warnings the last reward-model check (results/rm_validation.json) gave about this
+    very judge (the same trained checkpoint, or the base judge): for stages that use it."""
+    _records, summary = read_rm_validation(ctx.workspace.result(OUTPUT))
+    checked = str(summary.get("judge", ""))
+    ckpt = judge_checkpoint(judge)
+    same = ckpt in checked if ckpt else checked.startswith("base judge")
+    return [str(w) for w in summary.get("warnings") or []] if same else []
 
 
 def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:

@@ -47,6 +47,7 @@ from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_pa
 from engine.context import StageContext, StageError
 from engine.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
 from engine.judge import (
+    ALMOST_NOTHING,
     MARGIN_CLIP,
     Comparison,
     JudgeRecord,
@@ -62,7 +63,7 @@ from engine.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_pro
 from engine.sampling import Sampler, open_sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.reward_model import _rm_entry, combine_settings, open_judge
+from engine.stages.reward_model import _rm_entry, combine_settings, known_warnings, open_judge
 from engine.supervised import batch_indices
 from engine.train_run import Decision, TrainRun, adam, digest, section_settings
 
@@ -364,6 +365,8 @@ class _RlLoop:
             what = "rule judge (prefers shorter samples)"
         else:
             self.judge, what = await open_judge(ctx, concurrency=cfg.concurrency)
+            for line in known_warnings(ctx, self.judge):
+                yield LogLine(f"reward-model's check of this judge: {line}", "warning")
         yield LogLine(
             f"{cfg.steps} steps of {self.batch_size} prompts x {cfg.group_size} samples on "
             f"{model} ({ctx.backend}); {len(self.pairs)} matchups per group, both orders; "
@@ -490,15 +493,8 @@ class _RlLoop:
             records = await self.judge.judge(comps)
         finally:
             self.judge.stats = old
-        wr = win_rate([r.preference for r in records])
-        low, high = wr.interval
-        yield Metric("dev/win_rate", step, wr.rate)
-        yield Metric("dev/win_rate_low", step, low)
-        yield Metric("dev/win_rate_high", step, high)
-        yield LogLine(
-            f"dev @ step {step}: win rate vs initial policy {wr.rate:.0%} "
-            f"[{low:.0%}, {high:.0%}] ({wr.wins} W / {wr.losses} L / {wr.ties} T of {wr.n})"
-        )
+        for ev in _dev_result(step, records):
+            yield ev
         for c, a, b, r in list(zip(convs, mine, theirs, records, strict=True))[:2]:
             verdict = {1: "current wins", -1: "initial wins"}.get(r.preference, "tie")
             yield LogLine(
@@ -507,6 +503,30 @@ class _RlLoop:
             )
         if step == self.run.last_saved:  # a resume at this checkpoint need not evaluate again
             record_checkpoint(self.ctx.workspace.results_dir, STAGE, dev_evaluated=step)
+
+
+def _dev_result(step: int, records: Sequence[JudgeRecord]) -> list[Event]:
+    """The dev win rate against the initial policy with its interval; where the judge decided
+    (almost) none of the comparisons, a warning instead of a rate of ties."""
+    wr = win_rate([r.preference for r in records])
+    if wr.n and (wr.wins + wr.losses) / wr.n < ALMOST_NOTHING:
+        return [
+            LogLine(
+                f"dev @ step {step}: the judge decided {wr.wins + wr.losses} of {wr.n} "
+                "comparisons (the rest are ties): no win rate against the initial policy",
+                "warning",
+            )
+        ]
+    low, high = wr.interval
+    return [
+        Metric("dev/win_rate", step, wr.rate),
+        Metric("dev/win_rate_low", step, low),
+        Metric("dev/win_rate_high", step, high),
+        LogLine(
+            f"dev @ step {step}: win rate vs initial policy {wr.rate:.0%} "
+            f"[{low:.0%}, {high:.0%}] ({wr.wins} W / {wr.losses} L / {wr.ties} T of {wr.n})"
+        ),
+    ]
 
 
 def _step_metrics(step: int, s: _Step) -> list[Event]:
@@ -529,6 +549,15 @@ def _step_metrics(step: int, s: _Step) -> list[Event]:
         Metric("rl/reward", step, sum(flat) / len(flat)),
         *(Metric(name, step, v) for name, v in judge_step_metrics(stats).items()),
     ]
+    if stats.comparisons and (stats.decided_share or 0.0) < ALMOST_NOTHING:
+        out.append(
+            LogLine(
+                f"step {step}: the judge decided {stats.wins_a + stats.wins_b} of "
+                f"{stats.comparisons} matchups (the rest are ties): its rewards carry almost "
+                "no signal this step",
+                "warning",
+            )
+        )
     out += [
         Metric("rl/sample_tokens", step, sum(n_tokens) / len(n_tokens)),
         Metric("rl/sample_chars", step, sum(chars) / len(chars)),
