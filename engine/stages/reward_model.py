@@ -33,6 +33,7 @@ import asyncio
 import hashlib
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -448,11 +449,16 @@ async def accuracy_block(
     ]
     out: dict[str, Any] = {"n_heldout_requests": len(ctx.split().holdout)}
     for name, judge in judges.items():
+        t0 = time.perf_counter()
         cells, stats = await person_accuracy(judge, {**cases, "seen_in_training": seen}, rubric)
+        n = stats["comparisons"]
         out[name] = {
             **cells,
             "position_bias_nats": stats["mean_position_bias"],
             "decided_share": stats["decided_share"],
+            # what the agreement rule would have decided: the comparisons whose orders agree
+            "decided_share_agreement": stats["consistent"] / n if n else None,
+            "seconds_per_comparison": (time.perf_counter() - t0) / n if n else None,
         }
     lines += accuracy_lines(out)
     return out, lines
@@ -568,50 +574,58 @@ async def _validate(
     """The judge's accuracy on held-out demonstrations (the base judge and the trained one),
     then baseline vs SFT with the rubric -> rm_validation.json; plain warnings when the judge
     decided (almost) nothing or cannot tell the person's writing from a model's. Appends the
-    stage's summary line to ``summary`` and the file to ``outputs``."""
+    stage's summary line to ``summary`` and the file to ``outputs``. Without SFT outputs
+    (outside validate_only) the accuracy is still measured and written."""
     cfg = ctx.config.reward_model
     ws = ctx.workspace
     rubric = cfg.rubric.strip() or str(ws.load_prompts().get("rubric", "")).strip()
+    compared: ValidationOutputs | None = None
     try:
         # the outputs first: a missing file fails before a judge model is loaded
         compared = load_validation_outputs(ctx)
-        judge, what = await open_judge(
-            ctx, concurrency=cfg.concurrency, use_trained=cfg.train or cfg.validate_only
-        )
-        judges = {"trained" if judge_checkpoint(judge) else "base": judge}
-        if judge_checkpoint(judge) and not cfg.validate_only:  # did training help?
-            base, _ = await open_judge(ctx, concurrency=cfg.concurrency, use_trained=False)
-            judges = {"base": base, **judges}
-        yield LogLine(f"measuring the judge's accuracy on held-out demonstrations ({what})")
-        accuracy, lines = await accuracy_block(ctx, judges, rubric)
-        for line in lines:
-            yield LogLine(line)
-        yield LogLine(f"validating {what} on baseline vs SFT outputs")
-        v = await validate_rubric(
-            ctx, rubric=rubric, judge=judge, judge_name=what, outputs=compared, accuracy=accuracy
-        )
     except StageError as e:
         if cfg.validate_only:
             raise
-        yield LogLine(f"validation skipped: {e}", "warning")
-        return
-    for line in v.lines():
+        yield LogLine(f"baseline vs SFT validation skipped: {e}", "warning")
+    judge, what = await open_judge(
+        ctx, concurrency=cfg.concurrency, use_trained=cfg.train or cfg.validate_only
+    )
+    judges = {"trained" if judge_checkpoint(judge) else "base": judge}
+    if judge_checkpoint(judge) and not cfg.validate_only:  # did training help?
+        base, _ = await open_judge(ctx, concurrency=cfg.concurrency, use_trained=False)
+        judges = {"base": base, **judges}
+    yield LogLine(f"measuring the judge's accuracy on held-out demonstrations ({what})")
+    accuracy, lines = await accuracy_block(ctx, judges, rubric)
+    for line in lines:
         yield LogLine(line)
-    for line in v.summary.get("warnings", []):
-        yield LogLine(line, "warning")
-    s = v.summary
-    if s["position_consistency"] is not None:
-        yield Metric("rm/validation_consistency", 0, s["position_consistency"])
     for name, cells in accuracy.items():
         for key in ("vs_base", "vs_few_shot", "seen_in_training"):
             if isinstance(cells, dict) and key in cells:
                 yield Metric(f"rm/accuracy/{name}/{key}", 0, cells[key]["value"])
+    if compared is None:
+        in_use = accuracy.get("trained") or accuracy.get("base") or {}
+        s: dict[str, Any] = {"judge": what, "mode": judge.mode, "n": 0, "accuracy": accuracy}
+        s["warnings"] = judge_warnings(None, in_use)
+        write_rm_validation(ws.result(OUTPUT), [], s)
+    else:
+        yield LogLine(f"validating {what} on baseline vs SFT outputs")
+        v = await validate_rubric(
+            ctx, rubric=rubric, judge=judge, judge_name=what, outputs=compared, accuracy=accuracy
+        )
+        for line in v.lines():
+            yield LogLine(line)
+        s = v.summary
+        if s["position_consistency"] is not None:
+            yield Metric("rm/validation_consistency", 0, s["position_consistency"])
+        summary.append(
+            f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
+            f"on {s['n']} requests"
+        )
+    for line in s.get("warnings", []):
+        yield LogLine(line, "warning")
+    if s.get("warnings"):
+        summary.append(summary[-1] + "; do not trust this judge (see the warnings)")
     outputs.insert(0, ws.rel(ws.result(OUTPUT)))
-    summary.append(
-        f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
-        f"on {s['n']} requests"
-        + ("; do not trust this judge (see the warnings)" if s.get("warnings") else "")
-    )
 
 
 def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]], mode: str) -> TrainRun:
