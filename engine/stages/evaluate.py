@@ -12,8 +12,11 @@ For each method and held-out demonstration (``ctx.split().holdout``; nothing tra
    similarity to the person's text for the same request and to the person's centroid;
 3. the judge (the reward-model checkpoint when there is one, else the base judge model) on
    every pair of methods, sample i against sample i, the person's text as the reference,
-   the rubric, both orders (a disagreement is a tie); and each method against the base on the
-   RL dev prompts (results/rl_dev_data.jsonl) without a reference;
+   the rubric, both orders (calibrated: engine.judge); and each method against the base on
+   the RL dev prompts (results/rl_dev_data.jsonl) without a reference; then the judge's
+   accuracy: the person's held-out text against the base and few-shot samples, no reference
+   (it should prefer the person's), with plain warnings when it decided (almost) nothing or
+   cannot tell them apart;
 4. the person's blind A/B picks (results/human_preferences.jsonl) per pair, and the judge's
    agreement with them;
 5. cost: sampling time and tokens per method, training time/steps from each run's events.

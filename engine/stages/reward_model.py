@@ -3,9 +3,8 @@
 Training data (any mix):
   - the person's own pairs (``reward_model.own_pairs``), built offline: for each TRAINING
     demonstration (ctx.split().train; held-out ones never), the person's text preferred over
-    the baseline sample and over the prompted sample for the same request
-    (results/baseline_results.json, results/prompt_engineering_results.json), with the
-    rubric of data/prompts.toml, in both orders;
+    every stage's sample for the same request (baseline, prompting, sft, ditto: OWN_SOURCES),
+    with the rubric of data/prompts.toml, in both orders;
   - a Preference-Collection file (``reward_model.dataset``, parquet or jsonl; see
     engine.preference_data), ``max_examples`` rows, its first ``heldout_examples`` kept aside.
 
@@ -19,6 +18,11 @@ the same data is reused, so a rerun after a kill during validation only validate
 
 Live metrics: train/loss, rm/heldout_accuracy, rm/position_consistency, rm/unparsable_rate
 (held-out: the dataset's held-out rows and the own pairs of a few training demonstrations).
+
+Accuracy (:func:`accuracy_block`, engine.judge_accuracy): the base and the trained judge on
+the person's held-out texts against base and few-shot samples for the same requests, and on
+the pairs it trained on ("seen in training"), with Wilson intervals -> the summary's
+``accuracy`` block, with plain ``warnings`` when the judge cannot be trusted.
 
 Validation (:func:`validate_rubric`, also for the TUI): the judge compares baseline vs SFT
 outputs on every demonstration request with the current rubric, both orders ->
