@@ -424,16 +424,20 @@ async def validate_rubric(
 
 def seen_in_training_cases(ctx: StageContext, rubric: str) -> list[Case]:
     """The person's text against every stage's sample on the training demonstrations: the
-    pairs the judge trains on (the person's text shown first; the judge swaps the order)."""
+    pairs the judge trains on (the person's text shown first; the judge swaps the order),
+    less those :func:`_split_own` keeps aside for the live held-out metric."""
     rows = {}
     for src in OWN_SOURCES:
         got = read_method_outputs(ctx.workspace.result(RESULT_FILES[src]))
         if got.rows:
             rows[src] = got.rows
+    trained, _aside = _split_own(
+        build_own_pairs(ctx.split().train, rows, rubric), ctx.config.reward_model.seed
+    )
     return [
         (list(e.comparison.prompt_conversation), e.comparison.completion_a,
          e.comparison.completion_b)
-        for e in build_own_pairs(ctx.split().train, rows, rubric)
+        for e in trained
         if e.preference == PREFER_A
     ]  # fmt: skip
 
