@@ -305,6 +305,17 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class CrossvalConfig:
+    folds: int = setting(0, "folds; 0 = min(5, number of demonstrations)", ge=0)
+    methods: tuple[str, ...] = setting(
+        ("baseline", "prompting", "few-shot", "sft-demos", "ditto"),
+        "methods compared; sft and rlaif add their stages to every fold",
+    )
+    seed: int = setting(0, "seed of the rule that deals the demonstrations into folds")
+    resamples: int = setting(10000, "bootstrap resamples of the paired intervals", ge=100)
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     project: str = setting("", "log metrics to this wandb project (offline without WANDB_API_KEY)")
     entity: str = setting("", "wandb entity (team or user)")
@@ -335,6 +346,9 @@ class PersonaConfig:
     rlaif: RlaifConfig = field(default=RlaifConfig(), metadata={"doc": "stage 9"})
     ditto: DittoConfig = field(default=DittoConfig(), metadata={"doc": "stage 10"})
     evaluate: EvaluateConfig = field(default=EvaluateConfig(), metadata={"doc": "stage 11"})
+    crossval: CrossvalConfig = field(
+        default=CrossvalConfig(), metadata={"doc": "persona crossval: k-fold comparison"}
+    )
     wandb: WandbConfig = field(default=WandbConfig(), metadata={"doc": "metrics to wandb"})
 
     def model(self, role: str) -> str:
