@@ -4,6 +4,7 @@
     persona init [DIR]            create a workspace with the example data
     persona run STAGE [--backend local|tinker] [--set section.key=value ...]
     persona status [--json]       each stage's state, outputs and checkpoint
+    persona crossval [--folds K]  every demonstration held out once (engine.crossval)
 
 Exit codes: 0 done, 1 failed (the message says what to do), 2 bad usage, 130 cancelled.
 
@@ -323,6 +324,9 @@ def main(
     from engine.backends import configure_hub, quiet_libraries
 
     quiet_libraries()  # no "Loading weights" bars from transformers on the terminal
+    from engine.crossval import cli as crossval_cli
+
+    extra = {"crossval": crossval_cli, **(extra or {})}
     parser = build_parser(extra)
     args = parser.parse_args(argv)
     console = Console()
@@ -336,7 +340,7 @@ def main(
             f"{_plain(persona_command())} run baseline"
         )
         return 0
-    if args.command in ("run", "status"):
+    if args.command in ("run", "status", "crossval"):
         missing = _workspace_missing(ws, args.workspace)
         if missing:
             _error(missing)

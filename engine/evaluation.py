@@ -47,6 +47,7 @@ METHOD_LABELS = {
     "sft": "SFT",
     "rlaif": "RLAIF",
     "ditto": "DITTO",
+    "sft-demos": "SFT on demos",
 }
 
 
