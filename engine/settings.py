@@ -144,6 +144,14 @@ class SynthOutputsConfig:
 
 
 @dataclass(frozen=True)
+class OptimizerConfig:
+    beta1: float = setting(0.9, "AdamW beta1 (every training stage)", ge=0, lt=1)
+    beta2: float = setting(0.95, "AdamW beta2 (every training stage)", ge=0, lt=1)
+    eps: float = setting(1e-8, "AdamW epsilon", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+
+
+@dataclass(frozen=True)
 class SftConfig:
     lr: float = setting(2e-4, "learning rate", gt=0)
     lr_schedule: str = setting(
@@ -337,6 +345,9 @@ class PersonaConfig:
     )
     synth_outputs: SynthOutputsConfig = field(
         default=SynthOutputsConfig(), metadata={"doc": "stage 5"}
+    )
+    optimizer: OptimizerConfig = field(
+        default=OptimizerConfig(), metadata={"doc": "AdamW for sft, reward-model, rlaif and ditto"}
     )
     sft: SftConfig = field(default=SftConfig(), metadata={"doc": "stage 6"})
     reward_model: RewardModelConfig = field(
