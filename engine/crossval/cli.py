@@ -2,6 +2,7 @@
 the pooled report. Ctrl+C stops after the running stage's step; rerun to continue.
 
     persona crossval [--folds K] [--methods a,b,...] [--seed S] [--new] [--set k=v ...]
+    persona crossval --estimate     the plan and its cost; nothing runs, nothing is written
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the folds (crossval.seed)")
     p.add_argument("--new", action="store_true", help="start another instead of continuing")
     p.add_argument("--no-estimate", action="store_true", help="skip the cost estimate")
+    p.add_argument(
+        "--estimate", action="store_true", help="show the plan and its cost, run nothing"
+    )
     p.add_argument("--backend", choices=("local", "tinker"))
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
     total = len(fold_stages(plan))
     left = len(pending(plan)) if continuing else total
     console.print(
-        ("continuing " if continuing else "starting ")
+        ("continuing " if continuing else "plan for " if args.estimate else "starting ")
         + f"{_plain(ws.rel(plan.root))}: {_plain(plan.describe())}"
         + (f" ({left} of {total} fold stages left)" if continuing else "")
     )
@@ -137,6 +141,8 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
             _show_estimate(ws, plan, left, total, console)
         except Exception as e:  # an estimate must never stop the run
             console.print(f"[yellow]no estimate: {_plain(str(e))}[/yellow]")
+    if args.estimate:
+        return 0
     final = asyncio.run(_drive(Crossval(ws, plan), console, args.verbose))
     if isinstance(final, StageFinished):
         console.print(f"[bold green]✓ crossval[/bold green] {_plain(final.summary)}")

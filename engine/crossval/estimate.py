@@ -69,9 +69,10 @@ def estimate_crossval(
         if est is None:
             return None
         costs.append(StageCost(stage, times, est.seconds, upper_bound=est.upper_bound))
+    sizes = sorted({len(f) for f in plan.folds})
     notes = (
-        "priced on your workspace as it is now: a fold holds out "
-        f"{min(map(len, plan.folds))}-{max(map(len, plan.folds))} demonstrations, and evaluate "
-        "counts the trained methods that have a checkpoint here",
+        "priced on your workspace as it is now (a fold holds out "
+        f"{' or '.join(map(str, sizes))} demonstrations; evaluate is priced with the trained "
+        "methods that have a checkpoint here)",
     )
     return CrossvalCost(tuple(costs), notes)
