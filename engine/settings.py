@@ -284,6 +284,9 @@ class DittoConfig:
         False, "move the reference to the current policy each round (the paper: it hurts)"
     )
     num_demos: int = setting(0, "training demonstrations used; 0 = all", ge=0)
+    checkpoint_every: int = setting(
+        5, "checkpoint the SFT initialisation every N steps (DPO: after every round)", ge=0
+    )
     resume: bool = setting(True, "resume at the last finished round")
     seed: int = setting(0, "seed for pairs and sampling")
     sample_after: bool = setting(True, "sample the trained policy on the demonstrations")

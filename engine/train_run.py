@@ -128,6 +128,7 @@ class TrainRun:
         length_keys: tuple[str, ...] = (),
         growable: bool = True,
         unit: str = "step",
+        counter: str = "step",
         fields: Mapping[str, Any] | None = None,
         extras: Callable[[str, int, bool], Awaitable[dict[str, Any]]] | None = None,
         names: Callable[[int, bool], str] | None = None,
@@ -146,11 +147,13 @@ class TrainRun:
         self.growable = growable
         self.length_keys = length_keys
         self.unit = unit
+        self.counter = counter  # the registry field that holds how far training got
         self.fields = dict(fields or {})
         self.extras = extras
         self.names = names or (lambda n, finished: "final" if finished else step_name(n))
         self.fingerprint = digest([self.settings, self.inputs])
         self.tc: Any = None
+        self.saved: CheckpointSaved | None = None  # the last checkpoint this run saved
         self.step = 0
         self.last_saved = 0
         self.stopped_early = False
@@ -172,8 +175,8 @@ class TrainRun:
         changed = self._changes(prev)
         if changed:
             return Decision("fresh", f"{changed}: training from the start", entry=prev)
-        done = int(prev.get("step", 0))
-        before = int(prev.get("total_steps", done))
+        done = int(prev.get(self.counter, 0))
+        before = int(prev.get(f"total_{self.counter}s", done))
         u = self.unit
         if prev.get("finished"):
             if not prev.get("sampler_path"):
@@ -181,7 +184,8 @@ class TrainRun:
             if self.total == before or (prev.get("stopped_early") and done <= self.total):
                 why = f"training already finished with these settings ({done} {u}s"
                 why += ", stopped early" if prev.get("stopped_early") else ""
-                return Decision("reuse", why + f", {prev['sampler_path']})", entry=prev)
+                why += f", {prev['sampler_path']}): reusing it"
+                return Decision("reuse", why, entry=prev)
             if self.total > done and prev.get("state_path"):
                 return Decision(
                     "resume",
@@ -288,8 +292,8 @@ class TrainRun:
             "sampler_path": str(sampler.path),
             "state_path": str(state.path),
             "checkpoint": name,
-            "step": n,
-            "total_steps": self.total,
+            self.counter: n,
+            f"total_{self.counter}s": self.total,
             "finished": finished,
             "stopped_early": self.stopped_early,
             "run": ws.rel(self.ctx.run_dir),
@@ -317,9 +321,10 @@ class TrainRun:
 
         update_entry(ws.results_dir, self.stage, merge)
         self.last_saved = n
-        return CheckpointSaved(
+        self.saved = CheckpointSaved(
             name=name, step=n, sampler_path=str(sampler.path), state_path=str(state.path)
         )
+        return self.saved
 
     async def cancel_checkpoint(self) -> AsyncIterator[Event]:
         """On cancel: save what was trained since the last checkpoint, so a rerun loses none."""
@@ -348,19 +353,23 @@ class TrainRun:
         label: str,
         checkpoint_every: int,
         after: Callable[[int], AsyncIterator[Event]] | None = None,
+        progress: bool = True,
     ) -> AsyncIterator[Event]:
         """Run ``one_step(step)`` (0-based; it yields its metrics) until ``total``, with
         progress, periodic checkpoints, ``after(step)`` once each step is saved (1-based),
         the cancel checkpoint, and the final checkpoint. A step may call :meth:`stop` to end
-        training early (a loss below its stop line)."""
-        yield Progress(self.step, self.total, label)
+        training early (a loss below its stop line). ``progress = False``: ``one_step``
+        reports finer progress of its own."""
+        if progress:
+            yield Progress(self.step, self.total, label)
         try:
             while self.step < self.total and not self.stopped_early:
                 self.ctx.check_cancel()
                 async for ev in one_step(self.step):
                     yield ev
                 self.step += 1
-                yield Progress(self.step, self.total, label)
+                if progress:
+                    yield Progress(self.step, self.total, label)
                 if self.due(self.step, checkpoint_every) and not self.stopped_early:
                     yield await self.save()
                 if after is not None:
