@@ -96,6 +96,23 @@ def test_plan_is_continued_or_refused(ws: Workspace):
         ws.config(["crossval.methods=3"])
 
 
+def test_shared_stages_run_once_and_their_outputs_reach_every_fold(ws: Workspace):
+    from engine.crossval import Crossval
+    from engine.results import RESULT_FILES
+
+    over = ["crossval.folds=2", 'crossval.methods=["baseline", "rlaif"]']
+    plan, _ = choose_plan(ws, ws.config(over), over, None)
+    assert plan.shared == ["baseline", "prompting"]  # independent of the split
+    assert plan.stages[-2:] == ["rlaif", "evaluate"] and "baseline" not in plan.stages
+    assert fold_stages(plan)[:2] == [(0, "baseline"), (0, "prompting")]
+    cv = Crossval(ws, plan)
+    shared = cv._workspace(0)
+    shared.result(RESULT_FILES["baseline"]).write_text("[]")
+    fold = cv._workspace(2)
+    assert fold.result(RESULT_FILES["baseline"]).read_text() == "[]"
+    assert not fold.result(RESULT_FILES["prompting"]).exists()  # not made yet: nothing copied
+
+
 def test_fold_workspace_fixes_its_holdout_and_reads_the_person_only(ws: Workspace, tmp_path):
     before = {p: p.read_bytes() for p in ws.root.rglob("*") if p.is_file()}
     plan, _ = choose_plan(ws, ws.config(["crossval.folds=3"]), ["crossval.folds=3"], None)
@@ -212,12 +229,11 @@ def test_end_to_end_killed_in_fold_2_then_continued(ws: Workspace, tmp_path: Pat
     n = len(ws.load_demos())
     assert data["n_demonstrations"] == n and data["folds"] == 3
     assert sorted(d["demo"] for d in data["per_demonstration"]) == list(range(1, n + 1))
-    for name in ("baseline", "prompting", "few-shot", "ditto"):
+    for name in ("baseline", "prompting", "few-shot", "sft-demos", "ditto"):
         assert data["methods"][name]["nll"]["n"] == n, name
     registry = read_registry(fold2 / "results")
-    assert "ditto" in registry and registry["ditto"]["holdout"] == split_fingerprint(
-        fold_split(Workspace(fold2))
-    )
+    fingerprint = split_fingerprint(fold_split(Workspace(fold2)))
+    assert registry["ditto"]["holdout"] == registry["sft-demos"]["holdout"] == fingerprint
     vs_few = data["paired"]["by_reference"]["few-shot"]["ditto"]["nll"]
     assert vs_few["n"] == n and len(vs_few["ci"]) == 2 and 0 <= vs_few["sign_test_p"] <= 1
     report = ws.result("crossval_report.md").read_text()
