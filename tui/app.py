@@ -133,6 +133,14 @@ class PersonaApp(App[None]):
             tooltip="Save demonstrations, prompts and synthetic reviews",
         ),
         Binding(
+            "ctrl+k",
+            "crossval",
+            "Cross-validate",
+            id="app.crossval",
+            show=False,
+            tooltip="Compare methods with every demonstration held out once (persona crossval)",
+        ),
+        Binding(
             "f9",
             "toggle_theme",
             "Light/dark",
@@ -350,6 +358,11 @@ class PersonaApp(App[None]):
     def notify_plain(self, message: str, **kw: Any) -> None:
         """notify() with markup off: messages may quote user text or paths."""
         self.notify(message, markup=False, **kw)
+
+    def action_crossval(self) -> None:
+        from tui.crossval import open_crossval
+
+        open_crossval(self)
 
     def action_toggle_theme(self) -> None:
         self.theme = LIGHT if self.theme == DARK else DARK
