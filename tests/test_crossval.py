@@ -20,7 +20,7 @@ from conftest import TINY, hand_profile, needs_backend
 from engine.checkpoints import read_registry, record_checkpoint
 from engine.config import ConfigError
 from engine.crossval import CrossvalError, choose_plan, deal_folds, pending, stages_for
-from engine.crossval.folds import fold_split, prepare_workspace
+from engine.crossval.folds import fold_split, method_names, prepare_workspace
 from engine.crossval.pool import check_fold
 from engine.crossval.run import fold_stages
 from engine.runner import list_runs, run_state
@@ -74,6 +74,11 @@ def test_folds_partition_and_are_stable_for_a_seed():
 def test_stages_for_methods():
     assert stages_for(["baseline", "few-shot", "sft-demos", "ditto"]) == ["ditto", "evaluate"]
     assert stages_for(["baseline", "sft"]) == ["synth-inputs", "synth-outputs", "sft", "evaluate"]
+    assert method_names(["base", "prompted", "baseline", "ditto"]) == [
+        "baseline",
+        "prompting",
+        "ditto",
+    ]
     with pytest.raises(CrossvalError, match="unknown 'dpo'"):
         stages_for(["dpo"])
 

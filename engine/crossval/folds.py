@@ -46,6 +46,9 @@ METHOD_STAGES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The names the report shows, accepted for the stage names behind them.
+METHOD_ALIASES = {"base": "baseline", "prompted": "prompting"}
+
 
 class CrossvalError(PersonaError):
     """A cross-validation that cannot run or be pooled as asked; the message says why."""
@@ -79,6 +82,12 @@ def deal_folds(demos: Sequence[dict[str, str]], k: int, seed: int) -> list[list[
     check_folds(k, len(demos))
     order = sorted(range(len(demos)), key=lambda i: _rank(seed, demos[i]["input"]))
     return [sorted(order[f::k]) for f in range(k)]
+
+
+def method_names(methods: Sequence[str]) -> list[str]:
+    """``crossval.methods`` with the report's labels (base, prompted) read as the methods'
+    names, duplicates dropped."""
+    return list(dict.fromkeys(METHOD_ALIASES.get(m, m) for m in methods))
 
 
 def stages_for(methods: Sequence[str]) -> list[str]:

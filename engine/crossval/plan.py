@@ -21,6 +21,7 @@ from engine.crossval.folds import (
     data_sha,
     deal_folds,
     fold_count,
+    method_names,
     stages_for,
 )
 from engine.settings import PersonaConfig
@@ -100,7 +101,7 @@ def new_plan(
     cv = cfg.crossval
     k = fold_count(cv.folds, len(demos))
     folds = deal_folds(demos, k, cv.seed)
-    methods = list(dict.fromkeys(cv.methods))
+    methods = method_names(cv.methods)
     stages = stages_for(methods)
     return CrossvalPlan(
         root=ws.runs_dir / f"{PREFIX}{time.strftime('%Y%m%d-%H%M%S')}",
