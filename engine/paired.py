@@ -159,4 +159,29 @@ def markdown(paired: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-__all__ = ["PAIRED_METRICS", "REFERENCES", "markdown", "paired_comparisons", "per_demo_tables"]
+# The single-split report's sections that follow its summary table: the paired section goes
+# before the first of them that is there.
+_AFTER_SUMMARY = ("\n## Plots\n", "\n## Judge win-rate matrix", "\n## Analysis\n")
+
+
+def insert_section(report: str, paired: Mapping[str, Any] | None) -> str:
+    """``report`` (report.md's text) with the paired section after its summary."""
+    lines = markdown(paired)
+    if not lines:
+        return report
+    section = "\n".join(lines).rstrip() + "\n"
+    for heading in _AFTER_SUMMARY:
+        at = report.find(heading)
+        if at >= 0:
+            return report[: at + 1] + section + report[at:]
+    return report.rstrip() + "\n\n" + section
+
+
+__all__ = [
+    "PAIRED_METRICS",
+    "REFERENCES",
+    "insert_section",
+    "markdown",
+    "paired_comparisons",
+    "per_demo_tables",
+]

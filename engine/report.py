@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import evaluation as ev
+from engine import paired
 from engine.atomic import atomic_write_text
 from engine.workspace import RESULT_FILES, Workspace
 
@@ -282,6 +283,7 @@ def write_report(ws: Workspace, data: dict[str, Any] | None = None) -> list[Path
     text = render_markdown(
         data, samples, {k: f"{PLOTS_DIR}/{p.name}" for k, p in plots.items()}, previous
     )
+    text = paired.insert_section(text, data.get("paired"))  # after the summary
     written.insert(0, atomic_write_text(ws.result(REPORT_FILE), text))
     return written
 

@@ -241,6 +241,13 @@ def test_end_to_end_killed_in_fold_2_then_continued(ws: Workspace, tmp_path: Pat
     assert registry["ditto"]["holdout"] == registry["sft-demos"]["holdout"] == fingerprint
     vs_few = data["paired"]["by_reference"]["few-shot"]["ditto"]["nll"]
     assert vs_few["n"] == n and len(vs_few["ci"]) == 2 and 0 <= vs_few["sign_test_p"] <= 1
+    # each fold's own (single-split) evaluation carries its paired differences, in words
+    fold_eval = json.loads((fold2 / "results" / "evaluation.json").read_text())
+    held2 = len(fold_eval["holdout"]["inputs"])
+    single = fold_eval["paired"]["by_reference"]["few-shot"]["ditto"]["nll"]
+    assert single["n"] == held2 < 5 and single["ci"] is None
+    words = f"no difference measurable with {held2} demonstrations"
+    assert single["verdict"] == words and words in (fold2 / "results" / "report.md").read_text()
     report = ws.result("crossval_report.md").read_text()
     assert "Against few-shot" in report and "n=10" in report
     assert json.loads((root / "crossval.json").read_text())["finished"] is True

@@ -15,7 +15,7 @@ from engine.metrics.stats import (
     percentile,
     sign_test,
 )
-from engine.paired import paired_comparisons, per_demo_tables, verdict
+from engine.paired import insert_section, paired_comparisons, per_demo_tables, verdict
 
 
 def test_sign_test_by_hand():
@@ -105,3 +105,16 @@ def test_tables_from_evaluate_rows_and_comparisons():
     assert nll["verdict"] == "DITTO is closer to your writing than base"
     assert "few-shot" not in out["by_reference"]  # not among the methods
     assert math.isclose(out["by_reference"]["baseline"]["ditto"]["judge"]["diff"], 0.5)
+
+
+def test_the_paired_section_follows_the_summary_of_the_single_split_report():
+    tables = {"nll": {"baseline": {"a": 3.0, "b": 3.1}, "ditto": {"a": 2.0, "b": 2.2}}}
+    paired = paired_comparisons(tables, ["baseline", "ditto"])
+    report = "# Report\n\n## Summary\n\n| t |\n\n## Plots\n\n![x](y)\n\n## Analysis\n\nz\n"
+    out = insert_section(report, paired)
+    head, _, tail = out.partition("## Paired differences")
+    assert "## Summary" in head and "## Plots" not in head and tail.index("## Plots") > 0
+    assert "| DITTO | NLL per token of your text | -0.950 | too few |" in tail
+    assert "no difference measurable with 2 demonstrations" in tail
+    assert insert_section(report, None) == report
+    assert insert_section("# R\n", paired).startswith("# R\n\n## Paired differences")

@@ -56,6 +56,7 @@ from engine.metrics.stylometry import (
     style_distance_by_feature,
     text_profile,
 )
+from engine.paired import paired_comparisons, per_demo_tables
 from engine.sampling import Sampler, as_completed_tasks, open_sampler, resolve
 from engine.split import split_fingerprint
 from engine.stages.reward_model import judge_checkpoint, open_judge
@@ -596,6 +597,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         "wall_seconds": None,
         "files": {"samples": ev.SAMPLES_FILE, "judgements": ev.JUDGEMENTS_FILE},
     }
+    data["paired"] = paired_comparisons(  # vs base and few-shot, on the same requests
+        per_demo_tables([*samples, *nll_rows], judgements), names, seed=cfg.seed
+    )
     ev.write_jsonl(ws.result(ev.SAMPLES_FILE), [*samples, *dev_samples, *nll_rows])
     ev.write_jsonl(ws.result(ev.JUDGEMENTS_FILE), judgements)
     data["wall_seconds"] = time.time() - t_start
@@ -636,6 +640,6 @@ def _data_needed(ctx: StageContext, m: Method, n_train: int) -> str:
         return f"{len(kept)} synthetic pairs (teacher-written from {n_train} demonstrations)"
     if m.name == "rlaif":
         return f"{len(ev.read_rows(ws.result(RESULT_FILES['rl-prompts'])))} synthetic prompts + a judge"
-    if m.name == "ditto":
+    if m.name in ("ditto", "sft-demos"):
         return f"{n_train} demonstrations"
     return "see its run"
