@@ -42,7 +42,10 @@ def _plan_and_cost(app: Any, new: bool) -> tuple[Any, bool, str]:
     if cfg.backend.name == "local":
         profiles, _missing = cached_profiles(cfg)
         if not profiles:
-            cost = "cost: no speed profile yet (run `persona speed` once to measure this machine)"
+            cost = (
+                "cost: this machine's speed is not measured yet (the Train tab measures it "
+                "once when shown with nothing running; or `persona speed`)"
+            )
         else:
             est = estimate_crossval(plan, ws, profiles)
             cost = f"cost: {est.line()}" if est else cost
