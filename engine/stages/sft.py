@@ -85,12 +85,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(loaded.error)
     for ev in warn_bad(loaded, "skipped: not used for training"):
         yield ev
-    selected, how = select_rows(loaded.rows, cfg.train_on)
-    convs = [
-        c
-        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
-        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
-    ]
+    convs, how = training_conversations(loaded.rows, cfg)
     if not convs:
         raise StageError(
             f"No training rows in {ws.rel(data_path)} ({how}). Accept some rows in the Synthetic data tab "
@@ -123,6 +118,20 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             return
     async for ev in _train(ctx, train_run, decision, plan, convs, model):
         yield ev
+
+
+def training_conversations(
+    rows: list[dict[str, Any]], cfg: Any
+) -> tuple[list[list[dict[str, str]]], str]:
+    """The conversations sft trains on (``sft.train_on``, ending in a non-empty reply), and
+    which rows they are, in words. The estimate counts the same ones."""
+    selected, how = select_rows(rows, cfg.train_on)
+    convs = [
+        c
+        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
+        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
+    ]
+    return convs, how
 
 
 def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]]) -> TrainRun:
