@@ -286,13 +286,28 @@ class TrainRun:
         sampler_future = self.tc.save_weights_for_sampler(name)
         state, sampler = await resolve(state_future), await resolve(sampler_future)
         extra = await self.extras(name, n, finished) if self.extras else {}
+        self.record(str(sampler.path), str(state.path), name, finished, extra)
+        self.saved = CheckpointSaved(
+            name=name, step=n, sampler_path=str(sampler.path), state_path=str(state.path)
+        )
+        return self.saved
+
+    def record(
+        self,
+        sampler_path: str,
+        state_path: str,
+        name: str,
+        finished: bool,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a saved checkpoint of this run (at ``self.step``) in the registry."""
         ws = self.ctx.workspace
         fields = {
             **self.fields,
-            "sampler_path": str(sampler.path),
-            "state_path": str(state.path),
+            "sampler_path": sampler_path,
+            "state_path": state_path,
             "checkpoint": name,
-            self.counter: n,
+            self.counter: self.step,
             f"total_{self.counter}s": self.total,
             "finished": finished,
             "stopped_early": self.stopped_early,
@@ -302,7 +317,7 @@ class TrainRun:
             "settings": self.settings,
             "other_settings": self.other_settings,
             "inputs": self.inputs,
-            **extra,
+            **(extra or {}),
         }
         fresh = self._fresh
         self._fresh = False
@@ -319,12 +334,8 @@ class TrainRun:
                 entry["last_finished"] = keep
             return entry
 
-        update_entry(ws.results_dir, self.stage, merge)
-        self.last_saved = n
-        self.saved = CheckpointSaved(
-            name=name, step=n, sampler_path=str(sampler.path), state_path=str(state.path)
-        )
-        return self.saved
+        self.last_saved = self.step
+        return update_entry(ws.results_dir, self.stage, merge)
 
     async def cancel_checkpoint(self) -> AsyncIterator[Event]:
         """On cancel: save what was trained since the last checkpoint, so a rerun loses none."""

@@ -130,6 +130,25 @@ class _Reference:
         return [self._cache[f] for f in fulls]
 
 
+def sft_run_for(ctx: StageContext, train: list[dict[str, str]]) -> TrainRun:
+    """The SFT initialisation's lifecycle: its settings, the demonstrations, the policy."""
+    cfg = ctx.config.ditto
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())
+    return TrainRun(
+        ctx,
+        SFT_DEMOS,
+        section="ditto",
+        settings=section_settings(cfg, "ditto", only=_sft_setting),
+        inputs={"data": digest(train), "base_model": model, "split": holdout},
+        total=cfg.sft_max_steps,
+        length_keys=("ditto.sft_max_steps",),
+        names=lambda n, finished: SFT_INIT if finished else f"{SFT_INIT}-{n:06d}",
+        # evaluate measures it as a method: SFT on the demonstrations, no system prompt
+        fields={"base_model": model, "use_system_prompt": False, "holdout": holdout},
+    )
+
+
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
     from tinker_cookbook.supervised.common import datum_from_model_input_weights
 
@@ -144,18 +163,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError("No training demonstrations: add some in the Demonstrations tab.")
     model = ctx.model("policy")
     holdout = split_fingerprint(split)
-    sft_run = TrainRun(
-        ctx,
-        SFT_DEMOS,
-        section="ditto",
-        settings=section_settings(cfg, "ditto", only=_sft_setting),
-        inputs={"data": digest(train), "base_model": model, "split": holdout},
-        total=cfg.sft_max_steps,
-        length_keys=("ditto.sft_max_steps",),
-        names=lambda n, finished: SFT_INIT if finished else f"{SFT_INIT}-{n:06d}",
-        # evaluate measures it as a method: SFT on the demonstrations, no system prompt
-        fields={"base_model": model, "use_system_prompt": False, "holdout": holdout},
-    )
+    sft_run = sft_run_for(ctx, train)
     sft_decision = sft_run.decide(resume=cfg.resume)
     yield sft_run.explain(sft_decision)
     svc = ctx.service_client()

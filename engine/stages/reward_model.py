@@ -488,7 +488,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary)
 
 
-def _train_run(ctx: StageContext, convs: list[list[dict[str, str]]], mode: str) -> TrainRun:
+def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]], mode: str) -> TrainRun:
+    """reward-model's lifecycle: its whole section, the comparisons, the judge model, its mode."""
     cfg = ctx.config.reward_model
     batch_size = min(cfg.batch_size, len(convs))
     model = ctx.model("judge")
@@ -518,7 +519,7 @@ async def _train(
     cfg = ctx.config.reward_model
     model = ctx.model("judge")
     svc = ctx.service_client()
-    train_run = _train_run(ctx, convs, mode)
+    train_run = train_run_for(ctx, convs, mode)
     decision = train_run.decide(resume=cfg.resume)
     yield train_run.explain(decision)
     if decision.action == "reuse":

@@ -156,6 +156,40 @@ def _judge_identity(ctx: StageContext) -> str:
     return str(entry["sampler_path"]) if entry else f"base: {ctx.model('judge')}"
 
 
+def train_run_for(
+    ctx: StageContext,
+    train_rows: list[dict[str, Any]],
+    init: dict[str, Any] | None,
+    use_system: bool,
+) -> TrainRun:
+    """rlaif's lifecycle: its whole section, the prompts, the policy, the init checkpoint, the
+    judge that gives the rewards, and the split."""
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())  # the prompts came from the training demos
+    start = init["sampler_path"] if init else "base"
+    return TrainRun(
+        ctx,
+        STAGE,
+        section="rlaif",
+        settings=section_settings(ctx.config.rlaif, "rlaif"),
+        inputs={
+            "data": digest(train_rows),
+            "base_model": model,
+            "init checkpoint": start,
+            "judge": _judge_identity(ctx),
+            "split": holdout,
+        },
+        total=ctx.config.rlaif.steps,
+        length_keys=("rlaif.steps",),
+        fields={
+            "base_model": model,
+            "init": start,
+            "use_system_prompt": use_system,
+            "holdout": holdout,
+        },
+    )
+
+
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
     ws = ctx.workspace
     cfg = ctx.config.rlaif
@@ -164,7 +198,6 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(
             f"{ws.rel(ws.result(RL_TRAIN_FILE))} not found or empty: run `persona run rl-prompts` first."
         )
-    model = ctx.model("policy")
     init = _init_checkpoint(ctx)
     if cfg.init == "sft" and init is None:
         yield LogLine("no finished SFT checkpoint for this policy: starting from the base model")
@@ -173,28 +206,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     use_system = any(
         m.get("role") == "system" for r in train_rows for m in r.get("prompt_conversation", [])
     )
-    holdout = split_fingerprint(ctx.split())  # the prompts came from the training demos
-    train_run = TrainRun(
-        ctx,
-        STAGE,
-        section="rlaif",
-        settings=section_settings(cfg, "rlaif"),
-        inputs={
-            "data": digest(train_rows),
-            "base_model": model,
-            "init checkpoint": init["sampler_path"] if init else "base",
-            "judge": _judge_identity(ctx),
-            "split": holdout,
-        },
-        total=cfg.steps,
-        length_keys=("rlaif.steps",),
-        fields={
-            "base_model": model,
-            "init": init["sampler_path"] if init else "base",
-            "use_system_prompt": use_system,
-            "holdout": holdout,
-        },
-    )
+    train_run = train_run_for(ctx, train_rows, init, use_system)
     decision = train_run.decide(resume=cfg.resume)
     yield train_run.explain(decision)
     if decision.action == "reuse" and decision.entry:

@@ -85,12 +85,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(loaded.error)
     for ev in warn_bad(loaded, "skipped: not used for training"):
         yield ev
-    selected, how = select_rows(loaded.rows, cfg.train_on)
-    convs = [
-        c
-        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
-        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
-    ]
+    convs, how = training_conversations(loaded.rows, cfg)
     if not convs:
         raise StageError(
             f"No training rows in {ws.rel(data_path)} ({how}). Accept some rows in the Synthetic data tab "
@@ -101,25 +96,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     plan = plan_training(convs, cfg)
     model = ctx.model("policy")
-    train_run = TrainRun(
-        ctx,
-        "sft",
-        section="sft",
-        settings=section_settings(cfg, "sft"),
-        inputs={
-            "data": digest(convs),
-            "base_model": model,
-            "split": split_fingerprint(ctx.split()),
-        },
-        total=plan.total_steps,
-        length_keys=("sft.steps", "sft.epochs"),
-        growable=cfg.lr_schedule != "linear",  # a linear schedule's every step depends on the total
-        fields={
-            "base_model": model,
-            "use_system_prompt": cfg.use_system_prompt,  # the context evaluate gives it
-            "holdout": split_fingerprint(ctx.split()),  # evaluate checks it is still this one
-        },
-    )
+    train_run = train_run_for(ctx, convs)
     decision = train_run.decide(resume=cfg.resume)
     yield train_run.explain(decision)
     if decision.action == "reuse" and decision.entry:
@@ -141,6 +118,42 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             return
     async for ev in _train(ctx, train_run, decision, plan, convs, model):
         yield ev
+
+
+def training_conversations(
+    rows: list[dict[str, Any]], cfg: Any
+) -> tuple[list[list[dict[str, str]]], str]:
+    """The conversations sft trains on (``sft.train_on``, ending in a non-empty reply), and
+    which rows they are, in words. The estimate counts the same ones."""
+    selected, how = select_rows(rows, cfg.train_on)
+    convs = [
+        c
+        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
+        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
+    ]
+    return convs, how
+
+
+def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]]) -> TrainRun:
+    """sft's lifecycle: its whole section, the conversations, the policy and the split."""
+    cfg = ctx.config.sft
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())  # the synthetic data came from the training demos
+    return TrainRun(
+        ctx,
+        "sft",
+        section="sft",
+        settings=section_settings(cfg, "sft"),
+        inputs={"data": digest(convs), "base_model": model, "split": holdout},
+        total=plan_training(convs, cfg).total_steps,
+        length_keys=("sft.steps", "sft.epochs"),
+        growable=cfg.lr_schedule != "linear",  # a linear schedule's every step depends on the total
+        fields={
+            "base_model": model,
+            "use_system_prompt": cfg.use_system_prompt,  # the context evaluate gives it
+            "holdout": holdout,  # evaluate checks the held-out set is still this one
+        },
+    )
 
 
 @dataclass(frozen=True)
