@@ -99,6 +99,11 @@ def test_plan_is_continued_or_refused(ws: Workspace):
         choose_plan(ws, ws.config(["crossval.folds=4"]), ["crossval.folds=4"], None)
     fresh, continuing = choose_plan(ws, ws.config(), [], None, new=True)
     assert not continuing and fresh.k == 5
+    plan.finished = True  # a finished plan: the same request pools it again, another is new
+    plan.save()
+    assert choose_plan(ws, cfg, ["crossval.folds=3"], None)[0].root == plan.root
+    other, continuing = choose_plan(ws, ws.config(["crossval.folds=4"]), ["crossval.folds=4"], None)
+    assert not continuing and other.k == 4
     with pytest.raises(ConfigError):
         ws.config(["crossval.methods=3"])
 

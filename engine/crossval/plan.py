@@ -2,8 +2,9 @@
 
 It records what the folds were dealt from and with (seed, fold count, each fold's held-out
 requests, the data's hash), the methods, the stages each fold runs, the ``--set`` overrides and
-the backend, and whether it finished. ``persona crossval`` continues the latest unfinished plan
-when it was asked for the same thing, and refuses to continue one asked for differently.
+the backend, and whether it finished. ``persona crossval`` continues the latest plan when it is
+asked for the same thing (a finished one is only pooled again), and refuses to leave an
+unfinished one asked for differently (``--new`` starts another).
 """
 
 from __future__ import annotations
@@ -126,21 +127,21 @@ def choose_plan(
     *,
     new: bool = False,
 ) -> tuple[CrossvalPlan, bool]:
-    """(the plan to run, whether it continues an unfinished one). The latest unfinished plan is
-    continued when it asks for the same thing; asked differently, it is refused (``new``
-    starts another)."""
+    """(the plan to run, whether it continues the latest one). The latest plan is continued
+    when it asks for the same thing (a finished one only pools again); an unfinished one asked
+    differently is refused (``new`` starts another)."""
     wanted = new_plan(ws, cfg, overrides, backend)
     plans = list_plans(ws)
     if new or not plans:
         return wanted, False
     latest = load_plan(plans[-1])
+    if latest.same_request(wanted):  # a finished one is pooled again: nothing reruns
+        return latest, True
     if latest.finished:
         return wanted, False
-    if not latest.same_request(wanted):
-        raise CrossvalError(
-            f"{ws.rel(latest.root)} is unfinished and was asked for {latest.describe()}; "
-            f"this asks for {wanted.describe()}"
-            + (" (data/data.json changed since)" if latest.data_sha != wanted.data_sha else "")
-            + ". Rerun as it was to continue it, or pass --new to start another."
-        )
-    return latest, True
+    raise CrossvalError(
+        f"{ws.rel(latest.root)} is unfinished and was asked for {latest.describe()}; "
+        f"this asks for {wanted.describe()}"
+        + (" (data/data.json changed since)" if latest.data_sha != wanted.data_sha else "")
+        + ". Rerun as it was to continue it, or pass --new to start another."
+    )
