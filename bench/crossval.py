@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 # The default model, five folds, in about 30 minutes on 2 cores with bf16 (`persona crossval
-# --estimate` with these: <= 28 min, ditto 4.1 min and evaluate 1.5 min a fold): a short DITTO
-# (4 SFT steps at most, one DPO round of 2 steps), one sample per held-out request, no judge
-# (its verdicts are not in the benchmark's output).
+# --estimate` with these: <= 29 min, ditto 4.1 min and evaluate 1.8 min a fold, upper bounds):
+# a short DITTO (4 SFT steps at most, one DPO round of 2 steps), one sample of at most 64
+# tokens per held-out request, no judge (its verdicts are not in the benchmark's output).
 REDUCED = [
     "ditto.rounds=1",
     "ditto.steps_per_round=2",
@@ -38,7 +38,7 @@ REDUCED = [
     "ditto.samples_per_demo=2",
     "ditto.sample_after=false",
     "evaluate.samples=1",
-    "evaluate.max_tokens=96",
+    "evaluate.max_tokens=64",
     "evaluate.judge=false",
     "evaluate.dev_prompts=0",
 ]

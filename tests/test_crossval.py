@@ -160,20 +160,26 @@ def test_mismatched_fold_checkpoint_is_refused(ws: Workspace):
         check_fold(plan, 1)
 
 
-def test_cost_is_k_times_each_stage(ws: Workspace):
+def test_cost_is_k_times_each_stage_on_the_largest_fold(ws: Workspace):
     from engine.backends.local.speed_profile import ProfileKey
     from engine.crossval.estimate import estimate_crossval
-    from engine.estimate import estimate_stage
 
     key = ProfileKey("Test CPU", ("avx2",), "cpu", "bfloat16", 2, "2.13.0", TINY)
     profiles = {TINY: hand_profile(key)}
-    plan, _ = choose_plan(ws, ws.config(["crossval.folds=4"]), ["crossval.folds=4"], None)
+    plan, _ = choose_plan(ws, ws.config(["crossval.folds=3"]), ["crossval.folds=3"], None)
+    before = sorted(p.relative_to(ws.root) for p in ws.root.rglob("*"))
     cost = estimate_crossval(plan, ws, profiles)
-    assert cost is not None and [s.stage for s in cost.stages] == ["ditto", "evaluate"]
-    cfg = ws.config([*plan.overrides, f"evaluate.methods={json.dumps(plan.methods)}"])
-    one = {s: estimate_stage(s, cfg, ws, profiles).seconds for s in ("ditto", "evaluate")}
-    assert cost.seconds == pytest.approx(4 * (one["ditto"] + one["evaluate"]))
-    assert cost.line().startswith("≤ ")
+    assert sorted(p.relative_to(ws.root) for p in ws.root.rglob("*")) == before  # no trace
+    assert cost is not None and [(s.stage, s.times) for s in cost.stages] == [
+        ("ditto", 3),
+        ("evaluate", 3),
+    ]
+    assert cost.seconds == pytest.approx(3 * sum(s.seconds for s in cost.stages))
+    # the largest fold holds out 4 of 10: ditto trains on 6, evaluate prices all 5 methods
+    ditto, evaluate = cost.stages
+    assert any("6 demos ×" in a for a in ditto.assumptions), ditto.assumptions
+    assert any("5 methods × 4 held-out requests" in a for a in evaluate.assumptions)
+    assert cost.line().startswith("≤ ") and "largest fold (4" in cost.notes[0]
 
 
 def _runs(ws: Path, stage: str) -> list[Path]:

@@ -1,14 +1,22 @@
 """What a cross-validation costs before it is launched: k × each fold stage's estimate
-(engine.estimate, priced on the person's workspace at the fold's settings), plus the shared
-stages once."""
+(engine.estimate) plus the shared stages once.
+
+A fold stage is priced on a scratch copy of the largest fold's workspace (its held-out slice
+fixed, as the fold will have it), with a registry entry for each trained method the fold will
+evaluate, so evaluate is priced with every planned method; the shared stages on the person's
+workspace. Nothing is written outside a temporary folder."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from engine.checkpoints import record_checkpoint
+from engine.crossval.folds import METHOD_STAGES, prepare_workspace
 from engine.crossval.plan import CrossvalPlan
 from engine.estimate import EstimateError, estimate_stage, human_seconds
 from engine.workspace import Workspace
@@ -21,6 +29,7 @@ class StageCost:
     seconds: float | None  # one run; None: no estimate (``why`` says why)
     why: str = ""
     upper_bound: bool = False
+    assumptions: tuple[str, ...] = ()
 
     @property
     def total(self) -> float | None:
@@ -51,6 +60,17 @@ class CrossvalCost:
         return f"{bound} {human_seconds(self.seconds)} on this machine ({per} per fold)"
 
 
+def _scratch_fold(plan: CrossvalPlan, workspace: Workspace, root: Path, policy: str) -> Workspace:
+    """The largest fold's workspace under ``root``, with a stand-in registry entry for each
+    trained method (the estimate reads their names and contexts, never their weights)."""
+    largest = max(range(plan.k), key=lambda i: len(plan.holdouts[i]))
+    fold = prepare_workspace(workspace, root / "fold", plan.holdouts[largest])
+    for m in plan.methods:
+        if METHOD_STAGES.get(m):
+            record_checkpoint(fold.results_dir, m, sampler_path="(estimate)", base_model=policy)
+    return fold
+
+
 def estimate_crossval(
     plan: CrossvalPlan, workspace: Workspace, profiles: Mapping[str, Any]
 ) -> CrossvalCost | None:
@@ -60,19 +80,26 @@ def estimate_crossval(
     if cfg.backend.name != "local":
         return None
     costs = []
-    for stage, times in [(s, 1) for s in plan.shared] + [(s, plan.k) for s in plan.stages]:
-        try:
-            est = estimate_stage(stage, cfg, workspace, profiles)
-        except EstimateError as e:
-            costs.append(StageCost(stage, times, None, str(e)))
-            continue
-        if est is None:
-            return None
-        costs.append(StageCost(stage, times, est.seconds, upper_bound=est.upper_bound))
+    with tempfile.TemporaryDirectory(prefix="persona-crossval-estimate-") as tmp:
+        fold = _scratch_fold(plan, workspace, Path(tmp), cfg.model("policy"))
+        runs = [(s, 1, workspace) for s in plan.shared] + [(s, plan.k, fold) for s in plan.stages]
+        for stage, times, ws in runs:
+            try:
+                est = estimate_stage(stage, cfg, ws, profiles)
+            except EstimateError as e:
+                costs.append(StageCost(stage, times, None, str(e)))
+                continue
+            if est is None:
+                return None
+            costs.append(
+                StageCost(
+                    stage, times, est.seconds, upper_bound=est.upper_bound,
+                    assumptions=est.assumptions,
+                )
+            )  # fmt: skip
     sizes = sorted({len(f) for f in plan.folds})
     notes = (
-        "priced on your workspace as it is now (a fold holds out "
-        f"{' or '.join(map(str, sizes))} demonstrations; evaluate is priced with the trained "
-        "methods that have a checkpoint here)",
+        f"priced on the largest fold ({max(sizes)} demonstrations held out, "
+        f"{sum(map(len, plan.folds)) - max(sizes)} for training)",
     )
     return CrossvalCost(tuple(costs), notes)
