@@ -150,8 +150,9 @@ def test_mismatched_fold_checkpoint_is_refused(ws: Workspace):
     record_checkpoint(fold.results_dir, "ditto", sampler_path="x", holdout=good)
     assert check_fold(plan, 1)["evaluation"]["methods"][1]["name"] == "ditto"
     record_checkpoint(fold.results_dir, "ditto", holdout="0123456789abcdef")
-    with pytest.raises(CrossvalError, match=r"fold 1 .*ditto checkpoint records held-out set"):
+    with pytest.raises(CrossvalError, match=r"fold 1 .*ditto checkpoint records held-out set") as e:
         check_fold(plan, 1)
+    assert f"persona -C runs/{plan.root.name}/fold-1 run ditto`" in str(e.value)
     # an evaluation of other requests than the fold's is refused too
     record_checkpoint(fold.results_dir, "ditto", holdout=good)
     evaluation["holdout"]["inputs"] = plan.holdouts[1]

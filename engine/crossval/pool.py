@@ -36,6 +36,11 @@ def _same(a: list[str], b: list[str]) -> bool:
     return sorted(map(_norm, a)) == sorted(map(_norm, b))
 
 
+def _stage_of(method: str) -> str:
+    """The stage that trains ``method`` (sft-demos is ditto's SFT initialisation)."""
+    return "ditto" if method == "sft-demos" else method
+
+
 def check_fold(plan: CrossvalPlan, i: int) -> dict[str, Any]:
     """Fold ``i``'s evaluation, rows and judgements after its checks (CrossvalError if one
     fails)."""
@@ -51,10 +56,11 @@ def check_fold(plan: CrossvalPlan, i: int) -> dict[str, Any]:
     data = ev.read_evaluation(ws.results_dir)
     if data is None:
         raise CrossvalError(f"{name}: no results/{ev.EVALUATION_FILE}; run persona crossval")
+    rerun = f"persona -C {plan.root.parent.name}/{plan.root.name}/{ws.root.name} run"
     if not _same(list(data.get("holdout", {}).get("inputs", [])), want):
         raise CrossvalError(
             f"{name}: its evaluation measured other requests than the fold holds out; "
-            "delete its results/evaluation.json and run persona crossval again"
+            f"run `{rerun} evaluate` from the workspace, then persona crossval again"
         )
     expected = split_fingerprint(split)
     registry = read_registry(ws.results_dir)
@@ -66,8 +72,9 @@ def check_fold(plan: CrossvalPlan, i: int) -> dict[str, Any]:
             raise CrossvalError(
                 f"{name}: the {m['name']} checkpoint records held-out set {got or 'none'}, "
                 f"not the fold's {expected}: it may have trained on the requests it is "
-                "measured on, so this fold is not pooled. Delete the fold's "
-                f"results/checkpoints.toml entry [{m['name']}] and run persona crossval again."
+                "measured on, so this fold is not pooled. Retrain it on the fold's split "
+                f"(`{rerun} {_stage_of(m['name'])}`, then `{rerun} evaluate`, from the "
+                "workspace) and run persona crossval again."
             )
     return {
         "evaluation": data,

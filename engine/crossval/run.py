@@ -130,6 +130,8 @@ class Crossval:
             final: Event | None = None
             try:
                 async for ev in runner.run_stage(stage, self._overrides(stage), plan.backend):
+                    if self._cancelled:  # asked before the runner was listening
+                        runner.cancel()
                     final = ev
                     yield FoldEvent(i, plan.k, stage, index, len(todo), ev)
             finally:
