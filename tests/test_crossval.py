@@ -265,3 +265,24 @@ def test_end_to_end_killed_in_fold_2_then_continued(ws: Workspace, tmp_path: Pat
     report = ws.result("crossval_report.md").read_text()
     assert "Against few-shot" in report and "n=10" in report
     assert json.loads((root / "crossval.json").read_text())["finished"] is True
+
+
+@needs_backend
+async def test_cancel_stops_in_the_running_fold_stage_and_leaves_it_pending(ws: Workspace):
+    from engine.crossval import Crossval, FoldEvent
+    from engine.events import StageFailed, StageStarted
+
+    over = [*FAST, "crossval.folds=2", 'crossval.methods=["baseline", "few-shot"]']
+    plan, _ = choose_plan(ws, ws.config(over), over, None)
+    cv = Crossval(ws, plan)
+    final = None
+    async for item in cv.run():
+        if isinstance(item, FoldEvent) and isinstance(item.event, StageStarted):
+            assert (item.where, item.index, item.total) == ("fold 1/2 · evaluate", 1, 2)
+            cv.cancel()
+        if not isinstance(item, FoldEvent):
+            final = item
+    assert isinstance(final, StageFailed) and final.cancelled
+    assert "stopped in fold 1/2 (evaluate)" in final.message
+    assert pending(plan) == [(1, "evaluate"), (2, "evaluate")]
+    assert not ws.result("crossval.json").exists()
