@@ -1,8 +1,8 @@
 """Cross-validation: folds partition the demonstrations and stay put for a seed; a fold whose
 checkpoint records another held-out set is refused; the cost is k x each stage's estimate; an
-unfinished plan is continued or refused; and end to end on the tiny model with 3 folds, killed
-(-9) in fold 2's evaluate and rerun: every file written, pooled n = the demonstrations, no
-finished fold stage repeated."""
+unfinished plan is continued or refused; a cancel leaves the running fold stage pending; and
+end to end on the tiny model with 3 folds, killed (-9) in fold 2's evaluate and rerun: every
+file written, pooled n = the demonstrations, no finished fold stage repeated."""
 
 from __future__ import annotations
 
