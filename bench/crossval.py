@@ -102,8 +102,8 @@ async def main() -> dict:
 
     from engine.backends import quiet_libraries
     from engine.crossval import Crossval, FoldEvent, choose_plan
-    from engine.events import StageFailed, StageFinished, StageStarted
-    from engine.workspace import init_workspace
+    from engine.run.events import StageFailed, StageFinished, StageStarted
+    from engine.store.workspace import init_workspace
 
     quiet_libraries()
     if args.tiny:

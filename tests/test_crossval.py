@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from conftest import TINY, hand_profile, needs_backend
 
-from engine.checkpoints import read_registry, record_checkpoint
-from engine.config import ConfigError
 from engine.crossval import CrossvalError, choose_plan, deal_folds, pending, stages_for
 from engine.crossval.folds import fold_split, method_names, prepare_workspace
 from engine.crossval.pool import check_fold
 from engine.crossval.run import fold_stages
-from engine.runner import list_runs, run_state
-from engine.split import split_fingerprint
-from engine.workspace import Workspace
+from engine.pipeline.runner import list_runs, run_state
+from engine.store.checkpoints import read_registry, record_checkpoint
+from engine.store.config import ConfigError
+from engine.store.split import split_fingerprint
+from engine.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_plan_is_continued_or_refused(ws: Workspace):
 
 def test_shared_stages_run_once_and_their_outputs_reach_every_fold(ws: Workspace):
     from engine.crossval import Crossval
-    from engine.results import RESULT_FILES
+    from engine.store.results import RESULT_FILES
 
     over = ["crossval.folds=2", 'crossval.methods=["baseline", "rlaif"]']
     plan, _ = choose_plan(ws, ws.config(over), over, None)
@@ -270,7 +270,7 @@ def test_end_to_end_killed_in_fold_2_then_continued(ws: Workspace, tmp_path: Pat
 @needs_backend
 async def test_cancel_stops_in_the_running_fold_stage_and_leaves_it_pending(ws: Workspace):
     from engine.crossval import Crossval, FoldEvent
-    from engine.events import StageFailed, StageStarted
+    from engine.run.events import StageFailed, StageStarted
 
     over = [*FAST, "crossval.folds=2", 'crossval.methods=["baseline", "few-shot"]']
     plan, _ = choose_plan(ws, ws.config(over), over, None)

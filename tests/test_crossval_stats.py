@@ -8,14 +8,14 @@ import math
 
 import pytest
 
-from engine.metrics.stats import (
+from engine.eval.metrics.stats import (
     MIN_PAIRED_N,
     bootstrap_interval,
     paired_difference,
     percentile,
     sign_test,
 )
-from engine.paired import insert_section, paired_comparisons, per_demo_tables, verdict
+from engine.eval.paired import insert_section, paired_comparisons, per_demo_tables, verdict
 
 
 def test_sign_test_by_hand():

@@ -9,7 +9,7 @@ from conftest import needs_backend
 from textual.widgets import Label, Markdown, RichLog, Static
 from tui_helpers import until
 
-from engine.events import StageFinished
+from engine.run.events import StageFinished
 from tui.app import create_app
 from tui.crossval import SCREEN, CrossvalScreen
 

@@ -20,8 +20,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Markdown, ProgressBar, RichLog, Static
 
-from engine.events import LogLine, StageFailed, StageFinished, StageStarted
-from engine.events import Progress as ProgressEvent
+from engine.run.events import LogLine, StageFailed, StageFinished, StageStarted
+from engine.run.events import Progress as ProgressEvent
 
 SCREEN = "crossval"
 REPORTS = {"crossval": "crossval_report.md", "single": "report.md"}
@@ -32,7 +32,7 @@ def _plan_and_cost(app: Any, new: bool) -> tuple[Any, bool, str]:
     from engine.crossval import choose_plan, pending
     from engine.crossval.estimate import estimate_crossval
     from engine.crossval.run import fold_stages
-    from engine.estimate import cached_profiles
+    from engine.pipeline.estimate import cached_profiles
 
     ws, overrides = app.ws, list(app.default_overrides)
     cfg = ws.config(overrides)

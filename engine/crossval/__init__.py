@@ -3,7 +3,7 @@
 k folds (engine.crossval.folds), each a workspace of its own under ``runs/crossval-<time>/``
 running the normal stages through the normal runner (engine.crossval.run), recorded in a plan
 (engine.crossval.plan); then pooled per demonstration with paired comparisons between methods
-(engine.crossval.pool, engine.paired) into results/crossval.json and crossval_report.md
+(engine.crossval.pool, engine.eval.paired) into results/crossval.json and crossval_report.md
 (engine.crossval.report).
 """
 

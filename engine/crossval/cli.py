@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.config import ConfigError
 from engine.errors import PersonaError
-from engine.events import Event, StageFailed, StageFinished, StageStarted
-from engine.events import Progress as ProgressEvent
-from engine.workspace import Workspace
+from engine.run.events import Event, StageFailed, StageFinished, StageStarted
+from engine.run.events import Progress as ProgressEvent
+from engine.store.config import ConfigError
+from engine.store.workspace import Workspace
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _show_estimate(ws: Workspace, plan: Any, left: int, total: int, console: Console) -> None:
     from engine.crossval.estimate import estimate_crossval
-    from engine.estimate import cached_profiles, human_seconds, measure_profiles
+    from engine.pipeline.estimate import cached_profiles, human_seconds, measure_profiles
 
     cfg = ws.config(plan.overrides, plan.backend)
     if cfg.backend.name != "local":

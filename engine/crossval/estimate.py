@@ -1,5 +1,5 @@
 """What a cross-validation costs before it is launched: k × each fold stage's estimate
-(engine.estimate) plus the shared stages once.
+(engine.pipeline.estimate) plus the shared stages once.
 
 A fold stage is priced on a scratch copy of the largest fold's workspace (its held-out slice
 fixed, as the fold will have it), with a registry entry for each trained method the fold will
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoints import record_checkpoint
 from engine.crossval.folds import METHOD_STAGES, prepare_workspace
 from engine.crossval.plan import CrossvalPlan
-from engine.estimate import EstimateError, estimate_stage, human_seconds
-from engine.workspace import Workspace
+from engine.pipeline.estimate import EstimateError, estimate_stage, human_seconds
+from engine.store.checkpoints import record_checkpoint
+from engine.store.workspace import Workspace
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The folds of a cross-validation and the workspaces they run in.
 
-Folds: each demonstration's rank is the seeded hash that engine.split uses for the held-out
+Folds: each demonstration's rank is the seeded hash that engine.store.split uses for the held-out
 split; dealing the ranked demonstrations round-robin into k folds gives disjoint held-out sets
 that together cover every demonstration, sizes differing by at most one, the same for the same
 seed and requests whatever their order in data/data.json.
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import PersonaError
-from engine.split import MIN_TRAIN, Split, _rank, read_record, split_demos, write_record
-from engine.workspace import Workspace
+from engine.store.split import MIN_TRAIN, Split, _rank, read_record, split_demos, write_record
+from engine.store.workspace import Workspace
 
 DEFAULT_MAX_FOLDS = 5
 SHARED_STAGES = ("baseline", "prompting")  # sample every demonstration: the split plays no part
@@ -134,5 +134,5 @@ def prepare_workspace(person: Workspace, root: Path, holdout: Sequence[str] | No
 
 
 def fold_split(ws: Workspace, holdout_seed: int = 0) -> Split:
-    """The split a fold's stages see (what engine.context gives them), without writing."""
+    """The split a fold's stages see (what engine.run.context gives them), without writing."""
     return split_demos(ws.load_demos(), -1, holdout_seed, read_record(ws.data_dir))

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json
 from engine.crossval.folds import (
     SHARED_STAGES,
     CrossvalError,
@@ -25,8 +24,9 @@ from engine.crossval.folds import (
     method_names,
     stages_for,
 )
-from engine.settings import PersonaConfig
-from engine.workspace import Workspace
+from engine.store.atomic import atomic_write_json
+from engine.store.settings import PersonaConfig
+from engine.store.workspace import Workspace
 
 PLAN_FILE = "crossval.json"
 PREFIX = "crossval-"

@@ -2,13 +2,13 @@
 
 Before anything is pooled each fold is checked: its split is the held-out slice the plan dealt
 it, its evaluation measured exactly that slice, and every checkpoint it measured records that
-slice's split fingerprint (engine.split.split_fingerprint). A fold that fails a check is refused
+slice's split fingerprint (engine.store.split.split_fingerprint). A fold that fails a check is refused
 with a message naming the fold, the method and what to do; nothing is written.
 
 Then per demonstration and method: NLL per token of the person's text (and its tokens), mean
 style distance and MiniLM similarity of the samples, the judge's win score; per method the
 pooled values with 95% intervals and n; per method the paired differences against base and
-few-shot (engine.paired). Writes results/crossval.json, results/crossval_report.md and
+few-shot (engine.eval.paired). Writes results/crossval.json, results/crossval_report.md and
 results/plots/crossval_*.png, with a copy of the JSON in the cross-validation's folder.
 """
 
@@ -17,16 +17,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from engine import evaluation as ev
-from engine.atomic import atomic_write_json
-from engine.checkpoints import read_registry
 from engine.crossval.folds import CrossvalError, fold_split
 from engine.crossval.plan import CrossvalPlan
-from engine.metrics.likelihood import Nll
-from engine.paired import PAIRED_METRICS, paired_comparisons, per_demo_tables
-from engine.runner import list_runs, load_run_events
-from engine.split import _norm, split_fingerprint
-from engine.workspace import Workspace
+from engine.eval import evaluation as ev
+from engine.eval.metrics.likelihood import Nll
+from engine.eval.paired import PAIRED_METRICS, paired_comparisons, per_demo_tables
+from engine.pipeline.runner import list_runs, load_run_events
+from engine.store.atomic import atomic_write_json
+from engine.store.checkpoints import read_registry
+from engine.store.split import _norm, split_fingerprint
+from engine.store.workspace import Workspace
 
 RESULT_FILE = "crossval.json"
 VERSION = 1
@@ -161,8 +161,8 @@ def pool(plan: CrossvalPlan, resamples: int) -> dict[str, Any]:
 
 def write_pooled(ws: Workspace, plan: CrossvalPlan) -> tuple[list[Any], str]:
     """Pool, write results/crossval.json, the report and its plots; (paths, summary line)."""
-    from engine.config import ConfigError
     from engine.crossval.report import write_crossval_report
+    from engine.store.config import ConfigError
 
     try:
         resamples = Workspace(plan.fold_dir(1)).config(plan.overrides).crossval.resamples

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine import evaluation as ev
-from engine.atomic import atomic_write_text
-from engine.paired import PAIRED_METRICS
-from engine.paired import markdown as paired_markdown
-from engine.report import PLOTS_DIR, _plt
-from engine.workspace import Workspace
+from engine.eval import evaluation as ev
+from engine.eval.paired import PAIRED_METRICS
+from engine.eval.paired import markdown as paired_markdown
+from engine.eval.report import PLOTS_DIR, _plt
+from engine.store.atomic import atomic_write_text
+from engine.store.workspace import Workspace
 
 REPORT_FILE = "crossval_report.md"
 NLL_PLOT = "crossval_nll.png"

@@ -7,7 +7,7 @@
 
 The stages shared by every fold (baseline, prompting: independent of the split) run once in
 ``shared/`` and their outputs are copied into each fold's results/. Then fold 1's stages, fold
-2's, ... each in its own workspace through ``engine.runner.Runner``, so resume, checkpoints,
+2's, ... each in its own workspace through ``engine.pipeline.runner.Runner``, so resume, checkpoints,
 events and cancel behave as everywhere. A fold stage whose last run finished is not run again:
 a cancelled or killed cross-validation continues with the first unfinished fold stage.
 """
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from engine.crossval.folds import prepare_workspace
 from engine.crossval.plan import CrossvalPlan
-from engine.events import Event, StageFailed, StageFinished
-from engine.runner import Listener, Runner, list_runs, run_state
-from engine.workspace import Workspace
+from engine.pipeline.runner import Listener, Runner, list_runs, run_state
+from engine.run.events import Event, StageFailed, StageFinished
+from engine.store.workspace import Workspace
 
 STAGE = "crossval"
 

@@ -3,7 +3,7 @@
 Evaluate (one split, n = its held-out requests) and crossval (every demonstration held out once,
 pooled) both measure each method on each demonstration, so two methods can be compared
 demonstration by demonstration: the difference per demonstration, its mean, a seeded bootstrap
-95% interval and a sign test (engine.metrics.stats). A difference is put in words ("A is closer
+95% interval and a sign test (engine.eval.metrics.stats). A difference is put in words ("A is closer
 to your writing than B") only where the interval excludes zero; otherwise the words say that no
 difference is measurable with this many demonstrations.
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from engine.evaluation import method_label
-from engine.metrics.stats import BOOTSTRAP_RESAMPLES, MIN_PAIRED_N, paired_difference
+from engine.eval.evaluation import method_label
+from engine.eval.metrics.stats import BOOTSTRAP_RESAMPLES, MIN_PAIRED_N, paired_difference
 
 # metric -> (what it is, True when a lower value is closer to the person's writing)
 PAIRED_METRICS: dict[str, tuple[str, bool]] = {
