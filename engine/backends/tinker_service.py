@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -235,8 +236,7 @@ class Watched:
             done, _ = await asyncio.wait({pending}, timeout=svc.probe_interval)
             if done:
                 return pending.result()
-            since = down_since
-            down_since = await in_daemon_thread(lambda: svc.still_there(since))
+            down_since = await in_daemon_thread(functools.partial(svc.still_there, down_since))
             if down_since is not None and time.monotonic() - down_since >= svc.connect_timeout:
                 cf.cancel()
                 raise svc.lost()
