@@ -170,22 +170,27 @@ async def with_retries(
 def local_tokenizer(base_model: str) -> Any | None:
     """The tokenizer of a model that the local service serves, from its local folder (the
     tiny test model is built here if needed); None for other models (the SDK's hub path)."""
+    folder = _local_model_folder(base_model)
+    return None if folder is None else _tokenizer_from(str(folder))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_from(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _local_model_folder(base_model: str) -> Any:
     from engine.backends.local.models import (
         REGISTERED_MODELS,
         ensure_model_dir,
         model_dir_if_present,
     )
 
-    folder = (
-        ensure_model_dir(base_model)
-        if base_model in REGISTERED_MODELS
-        else model_dir_if_present(base_model)
-    )
-    if folder is None:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
+    if base_model in REGISTERED_MODELS:
+        return ensure_model_dir(base_model)
+    return model_dir_if_present(base_model)
 
 
 def http_probe(base_url: str, api_key: str, timeout: float) -> Callable[[], bool]:
@@ -382,7 +387,7 @@ class TinkerService:
         deadline = time.monotonic() + self.connect_timeout
         try:
             await with_retries(
-                lambda: _result(self._client.get_server_capabilities()),
+                self._capabilities,
                 what="reach the Tinker service",
                 deadline=deadline,
                 sleep=self._sleep,
@@ -404,6 +409,13 @@ class TinkerService:
                 ) from None
             raise
         self._connected = True
+
+    def _capabilities(self) -> Any:
+        import warnings
+
+        with warnings.catch_warnings():  # deprecated on ServiceClient, the same request
+            warnings.simplefilter("ignore", FutureWarning)
+            return _result(self._client.get_server_capabilities())
 
     def still_there(self, down_since: float | None) -> float | None:
         """One probe: None when the service answered, else since when it has not."""
