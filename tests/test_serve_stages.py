@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_workspace, needs_backend
+from conftest import TINY, make_tiny_workspace, needs_backend
 from test_stage_ditto import ARGS as DITTO_ARGS
 from test_stage_evaluate import _write_synth
 from test_stage_reward_model import RM_TOML, _write_outputs
@@ -22,6 +22,7 @@ from test_stage_rlaif import RULE_TOML, _write_prompts
 from test_stage_sft import ARGS as SFT_ARGS
 from test_stage_sft import write_data
 
+from engine.backends.renderers import renderer_name_for
 from engine.events import CheckpointSaved, LogLine, Metric, StageFailed, StageFinished
 from engine.runner import Runner
 from engine.serve.server import ServerThread
@@ -90,6 +91,13 @@ async def test_sft_over_the_server_gives_the_local_losses(tmp_path, server, serv
     assert saved and all(p.startswith("tinker://") for p in saved)
     run = saved[-1].removeprefix("tinker://").split("/")[0]
     assert (Path(service.checkpoint_dir) / run).is_dir()  # under the server's root
+    # the session and the training run carry the run's name and metadata; the session
+    # was finished with the run's outcome
+    (session,) = [s for s in server.state.sessions.values() if s.display_name.endswith(" remote")]
+    assert session.display_name == "persona sft remote" and session.finished == "success"
+    assert session.user_metadata["stage"] == "sft" and session.user_metadata["run"]
+    meta = server.state.training_run(run).user_metadata
+    assert meta["stage"] == "sft" and meta["renderer"] == renderer_name_for(TINY)
 
 
 async def test_reward_model_over_the_server_gives_the_local_losses(tmp_path, server):

@@ -93,8 +93,9 @@ def translate(exc: BaseException, what: str) -> BaseException:
     if kind == "auth":
         return TinkerAccountError(
             f"Tinker refused the API key while trying to {what} ({exc}). Check TINKER_API_KEY in "
-            "the workspace's .env file (a key from https://tinker-console.thinkingmachines.ai), "
-            "or run with --backend local."
+            "the workspace's .env file (a key from https://tinker-console.thinkingmachines.ai, "
+            "or the one `persona serve` printed for your own server), or run with --backend "
+            "local."
         )
     if kind == "billing":
         return TinkerAccountError(

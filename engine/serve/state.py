@@ -60,6 +60,7 @@ class Refused(Exception):
 class Session:
     session_id: str
     user_metadata: dict[str, str]
+    display_name: str = ""
     created: float = field(default_factory=time.time)
     finished: str | None = None
 
@@ -160,7 +161,8 @@ class ServedState:
     # -- sessions -----------------------------------------------------------------------
     def create_session(self, req: types.CreateSessionRequest) -> types.CreateSessionResponse:
         sid = f"session-{uuid.uuid4().hex[:16]}"
-        self.sessions[sid] = Session(sid, dict(req.user_metadata or {}))
+        meta = {str(k): str(v) for k, v in (req.user_metadata or {}).items()}
+        self.sessions[sid] = Session(sid, meta, req.display_name or "")
         return types.CreateSessionResponse(session_id=sid)
 
     def finish_session(self, session_id: str, reason: str) -> None:
