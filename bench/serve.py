@@ -12,7 +12,8 @@ in-process local backend, on the tiny model so that the overhead is what is meas
   own client, made before the clock starts), served and in process.
 
 The server runs as a separate process (``persona serve``), as it would on another machine;
-both share this machine's cores, so run it on an otherwise idle machine. The last line
+both share this machine's cores (``PERSONA_THREADS`` sets the same torch thread count on
+both sides), so run it on an otherwise idle machine. The last line
 printed is one JSON object.
 
     .venv/bin/python bench/serve.py            # about 1-2 minutes
@@ -38,6 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the same torch thread count in process and in the server's process (else each picks its
+# own from the load it sees, and the comparison measures that instead of the interface)
+os.environ.setdefault("PERSONA_THREADS", str(min(4, os.cpu_count() or 1)))
 
 MODEL = "persona/tiny-random"
 KEY = "tml-bench-" + "k" * 32
@@ -253,6 +257,7 @@ def main() -> None:
     result = {
         "model": MODEL,
         "calls_per_median": n,
+        "threads": int(os.environ["PERSONA_THREADS"]),
         "in_process_ms": ours,
         "served_ms": served,
         "overhead_ms": {k: round(served[k] - ours[k], 2) for k in ours},
