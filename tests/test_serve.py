@@ -275,3 +275,22 @@ def test_concurrent_samples_from_many_clients_all_come_back(server):
         t.join(60)
     assert len(results) == 8 and all(len(r.sequences[0].tokens) == 3 for r in results)
     sc.close("success").result()
+
+
+def test_a_finished_or_silent_session_frees_its_models_and_samplers(server):
+    import time
+
+    from engine.serve.state import SESSION_TTL_S
+
+    state = server.state
+    done, silent = sdk(server), sdk(server)
+    for client in (done, silent):
+        tc = client.create_lora_training_client(base_model=TINY, rank=4).result()
+        tc.save_weights_and_get_sampling_client().result()
+    assert len(state.models) == 2 and len(state.samplers) == 2
+    done.close("success").result()
+    (session,) = [s for s in state.sessions.values() if s.finished]
+    assert session.finished == "success" and len(state.models) == len(state.samplers) == 1
+    state.expire_sessions(now=time.monotonic() + SESSION_TTL_S + 1)  # heartbeats stopped
+    assert not state.models and not state.samplers
+    assert {s.finished for s in state.sessions.values()} == {"success", "expired"}

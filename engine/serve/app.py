@@ -139,7 +139,9 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def heartbeat(request: web.Request) -> web.Response:
     req = await parse(request, types.SessionHeartbeatRequest)
-    request.app[STATE].session(req.session_id)
+    state = request.app[STATE]
+    state.expire_sessions()
+    state.session(req.session_id)
     return web.json_response({"type": "session_heartbeat"})
 
 

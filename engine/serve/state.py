@@ -8,6 +8,7 @@ once or starts the work and returns a request id for ``retrieve_future``. Bad in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
@@ -29,6 +30,7 @@ from . import codec, paths
 from .futures import FutureTable, Outcome, RequestError, SeqGate
 
 RUN_FILE = "persona_run.json"
+SESSION_TTL_S = 300.0  # the SDK heartbeats every 10 s: a session silent this long is gone
 UNSUPPORTED_SAMPLE_FIELDS = (
     "topk_prompt_logprobs",
     "topk_sample_logprobs",
@@ -63,6 +65,7 @@ class Session:
     display_name: str = ""
     created: float = field(default_factory=time.time)
     finished: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Model:
     model_id: str  # the id the SDK uses: <session>:train:<n>
     client: Any  # LocalTrainingClient
     base_model: str
+    session_id: str
     gate: SeqGate = field(default_factory=SeqGate)
     seen: dict[int, str] = field(default_factory=dict)  # seq_id -> request id
 
@@ -84,6 +88,7 @@ class Sampler:
     client: Any  # LocalSamplingClient
     base_model: str
     model_path: str | None
+    session_id: str
 
 
 def json_outcome(model: Any) -> Outcome:
@@ -123,6 +128,7 @@ class ServedState:
             raise Refused(404, f"unknown session {session_id!r} (the server may have restarted)")
         if s.finished:
             raise Refused(410, f"session {session_id} has finished ({s.finished})")
+        s.last_seen = time.monotonic()
         return s
 
     def model(self, model_id: str | None) -> Model:
@@ -160,6 +166,7 @@ class ServedState:
 
     # -- sessions -----------------------------------------------------------------------
     def create_session(self, req: types.CreateSessionRequest) -> types.CreateSessionResponse:
+        self.expire_sessions()
         sid = f"session-{uuid.uuid4().hex[:16]}"
         meta = {str(k): str(v) for k, v in (req.user_metadata or {}).items()}
         self.sessions[sid] = Session(sid, meta, req.display_name or "")
@@ -170,6 +177,29 @@ class ServedState:
         if s is None:
             raise Refused(404, f"unknown session {session_id!r}")
         s.finished = s.finished or reason or "finished"
+        self._release(session_id)
+
+    def expire_sessions(self, now: float | None = None) -> None:
+        """Finish the sessions whose client stopped heartbeating (killed, disconnected)."""
+        now = time.monotonic() if now is None else now
+        for s in list(self.sessions.values()):
+            if not s.finished and now - s.last_seen > SESSION_TTL_S:
+                s.finished = "expired"
+                self._release(s.session_id)
+
+    def _release(self, session_id: str) -> None:
+        """Free a finished session's adapters (its checkpoints stay on disk)."""
+        for sid, sampler in list(self.samplers.items()):
+            if sampler.session_id == session_id:
+                del self.samplers[sid]  # its adapter goes with the last reference
+        for mid, m in list(self.models.items()):
+            if m.session_id == session_id:
+                del self.models[mid]
+                client = m.client
+                with contextlib.suppress(Exception):  # a closed service has nothing to free
+                    self.service.run_on_compute_thread(
+                        lambda c=client: c._rt.host.remove(c.model_id)
+                    )
 
     # -- work ---------------------------------------------------------------------------
     def _start(self, work: Callable[[], Any], model_id: str | None = None, **kw: Any) -> str:
@@ -211,8 +241,10 @@ class ServedState:
             asyncio.ensure_future(m.gate.passed(seq_id))
         raise Refused(status, message)
 
-    def _register(self, model_id: str, client: Any, user_metadata: dict[str, str] | None) -> None:
-        m = Model(model_id, client, client.base_model)
+    def _register(
+        self, model_id: str, session_id: str, client: Any, user_metadata: dict[str, Any] | None
+    ) -> None:
+        m = Model(model_id, client, client.base_model, session_id)
         self.models[model_id] = m
         run = paths.run_folder(self.root, m.run_id)
         run.mkdir(parents=True, exist_ok=True)
@@ -245,7 +277,7 @@ class ServedState:
                     train_unembed=lora.train_unembed,
                 )
             )
-            self._register(model_id, client, req.user_metadata)
+            self._register(model_id, req.session_id, client, req.user_metadata)
             return json_outcome(types.CreateModelResponse(model_id=model_id))
 
         rid = self._creations[model_id] = self._start(work, model_id)
@@ -317,7 +349,7 @@ class ServedState:
 
         def snapshot(client: Any) -> Outcome:
             sid = f"sampler-{uuid.uuid4().hex[:16]}"
-            self.samplers[sid] = Sampler(sid, client, m.base_model, None)
+            self.samplers[sid] = Sampler(sid, client, m.base_model, None, m.session_id)
             return json_outcome(
                 types.SaveWeightsForSamplerResponseInternal(sampling_session_id=sid)
             )
@@ -350,7 +382,7 @@ class ServedState:
 
         async def work() -> Outcome:
             client = await _backend(make(local))
-            self._register(model_id, client, req.user_metadata)
+            self._register(model_id, str(req.session_id), client, req.user_metadata)
             return json_outcome(types.LoadWeightsResponse(path=req.path, model_id=model_id))
 
         rid = self._creations[model_id] = self._start(work, model_id)
@@ -374,7 +406,7 @@ class ServedState:
             err = _as_request_error(e)
             raise Refused(400 if err.category == "user" else 500, str(err), err.category) from e
         sid = f"sampler-{uuid.uuid4().hex[:16]}"
-        self.samplers[sid] = Sampler(sid, client, client.base_model, req.model_path)
+        self.samplers[sid] = Sampler(sid, client, client.base_model, req.model_path, req.session_id)
         return sid
 
     def get_sampler(self, sampler_id: str) -> types.GetSamplerResponse:
