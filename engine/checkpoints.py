@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,20 @@ def record_checkpoint(results_dir: str | Path, stage: str, **fields: Any) -> dic
         reg = read_registry(results_dir, strict=True)
         entry = dict(reg.get(stage, {}))
         entry.update({k: v for k, v in fields.items() if v is not None})
+        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        reg[stage] = entry
+        atomic_write_toml(registry_path(results_dir), reg)
+    return entry
+
+
+def update_entry(
+    results_dir: str | Path, stage: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+) -> dict[str, Any]:
+    """Replace the stage's entry with ``change(old entry)``, atomically and under the lock
+    (a training run's lifecycle decides which old fields survive, see engine.train_run)."""
+    with file_lock(registry_path(results_dir)):
+        reg = read_registry(results_dir, strict=True)
+        entry = dict(change(reg.get(stage)))
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         reg[stage] = entry
         atomic_write_toml(registry_path(results_dir), reg)
