@@ -239,7 +239,11 @@ class Watched:
         svc = self._service
         down_since: float | None = None
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=svc.probe_interval)
+            try:
+                done, _ = await asyncio.wait({pending}, timeout=svc.probe_interval)
+            except asyncio.CancelledError:
+                cf.cancel()  # the stage was cancelled: so is its request
+                raise
             if done:
                 return pending.result()
             down_since = await in_daemon_thread(functools.partial(svc.still_there, down_since))
