@@ -294,3 +294,24 @@ def test_a_finished_or_silent_session_frees_its_models_and_samplers(server):
     state.expire_sessions(now=time.monotonic() + SESSION_TTL_S + 1)  # heartbeats stopped
     assert not state.models and not state.samplers
     assert {s.finished for s in state.sessions.values()} == {"success", "expired"}
+
+
+def test_persona_serve_prints_the_key_once_and_warns_off_loopback(tmp_path, monkeypatch):
+    from aiohttp import web
+
+    from engine.serve import server as server_module
+
+    monkeypatch.setenv("PERSONA_CACHE_DIR", str(tmp_path))
+    bound: list[tuple[str, int]] = []
+    monkeypatch.setattr(web, "run_app", lambda app, host, port, **kw: bound.append((host, port)))
+    first: list[str] = []
+    server_module.serve("127.0.0.1", 8765, None, tmp_path / "root", say=first.append)
+    key = (tmp_path / "serve_api_key").read_text().strip()
+    assert f"  export TINKER_API_KEY={key}" in first
+    assert "  export TINKER_BASE_URL=http://127.0.0.1:8765" in first
+    assert not any("Warning" in line for line in first)
+    again: list[str] = []
+    server_module.serve("0.0.0.0", 8765, None, tmp_path / "root", say=again.append)
+    assert not any(key in line for line in again)  # printed once, when it was made
+    assert any("plain HTTP" in line and "ssh -N -L 8765" in line for line in again)
+    assert bound == [("127.0.0.1", 8765), ("0.0.0.0", 8765)]

@@ -57,8 +57,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
     import sys
 
+    # the SDK logs a warning at every "try again" answer to a poll (a server holding a long
+    # request says it every 25 s): not news for a person watching a run
+    logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)
     tf_logging = sys.modules.get("transformers.utils.logging")
     if tf_logging is not None:
         with contextlib.suppress(Exception):
