@@ -35,8 +35,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.config import ConfigError
-from engine.events import (
+from engine.pipeline.runner import Runner, stage_status, workspace_disk_use
+from engine.run.events import (
     CheckpointSaved,
     Event,
     LogLine,
@@ -46,11 +46,11 @@ from engine.events import (
     StageFinished,
     StageStarted,
 )
-from engine.events import (
+from engine.run.events import (
     Progress as ProgressEvent,
 )
-from engine.runner import Runner, stage_status, workspace_disk_use
-from engine.workspace import Workspace, find_workspace, init_workspace
+from engine.store.config import ConfigError
+from engine.store.workspace import Workspace, find_workspace, init_workspace
 
 KEY_METRICS = ("train/loss", "val/loss", "synth_inputs/yield", "rl/reward", "dev/win_rate")
 
@@ -220,7 +220,7 @@ def _workspace_missing(ws: Workspace, given: str | None) -> str:
 
 def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     from engine.backends import describe_compute
-    from engine.checkpoint_retention import human_bytes
+    from engine.store.checkpoint_retention import human_bytes
 
     rows = stage_status(ws)
     try:

@@ -33,7 +33,7 @@ from engine.backends.tinker_service import (
     TinkerService,
     TinkerUnreachable,
 )
-from engine.settings import TINKER_MODELS
+from engine.store.settings import TINKER_MODELS
 
 REQ = httpx.Request("POST", "https://tinker.invalid/api")
 
@@ -297,9 +297,9 @@ async def test_periodic_checkpoints_expire_and_the_final_one_stays():
 
 
 async def test_the_session_is_closed_with_the_runs_outcome(ws):
-    from engine.context import StageError
-    from engine.events import StageFinished
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
+    from engine.run.context import StageError
+    from engine.run.events import StageFinished
 
     fakes: list[TinkerService] = []
 

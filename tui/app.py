@@ -21,9 +21,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from engine.events import StageFailed
-from engine.runner import Runner
-from engine.workspace import Workspace, find_workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFailed
+from engine.store.workspace import Workspace, find_workspace
 from tui.common import (
     CancelRequested,
     ConfirmScreen,

@@ -13,7 +13,7 @@ from typing import Any
 
 import tomli_w
 
-from engine.atomic import atomic_write_text
+from engine.store.atomic import atomic_write_text
 
 DEFAULT_SEEDS = [
     "research project communication",

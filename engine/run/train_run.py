@@ -28,10 +28,10 @@ from typing import Any, Literal
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, update_entry
-from engine.context import StageCancelled, StageContext
-from engine.events import CheckpointSaved, Event, LogLine, Progress
-from engine.sampling import resolve
+from engine.run.context import StageCancelled, StageContext
+from engine.run.events import CheckpointSaved, Event, LogLine, Progress
+from engine.run.futures import resolve
+from engine.store.checkpoints import latest_checkpoint, update_entry
 
 # Settings that cannot change the trained weights: a rerun with other values reuses or resumes.
 NOT_FINGERPRINTED = (

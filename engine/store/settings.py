@@ -1,7 +1,7 @@
 """The typed shape of persona.toml: one frozen dataclass per section.
 
 Every key has one type, one default and one comment (the ``doc`` in its metadata), plus
-the range or the choices it accepts. ``engine.config`` builds a ``PersonaConfig`` from
+the range or the choices it accepts. ``engine.store.config`` builds a ``PersonaConfig`` from
 these once, when the config is loaded, and writes the ``persona init`` template from
 them, so the file, the defaults and the README cannot drift apart.
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.config import PersonaConfig, snapshot
-from engine.events import Event, Metric, StageFailed, StageFinished
+from engine.run.events import Event, Metric, StageFailed, StageFinished
+from engine.store.config import PersonaConfig, snapshot
 
 
 class WandbListener:

@@ -1,6 +1,6 @@
 """Win rates with 95% intervals, win-rate matrices, and the person's blind A/B picks.
 
-Every preference here follows :mod:`engine.judge`'s sign convention: 1 means the first
+Every preference here follows :mod:`engine.llm.judge`'s sign convention: 1 means the first
 method (A) won, -1 the second (B), 0 a tie. Ties count as half a win.
 """
 

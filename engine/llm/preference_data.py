@@ -4,7 +4,7 @@ The file is the dataset's own format, parquet or JSON Lines, with its own column
 ``orig_instruction``, ``orig_response_A``, ``orig_response_B``, ``orig_criteria``,
 ``orig_reference_answer``, ``orig_preference`` ("A"/"B"), ``orig_feedback`` (``instruction``
 and ``output`` are the rendered prompt and target; Persona re-renders from the ``orig_*``
-columns through engine.judge so every judge prompt has one format). Read with pyarrow, only
+columns through engine.llm.judge so every judge prompt has one format). Read with pyarrow, only
 the columns needed, so the 700 MB parquet file loads in seconds.
 
 The first ``heldout`` rows are kept aside for the verdict-accuracy metric (as the course
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import PersonaError
-from engine.judge import PREFER_A, PREFER_B, Comparison
+from engine.llm.judge import PREFER_A, PREFER_B, Comparison
 
 COLUMNS = (
     "orig_instruction",
@@ -40,7 +40,7 @@ class PreferenceDataError(PersonaError):
 
 @dataclass(frozen=True)
 class JudgeExample:
-    """One comparison with its known preference (engine.judge's sign) and optional feedback."""
+    """One comparison with its known preference (engine.llm.judge's sign) and optional feedback."""
 
     comparison: Comparison
     preference: int

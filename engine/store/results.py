@@ -8,7 +8,7 @@ not UTF-8, torn by a crash mid-append, or of the wrong shape is skipped and repo
 ``BadLine`` naming the file and line. Strict callers (a stage about to train on the rows)
 turn the first problem into a ``ResultsError``.
 
-Writers are atomic (engine.atomic). The synthetic file has two writers, the review screen and
+Writers are atomic (engine.store.atomic). The synthetic file has two writers, the review screen and
 the synth-outputs stage; both go through ``save_review`` / ``write_synthetic_rows`` below,
 which hold a lock and merge with what is on disk, so neither can lose the other's work.
 
@@ -25,16 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from engine.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, check_writable
-from engine.atomic import file_lock as _file_lock
-from engine.checkpoints import (  # the checkpoint registry, re-exported: results/checkpoints.toml
+from engine.errors import PersonaError
+from engine.store.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    check_writable,
+)
+from engine.store.atomic import file_lock as _file_lock
+from engine.store.checkpoints import (  # the checkpoint registry, re-exported: results/checkpoints.toml
     REGISTRY,
     latest_checkpoint,
     read_registry,
     record_checkpoint,
     registry_path,
 )
-from engine.errors import PersonaError
 
 __all__ = [
     "CHECKPOINTS_FILE",
@@ -275,7 +280,7 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        from engine.atomic import WriteError
+        from engine.store.atomic import WriteError
 
         raise WriteError(path, e) from e
     return path
@@ -704,8 +709,8 @@ def read_rm_validation(path: str | Path) -> tuple[list[dict[str, Any]], dict[str
 # == Evaluation (stage 11): evaluation.json, evaluation_samples.jsonl, evaluation_judgements.jsonl
 #
 # evaluation.json: every number of the evaluate stage, each with its n and 95% interval
-# (see engine/evaluation.py for the shapes; the report and the Compare tab read it through
-# engine.report.load_report). A copy is kept in the run folder (the rubric history).
+# (see engine/eval/evaluation.py for the shapes; the report and the Compare tab read it through
+# engine.eval.report.load_report). A copy is kept in the run folder (the rubric history).
 # evaluation_samples.jsonl: one row per text behind a number: {"kind": "sample", "id":
 # "<method>/r<request>/s<sample>", "method", "request", "demo_index", "input",
 # "person_output", "output", "tokens", "length_words", "style_distance", "similarity",

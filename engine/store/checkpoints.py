@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_toml, file_lock
 from engine.errors import PersonaError
+from engine.store.atomic import atomic_write_toml, file_lock
 
 REGISTRY = "checkpoints.toml"
 
@@ -99,7 +99,7 @@ def update_entry(
     results_dir: str | Path, stage: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
 ) -> dict[str, Any]:
     """Replace the stage's entry with ``change(old entry)``, atomically and under the lock
-    (a training run's lifecycle decides which old fields survive, see engine.train_run)."""
+    (a training run's lifecycle decides which old fields survive, see engine.run.train_run)."""
     with file_lock(registry_path(results_dir)):
         reg = read_registry(results_dir, strict=True)
         entry = dict(change(reg.get(stage)))

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json, atomic_write_text
-from engine.config import PERSONA_TOML_TEMPLATE, PersonaConfig, load_config, load_secrets
 from engine.errors import PersonaError
-from engine.results import RESULT_FILES  # noqa: F401 - re-exported: engine.results owns the names
-from engine.templates import PROMPTS_TOML_TEMPLATE, prompts_problems, write_prompts
+from engine.store.atomic import atomic_write_json, atomic_write_text
+from engine.store.config import PERSONA_TOML_TEMPLATE, PersonaConfig, load_config, load_secrets
+from engine.store.results import RESULT_FILES  # noqa: F401 - re-exported: engine.store.results owns the names
+from engine.store.templates import PROMPTS_TOML_TEMPLATE, prompts_problems, write_prompts
 
 MIN_DEMOS = 3
 # A demonstration longer than this many tokens fits no model Persona runs. Without a tokenizer
@@ -25,7 +25,7 @@ MIN_DEMOS = 3
 # so only a demonstration that is too long for certain is flagged).
 MAX_DEMO_TOKENS = 32_768
 CHARS_PER_TOKEN_MAX = 8
-EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "data.example.json"
+EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "data.example.json"
 
 
 class WorkspaceError(PersonaError):

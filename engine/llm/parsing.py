@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.fixups import strip_chat_tokens
+from engine.llm.fixups import strip_chat_tokens
 
 MIN_WORDS = 5
 MIN_CHARS = 20

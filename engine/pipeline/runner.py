@@ -26,13 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json, atomic_write_toml, pid_alive
-from engine.checkpoint_retention import disk_usage, prune_checkpoints
-from engine.checkpoints import read_registry
-from engine.config import ConfigError, redact, snapshot
-from engine.context import StageCancelled, StageContext, default_service_factory
 from engine.errors import PersonaError
-from engine.events import (
+from engine.run.context import StageCancelled, StageContext, default_service_factory
+from engine.run.events import (
     CheckpointSaved,
     Event,
     LogLine,
@@ -43,8 +39,12 @@ from engine.events import (
     event_from_dict,
     event_to_dict,
 )
-from engine.settings import PersonaConfig
-from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
+from engine.store.atomic import atomic_write_json, atomic_write_toml, pid_alive
+from engine.store.checkpoint_retention import disk_usage, prune_checkpoints
+from engine.store.checkpoints import read_registry
+from engine.store.config import ConfigError, redact, snapshot
+from engine.store.settings import PersonaConfig
+from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
 
 Listener = Callable[[Event], Any]
 RUNNING_MARKER = "running.json"
@@ -396,7 +396,7 @@ class Runner:
         listeners = list(self.listeners)
         wandb_listener = None
         if cfg.wandb.project.strip():
-            from engine.wandb_logger import WandbListener
+            from engine.pipeline.wandb_logger import WandbListener
 
             wandb_listener = WandbListener(cfg, name, run_dir, plan.secrets)
             listeners.append(wandb_listener)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import evaluation as ev
-from engine.atomic import atomic_write_text
-from engine.workspace import RESULT_FILES, Workspace
+from engine.eval import evaluation as ev
+from engine.store.atomic import atomic_write_text
+from engine.store.workspace import RESULT_FILES, Workspace
 
 REPORT_FILE = RESULT_FILES["evaluate"]
 PLOTS_DIR = "plots"
@@ -30,7 +30,7 @@ PLOTS_DIR = "plots"
 @dataclass
 class ReportData:
     """What the Report view shows. ``rows``: one per method (see
-    :func:`engine.evaluation.summary_rows`: ``method``, ``label``, ``cells`` keyed by
+    :func:`engine.eval.evaluation.summary_rows`: ``method``, ``label``, ``cells`` keyed by
     ``columns`` key with value/low/high/n, ``best``); ``columns``: (key, header, better);
     ``matrix``: ``{"methods": [...], "cells": {a: {b: {rate, low, high, n, wins, ...}}}}``;
     ``requests``: ``[{"input", "person", "answers": {method: [text, ...]}}]``."""

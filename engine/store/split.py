@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_text
 from engine.errors import PersonaError
+from engine.store.atomic import atomic_write_text
 
 HOLDOUT_FILE = "holdout.json"
 MIN_TRAIN = 3  # demonstrations that must stay for training

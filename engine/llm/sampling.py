@@ -6,26 +6,21 @@ Shared by every stage that samples (baseline, prompting, synthesis, SFT outputs)
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import tinker
 
-from engine.context import StageContext
-from engine.fixups import strip_chat_tokens, trim_repetition
-from engine.settings import SamplingConfig
+from engine.llm.fixups import strip_chat_tokens, trim_repetition
+from engine.run.context import StageContext
+from engine.run.futures import as_completed_tasks, resolve
+
+__all__ = ["Sampler", "as_completed_tasks", "open_sampler", "resolve"]
+from engine.store.settings import SamplingConfig
 
 T = TypeVar("T")
-
-
-async def resolve(x: Any) -> Any:
-    """Await a future/awaitable if it is one (tinker clients return awaitable futures)."""
-    while inspect.isawaitable(x):
-        x = await x
-    return x
 
 
 def message_text(message: Any) -> str:
@@ -109,19 +104,6 @@ def sampling_kwargs(section: SamplingConfig) -> dict[str, Any]:
         "top_p": section.top_p,
         "trim_repeats": section.trim_repeats,
     }
-
-
-async def as_completed_tasks(coros: Iterable[Awaitable[T]]) -> AsyncIterator[T]:
-    """Run ``coros`` as tasks and yield each result as it finishes. Whatever is left is
-    cancelled and awaited when the caller stops: use it under ``contextlib.aclosing``."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        for fut in asyncio.as_completed(tasks):
-            yield await fut
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def generate_many(

@@ -11,7 +11,7 @@ Conventions
 - Means come with a 95% Student-t interval over their units (held-out requests for NLL,
   samples for style and similarity); proportions (win rates, agreement) with a Wilson
   interval. ``n`` is always the count behind the number.
-- Preferences follow :mod:`engine.judge`: 1 = the first method won, -1 = the second, 0 tie.
+- Preferences follow :mod:`engine.llm.judge`: 1 = the first method won, -1 = the second, 0 tie.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine import results
-from engine.metrics.likelihood import Nll
-from engine.metrics.stats import (
+from engine.eval.metrics.likelihood import Nll
+from engine.eval.metrics.stats import (
     WinRate,
     aggregate_human_picks,
     human_pick_records,
@@ -31,6 +30,7 @@ from engine.metrics.stats import (
     wilson_interval,
     win_rate_matrix,
 )
+from engine.store import results
 
 # --------------------------------------------------------------------------- files
 

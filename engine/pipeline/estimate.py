@@ -34,8 +34,8 @@ from engine.errors import PersonaError
 
 if TYPE_CHECKING:
     from engine.backends.local.speed_profile import SpeedProfile
-    from engine.settings import PersonaConfig
-    from engine.workspace import Workspace
+    from engine.store.settings import PersonaConfig
+    from engine.store.workspace import Workspace
 
 CHARS_PER_TOKEN = 4.0  # when the model's tokenizer is not on disk
 EMBEDDING_S = 10.0  # evaluate: loading MiniLM and embedding the samples (not profiled)
@@ -277,7 +277,7 @@ class _Cost:
         if comparisons <= 0:
             return 0.0
         if mode == "feedback":
-            from engine.judge import DEFAULT_MAX_TOKENS
+            from engine.llm.judge import DEFAULT_MAX_TOKENS
 
             n = DEFAULT_MAX_TOKENS["feedback"]
             self.note(f"feedback-mode judge: 2 × ≤{n} tokens written per comparison")
@@ -348,7 +348,7 @@ def _prompting(cost: _Cost, ws: Workspace) -> None:
 
 
 def _split(cost: _Cost, ws: Workspace) -> Any:
-    from engine.split import workspace_split
+    from engine.store.split import workspace_split
 
     return workspace_split(ws, cost.config.data, record=False)
 
@@ -360,7 +360,7 @@ def _seeds(cost: _Cost, prompts: Mapping[str, Any]) -> list[str]:
 
 
 def _synth_inputs(cost: _Cost, ws: Workspace) -> None:
-    from engine.templates import fill
+    from engine.store.templates import fill
 
     cfg = cost.config.synth_inputs
     prompts = ws.load_prompts()
@@ -395,7 +395,7 @@ def _synth_inputs(cost: _Cost, ws: Workspace) -> None:
 def _synthetic_requests(cost: _Cost, ws: Workspace) -> list[dict[str, Any]]:
     """The synthetic requests synth-outputs will answer (rows with "input"): read, or, before
     synth-inputs has run, estimated from the config."""
-    from engine import results
+    from engine.store import results
 
     path = ws.result(results.RESULT_FILES["synth-inputs"])
     if path.exists():
@@ -415,8 +415,8 @@ def _synthetic_requests(cost: _Cost, ws: Workspace) -> list[dict[str, Any]]:
 
 
 def _synth_outputs(cost: _Cost, ws: Workspace) -> None:
-    from engine import results
-    from engine.templates import fill
+    from engine.store import results
+    from engine.store.templates import fill
 
     cfg = cost.config.synth_outputs
     rows = _synthetic_requests(cost, ws)
@@ -459,8 +459,8 @@ def _synth_outputs(cost: _Cost, ws: Workspace) -> None:
 
 
 def _sft(cost: _Cost, ws: Workspace) -> None:
-    from engine import results
     from engine.stages.sft import plan_training, training_conversations
+    from engine.store import results
 
     cfg = cost.config.sft
     path = ws.result(results.RESULT_FILES["synth-outputs"])
@@ -510,20 +510,20 @@ def _sft(cost: _Cost, ws: Workspace) -> None:
 
 
 def _judge_prompt_tokens(cost: _Cost, comparison: Any) -> int:
-    from engine.judge import judge_messages
+    from engine.llm.judge import judge_messages
 
     return cost.counter("judge").prompt(judge_messages(comparison, cost.judge_mode()))
 
 
 def _method_rows(ws: Workspace, stage: str) -> list[dict[str, Any]]:
-    from engine import results
+    from engine.store import results
 
     return list(results.read_method_outputs(ws.result(results.RESULT_FILES[stage])).rows)
 
 
 def _validation(cost: _Cost, ws: Workspace) -> bool:
     """reward-model's check on baseline vs SFT outputs (False: the files are not there)."""
-    from engine.judge import Comparison
+    from engine.llm.judge import Comparison
 
     base = {" ".join(r["input"].split()): r for r in _method_rows(ws, "baseline")}
     sft = {" ".join(r["input"].split()): r for r in _method_rows(ws, "sft")}
@@ -544,7 +544,7 @@ def _validation(cost: _Cost, ws: Workspace) -> bool:
 
 
 def _reward_model(cost: _Cost, ws: Workspace) -> None:
-    from engine.judge import training_messages
+    from engine.llm.judge import training_messages
     from engine.stages.reward_model import OWN_SOURCES, _canonical, _split_own, build_own_pairs
 
     cfg = cost.config.reward_model
@@ -604,7 +604,7 @@ def _reward_model(cost: _Cost, ws: Workspace) -> None:
 
 def _rl_prompts(cost: _Cost, ws: Workspace) -> None:
     from engine.stages.rl_prompts import DEFAULT_CALLS
-    from engine.templates import fill
+    from engine.store.templates import fill
 
     cfg = cost.config.rl_prompts
     calls = cfg.teacher_calls if cfg.teacher_calls > 0 else DEFAULT_CALLS["local"]
@@ -627,7 +627,7 @@ def _rl_prompts(cost: _Cost, ws: Workspace) -> None:
 
 
 def _rl_rows(ws: Workspace, name: str) -> list[dict[str, Any]] | None:
-    from engine import results
+    from engine.store import results
 
     path = ws.result(name)
     if not path.exists():
@@ -636,16 +636,16 @@ def _rl_rows(ws: Workspace, name: str) -> list[dict[str, Any]] | None:
 
 
 def _registry_entry(ws: Workspace, stage: str) -> dict[str, Any] | None:
-    from engine.checkpoints import read_registry
+    from engine.store.checkpoints import read_registry
 
     entry = read_registry(ws.results_dir).get(stage)
     return entry if isinstance(entry, dict) else None
 
 
 def _rlaif(cost: _Cost, ws: Workspace) -> None:
-    from engine.judge import Comparison, matchups
-    from engine.results import RL_DEV_FILE, RL_TRAIN_FILE
+    from engine.llm.judge import Comparison, matchups
     from engine.stages.rlaif import CHUNK
+    from engine.store.results import RL_DEV_FILE, RL_TRAIN_FILE
 
     cfg = cost.config.rlaif
     prompts = ws.load_prompts()
@@ -774,9 +774,9 @@ def _conv(request: str, answer: str) -> Messages:
 
 
 def _evaluate(cost: _Cost, ws: Workspace) -> None:
-    from engine.checkpoints import read_registry
-    from engine.judge import Comparison
-    from engine.results import RL_DEV_FILE
+    from engine.llm.judge import Comparison
+    from engine.store.checkpoints import read_registry
+    from engine.store.results import RL_DEV_FILE
 
     cfg = cost.config.evaluate
     split = _split(cost, ws)
@@ -950,7 +950,7 @@ def estimate_stage(
 
 def local_models(config: PersonaConfig) -> list[str]:
     """The distinct models of the policy, teacher and judge roles, in that order."""
-    from engine.config import ROLES
+    from engine.store.config import ROLES
 
     return list(dict.fromkeys(config.model(r) for r in ROLES))
 

@@ -580,7 +580,7 @@ class _JudgeBase:
 class Judge(_JudgeBase):
     """A judge model behind Tinker's sampling interface.
 
-    ``sampler`` is an :class:`engine.sampling.Sampler`-like object (``.client``,
+    ``sampler`` is an :class:`engine.llm.sampling.Sampler`-like object (``.client``,
     ``.renderer``, ``.tokenizer``, ``.decode(tokens)``). :meth:`judge` sends every request
     of a batch (both orders of each comparison) before awaiting any, at most
     ``concurrency`` in flight, so a batch pays about one round trip. ``stats`` accumulates

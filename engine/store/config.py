@@ -1,7 +1,7 @@
 """persona.toml: loading and checking it into a typed ``PersonaConfig``, ``--set`` overrides,
 the ``persona init`` template, and the secret-free snapshot a run records.
 
-The shape (sections, keys, types, defaults, ranges) lives in ``engine.settings``; this module
+The shape (sections, keys, types, defaults, ranges) lives in ``engine.store.settings``; this module
 only reads, checks and writes it. Order: defaults <- backend defaults <- persona.toml <-
 ``--set`` <- ``--backend``. Every problem is a ``ConfigError`` that names the file or the
 ``--set`` argument, the key, what was given and what is accepted.
@@ -25,7 +25,7 @@ import tomli_w
 from dotenv import dotenv_values
 
 from engine.errors import PersonaError
-from engine.settings import (
+from engine.store.settings import (
     BACKEND_DEFAULTS,
     DEFAULT_LOCAL_MODEL,
     PersonaConfig,

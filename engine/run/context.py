@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import PersonaError
-from engine.settings import PersonaConfig
-from engine.split import Split, workspace_split
-from engine.workspace import Workspace
+from engine.store.settings import PersonaConfig
+from engine.store.split import Split, workspace_split
+from engine.store.workspace import Workspace
 
 
 class StageCancelled(Exception):

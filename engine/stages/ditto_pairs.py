@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json
+from engine.store.atomic import atomic_write_json
 
 KINDS = ("online", "replay", "intermodel")
 DEMO_ROUND = -1  # the "round" of a demonstration in a pair

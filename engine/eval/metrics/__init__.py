@@ -2,8 +2,8 @@
 win rates with intervals. Each module is pure apart from the model calls it names;
 import the submodule you need (``embedding`` loads torch and transformers lazily)."""
 
-from engine.metrics.likelihood import Nll, mean_nll, sequence_nll, target_nll, target_nlls
-from engine.metrics.stats import (
+from engine.eval.metrics.likelihood import Nll, mean_nll, sequence_nll, target_nll, target_nlls
+from engine.eval.metrics.stats import (
     WinRate,
     aggregate_human_picks,
     agreement,
@@ -13,7 +13,7 @@ from engine.metrics.stats import (
     win_rate,
     win_rate_matrix,
 )
-from engine.metrics.stylometry import (
+from engine.eval.metrics.stylometry import (
     FEATURES,
     profile_of,
     spread_of,

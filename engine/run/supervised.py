@@ -10,7 +10,7 @@ from typing import Any
 import tinker
 from tinker_cookbook.supervised.common import compute_mean_nll
 
-from engine.sampling import resolve
+from engine.run.futures import resolve
 
 
 def mean_nll(result: Any, batch: Sequence[tinker.Datum]) -> float:
