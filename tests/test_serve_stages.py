@@ -23,11 +23,11 @@ from test_stage_sft import ARGS as SFT_ARGS
 from test_stage_sft import write_data
 
 from engine.backends.renderers import renderer_name_for
-from engine.events import CheckpointSaved, LogLine, Metric, StageFailed, StageFinished
-from engine.runner import Runner
+from engine.pipeline.runner import Runner
+from engine.run.events import CheckpointSaved, LogLine, Metric, StageFailed, StageFinished
 from engine.serve.server import ServerThread
 from engine.serve.state import ServedState
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 KEY = "tml-" + "s" * 40
