@@ -4,6 +4,7 @@
     persona init [DIR]            create a workspace with the example data
     persona run STAGE [--backend local|tinker] [--set section.key=value ...]
     persona status [--json]       each stage's state, outputs and checkpoint
+    persona serve [--host H] [--port N] [--key-file F]   the local service with Tinker's API
     persona crossval [--folds K]  every demonstration held out once (engine.crossval)
 
 Exit codes: 0 done, 1 failed (the message says what to do), 2 bad usage, 130 cancelled.
@@ -291,6 +292,9 @@ def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser
     pr.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     ps = sub.add_parser("status", help="show each stage's state, outputs and checkpoint")
     ps.add_argument("--json", action="store_true")
+    from engine.serve import command as serve_command
+
+    serve_command.add_parser(sub)
     for command in (extra or {}).values():
         command.add_parser(sub)
     return p
@@ -358,6 +362,10 @@ def main(
         )
     if args.command == "status":
         return cmd_status(ws, args.json, console)
+    if args.command == "serve":
+        from engine.serve import command as serve_command
+
+        return serve_command.run(args, ws)
     if extra and args.command in extra:
         return int(extra[args.command].run(args, ws) or 0)
     if no_command is not None:
