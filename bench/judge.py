@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.evaluate import machine  # noqa: E402
-from engine.events import LogLine, StageFailed, StageFinished  # noqa: E402
-from engine.results import read_rm_validation  # noqa: E402
-from engine.runner import Runner  # noqa: E402
-from engine.workspace import init_workspace  # noqa: E402
+from engine.pipeline.runner import Runner  # noqa: E402
+from engine.run.events import LogLine, StageFailed, StageFinished  # noqa: E402
+from engine.store.results import read_rm_validation  # noqa: E402
+from engine.store.workspace import init_workspace  # noqa: E402
 
 KEYS = ("vs_base", "vs_few_shot", "seen_in_training")
 

@@ -1,4 +1,4 @@
-"""engine/judge.py: rendering, verdict parsing, sign convention, position swap, tournaments."""
+"""engine/llm/judge.py: rendering, verdict parsing, sign convention, position swap, tournaments."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import tinker
 
-from engine import judge as J
-from engine.judge import (
+from engine.llm import judge as J
+from engine.llm.judge import (
     PREFER_A,
     PREFER_B,
     TIE,
@@ -349,7 +349,7 @@ async def test_judge_issues_every_request_before_awaiting_any():
 def tiny_sampler(tmp_path_factory):
     from engine.backends.local import TINY_MODEL, LocalServiceClient
     from engine.backends.renderers import get_renderer_for
-    from engine.sampling import Sampler
+    from engine.llm.sampling import Sampler
 
     svc = LocalServiceClient(tmp_path_factory.mktemp("judge-ckpt"), device="cpu", dtype="float32")
     client = svc.create_sampling_client(base_model=TINY_MODEL).result()
@@ -389,7 +389,7 @@ async def test_judge_end_to_end_on_the_tiny_model(tiny_sampler):
 async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
     """Verdict mode on a client that can score: every answer parses, and the verdict is the
     one of "[RESULT] A" / "[RESULT] B" with the higher log-probability, computed here by hand."""
-    from engine.judge import build_judge_prompt, verdict_text
+    from engine.llm.judge import build_judge_prompt, verdict_text
 
     judge = Judge(tiny_sampler, mode="verdict")
     assert judge.verdict_by == "logprobs"
@@ -418,7 +418,7 @@ async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
 
 async def test_a_judge_whose_every_request_fails_raises():
     """A dead service must not look like a run of ties."""
-    from engine.judge import JudgeUnavailable
+    from engine.llm.judge import JudgeUnavailable
 
     sampler = ScriptedSampler(lambda i: RuntimeError("connection refused"))
     judge = Judge(sampler, mode="verdict")
@@ -493,21 +493,23 @@ def test_margin_rewards_by_hand():
 
 
 async def test_person_accuracy_and_plain_warnings():
+    from engine.eval import judge_trust as T
+
     """Known answers: the person's text (short) should beat a model's (long). A judge
     preferring shorter gets them all right; one with no signal is at chance, and the
     warnings say in words that it cannot tell the person's writing from the model's."""
     mine, theirs = "Hi Jo, thanks!", "Dear Jo, I am writing to express my sincere gratitude."
     cases = {"vs_base": [(CONVO, mine, theirs)] * 6, "vs_few_shot": [], "seen_in_training": []}
-    good, stats = await J.person_accuracy(RuleJudge(slot_bias=2.0), cases, RUBRIC)
+    good, stats = await T.person_accuracy(RuleJudge(slot_bias=2.0), cases, RUBRIC)
     assert set(good) == {"vs_base"} and good["vs_base"]["value"] == 1.0
     assert good["vs_base"]["n"] == 6 and good["vs_base"]["ci"][0] > 0.5
     assert stats["decided_share"] == 1.0 and stats["mean_position_bias"] == 2.0
-    assert J.judge_warnings(stats, good) == []
-    blind, stats = await J.person_accuracy(RuleJudge(slot_bias=2.0, strength=0.0), cases, RUBRIC)
+    assert T.judge_warnings(stats, good) == []
+    blind, stats = await T.person_accuracy(RuleJudge(slot_bias=2.0, strength=0.0), cases, RUBRIC)
     assert blind["vs_base"]["value"] == 0.5 and blind["vs_base"]["ties"] == 6
-    words = " ".join(J.judge_warnings(stats, blind))
+    words = " ".join(T.judge_warnings(stats, blind))
     assert "decided 0 of 6 comparisons" in words
     assert "cannot tell your writing from the base model's samples" in words
     assert "should not be trusted" in words
     worse = {"vs_base": {"value": 0.1, "n": 20, "ci": [0.03, 0.3]}}
-    assert "prefers the base model's samples to your own text" in J.judge_warnings({}, worse)[0]
+    assert "prefers the base model's samples to your own text" in T.judge_warnings({}, worse)[0]

@@ -13,12 +13,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
-from engine.events import StageFailed, StageFinished
-from engine.judge_accuracy import ACCURACY_FILE
-from engine.results import RM_VALIDATION_FILE, read_method_outputs, read_rm_validation
+from engine.llm.judge_accuracy import ACCURACY_FILE
+from engine.run.events import StageFailed, StageFinished
 from engine.stages.reward_model import accuracy_lines
-from engine.templates import write_prompts
-from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
+from engine.store.results import RM_VALIDATION_FILE, read_method_outputs, read_rm_validation
+from engine.store.templates import write_prompts
+from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
@@ -216,7 +216,7 @@ class PromptsPane(Vertical):
 
     def _runner_on(self, view: Workspace) -> Any:
         """A runner of the app's stages and service on another view of the workspace."""
-        from engine.runner import Runner
+        from engine.pipeline.runner import Runner
 
         base = self.app.runner
         return Runner(

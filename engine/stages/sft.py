@@ -11,7 +11,7 @@ The service returns summed losses, so ``train/loss`` and ``val/loss`` are the pe
 NLL: -sum(logprob * weight) / sum(weight).
 
 Checkpoints every ``checkpoint_every`` steps, on cancel, and at the end, recorded in
-results/checkpoints.toml under [sft] (engine.train_run: a rerun reuses a finished training of
+results/checkpoints.toml under [sft] (engine.run.train_run: a rerun reuses a finished training of
 the same data and settings and only samples, resumes an unfinished one, continues one whose
 steps grew, and otherwise trains from the start, saying why; ``--set sft.resume=false``
 always starts over).
@@ -31,16 +31,16 @@ from typing import Any
 
 import tinker
 
-from engine import results
-from engine.context import StageContext, StageError
-from engine.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
-from engine.results import RESULT_FILES, registry_path
-from engine.sampling import open_sampler, resolve
-from engine.split import split_fingerprint
+from engine.llm.sampling import open_sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
+from engine.run.supervised import batch_indices, mean_nll, supervised_step
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import warn_bad
-from engine.supervised import batch_indices, mean_nll, supervised_step
-from engine.train_run import Decision, TrainRun, adam, digest, section_settings
+from engine.store import results
+from engine.store.results import RESULT_FILES, registry_path
+from engine.store.split import split_fingerprint
 
 OUTPUT = RESULT_FILES["sft"]
 DATA_FILE = RESULT_FILES["synth-outputs"]
@@ -85,12 +85,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(loaded.error)
     for ev in warn_bad(loaded, "skipped: not used for training"):
         yield ev
-    selected, how = select_rows(loaded.rows, cfg.train_on)
-    convs = [
-        c
-        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
-        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
-    ]
+    convs, how = training_conversations(loaded.rows, cfg)
     if not convs:
         raise StageError(
             f"No training rows in {ws.rel(data_path)} ({how}). Accept some rows in the Synthetic data tab "
@@ -123,6 +118,20 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             return
     async for ev in _train(ctx, train_run, decision, plan, convs, model):
         yield ev
+
+
+def training_conversations(
+    rows: list[dict[str, Any]], cfg: Any
+) -> tuple[list[list[dict[str, str]]], str]:
+    """The conversations sft trains on (``sft.train_on``, ending in a non-empty reply), and
+    which rows they are, in words. The estimate counts the same ones."""
+    selected, how = select_rows(rows, cfg.train_on)
+    convs = [
+        c
+        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
+        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
+    ]
+    return convs, how
 
 
 def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]]) -> TrainRun:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import results
 from engine.errors import PersonaError
-from engine.workspace import Workspace, init_workspace
+from engine.store import results
+from engine.store.workspace import Workspace, init_workspace
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "malformed"
 FILES = sorted(p for p in CORPUS.rglob("*") if p.is_file())
@@ -75,7 +75,7 @@ def _messages(kind: str, ws: Workspace) -> list[str]:
     elif kind == "checkpoints":
         assert results.read_registry(ws.results_dir) == {}  # unreadable reads as empty
         assert results.latest_checkpoint(ws.results_dir, "sft") is None
-        from engine.checkpoints import check_registry
+        from engine.store.checkpoints import check_registry
 
         said.append(check_registry(ws.results_dir))
     elif kind == "outputs":
