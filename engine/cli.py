@@ -34,6 +34,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from engine.checkpoints import check_registry
 from engine.config import ConfigError
 from engine.events import (
     CheckpointSaved,
@@ -260,6 +261,9 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
             human_bytes(r.disk_bytes) if r.disk_bytes else "",
         )
     console.print(table)
+    registry_problem = check_registry(ws.results_dir)
+    if registry_problem:
+        console.print(f"[yellow]{_plain(registry_problem)}[/yellow]")
     for r in rows:
         if r.state in ("failed", "interrupted") and r.message:
             console.print(f"[red]{r.name}[/red]: {_plain(r.message)}")

@@ -733,6 +733,25 @@ def read_evaluation(results_dir: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def methods_dropped(results_dir: str | Path, names: Iterable[str]) -> list[str]:
+    """The methods of the current evaluation.json that ``names`` leaves out: an evaluation of
+    ``names`` would write a narrower result over a wider one (evaluate says so first)."""
+    old = read_evaluation(results_dir) or {}
+    had = [m.get("name") for m in old.get("methods", []) if isinstance(m, dict)]
+    keep = set(names)
+    return [str(m) for m in had if m and m not in keep]
+
+
+def narrower_warning(dropped: Iterable[str]) -> str:
+    """What evaluate says before it writes fewer methods than the evaluation it replaces."""
+    return (
+        f"the last evaluation also measured {', '.join(dropped)}; this one does not, so "
+        f"{EVALUATION_FILE} and report.md will leave them out (the earlier "
+        f"{EVALUATION_FILE} stays in its runs/evaluate-* folder). Rerun or fix those stages, "
+        "or cancel now, to keep them."
+    )
+
+
 def write_evaluation_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """evaluation_samples.jsonl or evaluation_judgements.jsonl, atomically."""
     return atomic_write_jsonl(path, [dict(r) for r in rows])

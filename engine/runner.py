@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json, atomic_write_toml, pid_alive
+from engine.atomic import atomic_write_json, atomic_write_toml, check_writable, pid_alive
 from engine.checkpoint_retention import disk_usage, prune_checkpoints
-from engine.checkpoints import read_registry
+from engine.checkpoints import load_registry, read_registry, require_registry
 from engine.config import ConfigError, redact, snapshot
 from engine.context import StageCancelled, StageContext, default_service_factory
 from engine.errors import PersonaError
@@ -116,7 +116,25 @@ def _failure_message(stage: str, exc: BaseException, run_dir: Path, ws: Workspac
 DEFAULT_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "synth-outputs": ((f"results/{RESULT_FILES['synth-inputs']}", "synth-inputs"),),
     "sft": ((f"results/{RESULT_FILES['synth-outputs']}", "synth-outputs"),),
+    "rlaif": ((f"results/{RESULT_FILES['rl-prompts']}", "rl-prompts"),),
 }
+
+# The entries of results/checkpoints.toml each stage reads (None: every entry). An unreadable
+# registry, or one of these entries with a wrong type, stops the stage before it starts: a
+# stage that cannot see a checkpoint would train again from scratch, fall back to the base
+# judge or evaluate fewer methods, and then write over what was there.
+REGISTRY_READS: dict[str, tuple[str, ...] | None] = {
+    "sft": ("sft",),
+    "reward-model": ("reward-model",),
+    "rlaif": ("rlaif", "sft", "reward-model"),
+    "ditto": ("ditto",),
+    "evaluate": None,
+}
+
+# The stages that ask for the held-out split (data/holdout.json checked against the demos).
+SPLIT_STAGES = frozenset(
+    {"synth-inputs", "sft", "reward-model", "rl-prompts", "rlaif", "ditto", "evaluate"}
+)
 
 
 @dataclass
@@ -127,6 +145,7 @@ class Plan:
     spec: Any
     config: PersonaConfig
     secrets: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # logged once the run has started
 
 
 def preflight(
@@ -160,13 +179,40 @@ def preflight(
         if not (ws.root / rel).exists():
             hint = f": run `persona run {producer}` first" if producer else ""
             return StageFailed(stage=name, message=f"{rel} not found{hint}.")
-    hook = getattr(spec, "preflight", None)
-    if hook is not None:
-        try:
+    try:
+        for folder in (ws.results_dir, ws.runs_dir):  # full or read-only: now, not at the end
+            check_writable(folder)
+        _check_split(ws, cfg, name)
+        warnings = _check_registry(ws, name)
+        hook = getattr(spec, "preflight", None)
+        if hook is not None:
             hook(ws, cfg)
-        except PersonaError as e:
-            return StageFailed(stage=name, message=str(e))
-    return Plan(name=name, spec=spec, config=cfg, secrets=ws.secrets())
+    except PersonaError as e:
+        return StageFailed(stage=name, message=str(e))
+    return Plan(name=name, spec=spec, config=cfg, secrets=ws.secrets(), warnings=warnings)
+
+
+def _check_registry(ws: Workspace, name: str) -> list[str]:
+    """Raise RegistryError when the stage reads an entry it cannot use; return the problems
+    of the entries it does not read (they are kept as written, and named in its log)."""
+    if name not in REGISTRY_READS:
+        return []
+    read = require_registry(ws.results_dir, REGISTRY_READS[name])
+    return [f"{msg} (kept as written)" for msg in read.problems.values()]
+
+
+def _check_split(ws: Workspace, cfg: PersonaConfig, name: str) -> None:
+    """A data/holdout.json entry that matches no demonstration stops the stages that use the
+    split (engine/split.py raises, naming it); unreadable demos are left to the stage."""
+    if name not in SPLIT_STAGES:
+        return
+    from engine.split import workspace_split
+
+    try:
+        ws.load_demos()
+    except (WorkspaceError, OSError):
+        return
+    workspace_split(ws, cfg.data, record=False)
 
 
 # -- the recorder: owns the run folder ---------------------------------------------------
@@ -223,9 +269,11 @@ class RunRecorder:
         """Keep the last ``runs.keep_checkpoints`` periodic checkpoints and the final one."""
         if self.run_dir is None:
             return
-        registry = read_registry(self.ws.results_dir)
+        read = load_registry(self.ws.results_dir)
+        if read.error or read.problems:  # what it protects is unknown: remove nothing
+            return
         protect = [
-            v for entry in registry.values() for k, v in entry.items() if k.endswith("_path")
+            v for entry in read.entries.values() for k, v in entry.items() if k.endswith("_path")
         ]
         prune_checkpoints(self.run_dir / "checkpoints", self.config.runs.keep_checkpoints, protect)
 
@@ -433,6 +481,8 @@ class Runner:
             final: Event | None = None
             try:
                 await emit(StageStarted(stage=name, run_dir=str(run_dir)))
+                for warning in plan.warnings:
+                    await emit(LogLine(warning, "warning"))
                 if wandb_listener is not None and wandb_listener.error:
                     await emit(LogLine(wandb_listener.error, "warning"))
                 agen = spec.run(ctx)

@@ -44,6 +44,7 @@ from typing import Any
 import tinker
 
 from engine import evaluation as ev
+from engine import results
 from engine.checkpoints import read_registry
 from engine.context import StageContext, StageError
 from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
@@ -167,7 +168,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     prompts = ws.load_prompts()
     system_prompt = str(prompts.get("system_prompt", "")).strip()
     rubric = str(prompts.get("rubric", "")).strip()
-    registry = read_registry(ws.results_dir)
+    registry = read_registry(ws.results_dir, strict=True)
     holdout_fp = split_fingerprint(split)
     yield LogLine(
         f"{len(held)} held-out requests (demonstrations {[i + 1 for i in demo_index]}), "
@@ -246,6 +247,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             raise StageError(f"evaluate.methods = {list(cfg.methods)}: none of them has results.")
     names = [m.name for m in methods]
     yield LogLine(f"methods: {', '.join(names)}")
+    dropped = results.methods_dropped(ws.results_dir, names)
+    if dropped:  # never a narrower result over a wider one without saying so
+        yield LogLine(results.narrower_warning(dropped), "warning")
 
     # -- the judge, opened before any sampling: a bad judge fails now, not after it ----------
     judge: Judge | None = None
@@ -618,7 +622,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         stage=ctx.stage,
         outputs=(ws.rel(ws.result(OUTPUT)), ws.rel(path)),
         summary=f"{len(methods)} methods on {len(held)} held-out requests"
-        + (f"; lowest NLL: {ev.method_label(best)}" if best else ""),
+        + (f"; lowest NLL: {ev.method_label(best)}" if best else "")
+        + (f"; not evaluated this time: {', '.join(dropped)}" if dropped else ""),
     )
 
 
