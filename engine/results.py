@@ -592,6 +592,13 @@ def read_preferences(
     return loaded.rows
 
 
+def preference_problems(results_dir: str | Path) -> list[str]:
+    """Each line of human_preferences.jsonl that is not a pick (torn by a crash, not JSON,
+    the wrong shape), named with its line number: the readers skip it, the file keeps it."""
+    loaded = read_preferences_checked(results_dir)
+    return [f"{p}: skipped (the line stays in the file)" for p in loaded.problems]
+
+
 def remove_preference(results_dir: str | Path, record: Mapping[str, Any]) -> bool:
     """Drop the last line equal to ``record`` (an undone pick); every other line is kept
     byte for byte. False when it is not there."""
@@ -604,10 +611,22 @@ def remove_preference(results_dir: str | Path, record: Mapping[str, Any]) -> boo
         try:
             if json.loads(lines[k]) == dict(record):
                 del lines[k]
+                if k == len(lines) and k > 0 and _torn_before_append(lines[k - 1]):
+                    lines[k - 1] = lines[k - 1][:-1]  # the newline the append put after it
                 atomic_write_bytes(path, b"".join(lines))
                 return True
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
+    return False
+
+
+def _torn_before_append(line: bytes) -> bool:
+    """A last line that is not JSON: ``append_jsonl`` ended it with a newline to start the
+    pick on a fresh line, so removing that pick takes the newline too (undo restores it)."""
+    try:
+        json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return line.endswith(b"\n")
     return False
 
 

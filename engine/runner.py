@@ -580,17 +580,45 @@ def _parse_event(line: bytes | str) -> Event | None:
 
 
 def load_run_events(run_dir: str | Path) -> list[Event]:
-    """Every event of a run, in order; a half-written last line (a crash) is skipped."""
+    """Every event of a run, in order. A line that cannot be read (half written by a crash, a
+    log cut short by a full disk or a truncation) is replaced by a warning naming the line,
+    so a replay says where its log is cut instead of silently missing the rest."""
     path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    parsed = (_parse_event(line) for line in path.read_text(encoding="utf-8").splitlines())
-    return [e for e in parsed if e is not None]
+    lines = data.split(b"\n")
+    terminated = lines[-1] == b""
+    if terminated:
+        lines.pop()
+    out: list[Event] = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        event = _parse_event(raw)
+        if event is None:
+            cut = n == len(lines) and not terminated
+            ts = getattr(out[-1], "ts", 0.0) if out else path.stat().st_mtime
+            event = LogLine(_cut_note(path, n, cut), "warning", ts=ts)
+        out.append(event)
+    return out
+
+
+def _cut_note(path: Path, line: int, cut: bool) -> str:
+    where = f"{path.parent.name}/{path.name}: line {line}"
+    if cut:
+        return (
+            f"{where} is cut off (the log ends mid-write: the process was killed, the disk "
+            "filled or the file was truncated); what came after it is not recorded"
+        )
+    return f"{where} cannot be read; replayed without it"
 
 
 def last_run_event(run_dir: str | Path, block: int = 65536) -> Event | None:
-    """The last event ``load_run_events`` would give, read from the end of the file: status
-    checks stay cheap however long a run's log grows."""
+    """The last readable event of a run's log (``load_run_events`` without its notes about
+    unreadable lines), read from the end of the file: status checks stay cheap however long
+    a run's log grows."""
     try:
         f = open(Path(run_dir) / "events.jsonl", "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
@@ -678,6 +706,16 @@ def run_state(run_dir: Path) -> tuple[str, str, float | None]:
     marker = _read_marker(run_dir)
     if marker is not None and (marker.get("pid") == os.getpid() or _marker_is_live(marker)):
         return "running", "", None
+    if not (run_dir / RUNNING_MARKER).exists() and last is not None:
+        # the process ended on its own (it removed its marker) but its log lacks the end:
+        # cut short (a full disk, a truncation), so say that rather than "killed"
+        return (
+            "interrupted",
+            f"The end of its log {run_dir.name}/events.jsonl is missing (cut short: a full "
+            "disk or a truncated file), so how the run ended is not recorded; run it again "
+            "to be sure.",
+            None,
+        )
     return (
         "interrupted",
         "The run stopped without finishing (killed or crashed); run it again to resume.",

@@ -555,6 +555,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
 
     # -- 4. the person's picks ----------------------------------------------------------------
     picks = ev.read_preferences(ws.results_dir)
+    for problem in results.preference_problems(ws.results_dir):
+        yield LogLine(problem, "warning")
     human = ev.human_summary(picks, [j for j in judgements if j["set"] == "heldout"], names)
     if not picks:
         yield LogLine("no blind A/B picks yet (Compare tab): the report cannot say what you prefer")

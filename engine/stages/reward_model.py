@@ -56,6 +56,7 @@ from engine.preference_data import JudgeExample, load_preference_collection
 from engine.results import (
     RESULT_FILES,
     RM_VALIDATION_FILE,
+    preference_problems,
     read_method_outputs,
     read_preferences,
     write_rm_validation,
@@ -258,7 +259,7 @@ class RmValidation:
             )
         else:
             out.append(h.get("note", "no blind picks yet"))
-        return out
+        return out + list(h.get("skipped", []))
 
 
 def human_picks_baseline_vs_sft(results_dir: Any) -> dict[str, int]:
@@ -363,6 +364,9 @@ async def validate_rubric(
                 disagree.append(rec["input"])
     n_picks = sum(1 for k in inputs if k in picks)
     human: dict[str, Any] = {"count": n_picks}
+    skipped = preference_problems(ws.results_dir)
+    if skipped:
+        human["skipped"] = skipped
     if n_picks:
         human.update(agree=agree, percent=100.0 * agree / n_picks, disagree=disagree)
     else:
