@@ -182,6 +182,7 @@ def preflight(
     try:
         for folder in (ws.results_dir, ws.runs_dir):  # full or read-only: now, not at the end
             check_writable(folder)
+        _check_setting_inputs(ws, cfg, name)
         _check_split(ws, cfg, name)
         warnings = _check_registry(ws, name)
         hook = getattr(spec, "preflight", None)
@@ -199,6 +200,35 @@ def _check_registry(ws: Workspace, name: str) -> list[str]:
         return []
     read = require_registry(ws.results_dir, REGISTRY_READS[name])
     return [f"{msg} (kept as written)" for msg in read.problems.values()]
+
+
+def _check_setting_inputs(ws: Workspace, cfg: PersonaConfig, name: str) -> None:
+    """The inputs that depend on settings (DEFAULT_INPUTS has the fixed ones): reward-model's
+    judge needs training pairs, or outputs to be checked on."""
+    if name != "reward-model":
+        return
+    rm = cfg.reward_model
+
+    def have(stage: str) -> bool:
+        return ws.result(RESULT_FILES[stage]).exists()
+
+    if rm.validate_only:
+        for stage in ("baseline", "sft"):
+            if not have(stage):
+                raise PersonaError(
+                    f"results/{RESULT_FILES[stage]} not found: run `persona run {stage}` first "
+                    "(reward_model.validate_only checks the judge on baseline vs SFT outputs)."
+                )
+    elif (
+        rm.train
+        and not rm.dataset.strip()
+        and not (rm.own_pairs and (have("baseline") or have("prompting")))
+    ):
+        raise PersonaError(
+            "No judge training data: run `persona run baseline` and `persona run prompting` "
+            "(your own pairs), or point reward_model.dataset at a Preference-Collection file, "
+            "or set reward_model.train = false to use the base judge."
+        )
 
 
 def _check_split(ws: Workspace, cfg: PersonaConfig, name: str) -> None:

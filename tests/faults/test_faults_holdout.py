@@ -47,7 +47,11 @@ def test_an_entry_matching_nothing_is_an_error_naming_it(ws: Workspace, manual: 
 @pytest.mark.parametrize("stage", ["ditto", "sft", "evaluate", "rlaif", "reward-model"])
 async def test_stages_refuse_in_preflight_without_a_run_folder(ws: Workspace, stage: str):
     _, before = _hand_edit(ws)
-    for name in ("synthetic_personalized_data.jsonl", "rl_train_data.jsonl"):
+    for name in (
+        "synthetic_personalized_data.jsonl",
+        "rl_train_data.jsonl",
+        "baseline_results.json",
+    ):
         ws.result(name).parent.mkdir(parents=True, exist_ok=True)
         ws.result(name).write_text("{}\n")
     final = await Runner(ws).run(stage)

@@ -43,7 +43,11 @@ READERS = ("sft", "reward-model", "rlaif", "ditto", "evaluate")
 def _inputs(ws: Workspace) -> None:
     """The files the stages' own preflight asks for (they need not be right: the registry is
     checked before any of them is read)."""
-    for name in ("synthetic_personalized_data.jsonl", "rl_train_data.jsonl"):
+    for name in (
+        "synthetic_personalized_data.jsonl",
+        "rl_train_data.jsonl",
+        "baseline_results.json",
+    ):
         ws.result(name).parent.mkdir(parents=True, exist_ok=True)
         ws.result(name).write_text("{}\n")
 
@@ -201,3 +205,23 @@ async def test_the_app_warns_about_an_unreadable_registry(ws: Workspace):
         assert all(
             n.severity == "warning" for n in app._notifications if str(n.message) in warned()
         )
+
+
+@pytest.mark.parametrize(
+    ("stage", "args", "said"),
+    [
+        ("rlaif", [], "results/rl_train_data.jsonl not found: run `persona run rl-prompts` first"),
+        ("reward-model", [], "No judge training data: run `persona run baseline`"),
+        (
+            "reward-model",
+            ["reward_model.validate_only=true"],
+            "results/baseline_results.json not found: run `persona run baseline` first",
+        ),
+    ],
+)
+async def test_missing_inputs_refuse_before_a_run_folder(ws, stage, args, said):
+    """Issue 23 #6: rlaif and reward-model made a run folder (and a failed run the app then
+    showed over the finished one) before finding their inputs missing."""
+    final = await Runner(ws).run(stage, args)
+    assert isinstance(final, StageFailed) and final.message.startswith(said), final
+    assert list_runs(ws) == []
