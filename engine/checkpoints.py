@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ REGISTRY = "checkpoints.toml"
 _TEXT = "a string"
 _WHOLE = "a whole number"
 _FLAG = "true or false"
+_TABLE = "a table"
 FIELD_TYPES: dict[str, str] = {
     **dict.fromkeys(
         (
@@ -53,8 +54,9 @@ FIELD_TYPES: dict[str, str] = {
         ),
         _TEXT,
     ),
-    **dict.fromkeys(("step", "total_steps", "round", "total_rounds"), _WHOLE),
-    **dict.fromkeys(("finished", "use_base", "use_system_prompt"), _FLAG),
+    **dict.fromkeys(("step", "total_steps", "round", "total_rounds", "dev_evaluated"), _WHOLE),
+    **dict.fromkeys(("finished", "use_base", "use_system_prompt", "stopped_early"), _FLAG),
+    **dict.fromkeys(("settings", "other_settings", "inputs", "last_finished"), _TABLE),
 }
 
 
@@ -101,6 +103,8 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, str)
     if kind == _WHOLE:
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _TABLE:
+        return isinstance(value, dict)
     return isinstance(value, bool)
 
 
@@ -119,13 +123,18 @@ def entry_problem(file: str, stage: str, entry: Any) -> str:
             f"{file}: [{stage}] must be a table (a [{stage}] header with sampler_path = ... "
             f"under it), not {stage} = {_shown(entry)}; fix or remove it, or rerun {stage}"
         )
+    return _field_problem(file, stage, entry, "")
+
+
+def _field_problem(file: str, stage: str, entry: dict[str, Any], prefix: str) -> str:
     for key, kind in FIELD_TYPES.items():
         if key in entry and not _fits(entry[key], kind):
             return (
-                f"{file}: [{stage}] {key} must be {kind}, not {_shown(entry[key])}; "
+                f"{file}: [{stage}] {prefix}{key} must be {kind}, not {_shown(entry[key])}; "
                 f"fix it, or rerun {stage} to record it again"
             )
-    return ""
+    kept = entry.get("last_finished")  # the finished run kept beside an unfinished retrain
+    return _field_problem(file, stage, kept, "last_finished.") if isinstance(kept, dict) else ""
 
 
 def _read_raw(path: Path) -> dict[str, Any]:
@@ -202,6 +211,27 @@ def record_checkpoint(results_dir: str | Path, stage: str, **fields: Any) -> dic
             raise RegistryError(entry_problem(_name(path), stage, old))
         entry = dict(old)
         entry.update({k: v for k, v in fields.items() if v is not None})
+        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        reg[stage] = entry
+        atomic_write_toml(path, reg)
+    return entry
+
+
+def update_entry(
+    results_dir: str | Path, stage: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+) -> dict[str, Any]:
+    """Replace the stage's entry with ``change(old entry)``, atomically and under the lock
+    (a training run's lifecycle decides which old fields survive, see engine.train_run).
+    The stage's own entry must pass the checks (RegistryError names it otherwise); every
+    other entry is written back as it was, including one that fails them."""
+    path = registry_path(results_dir)
+    with file_lock(path):
+        reg = _read_raw(path)  # an unreadable file raises: one bad edit never erases the rest
+        old = reg.get(stage)
+        problem = entry_problem(_name(path), stage, old) if old is not None else ""
+        if problem:
+            raise RegistryError(problem)
+        entry = dict(change(old))
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         reg[stage] = entry
         atomic_write_toml(path, reg)

@@ -460,21 +460,15 @@ def _synth_outputs(cost: _Cost, ws: Workspace) -> None:
 
 def _sft(cost: _Cost, ws: Workspace) -> None:
     from engine import results
-    from engine.stages.sft import conversation, select_rows
+    from engine.stages.sft import plan_training, training_conversations
 
     cfg = cost.config.sft
     path = ws.result(results.RESULT_FILES["synth-outputs"])
     counter = cost.counter("policy")
     if path.exists():
-        loaded = results.read_synthetic_rows(path)
-        selected, _how = select_rows(loaded.rows, cfg.train_on)
-        convs = [
-            c
-            for c in (conversation(r, cfg.use_system_prompt) for r in selected)
-            if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
-        ]
+        convs, how = training_conversations(results.read_synthetic_rows(path).rows, cfg)
         if not convs:
-            raise EstimateError(f"{ws.rel(path)} has no training rows ({_how})")
+            raise EstimateError(f"{ws.rel(path)} has no training rows ({how})")
         lengths = [counter.conversation(c) for c in convs]
     else:
         reqs = _synthetic_requests(cost, ws)
@@ -492,13 +486,9 @@ def _sft(cost: _Cost, ws: Workspace) -> None:
     if cfg.too_long == "drop":
         lengths = [n for n in lengths if n <= cfg.max_length] or [cfg.max_length]
     lengths = [min(n, cfg.max_length) for n in lengths]
-    n = len(lengths)
-    n_val = (
-        min(n - 1, max(1, round(n * cfg.val_fraction))) if cfg.val_fraction > 0 and n >= 2 else 0
-    )
-    train_n = n - n_val
-    batch = min(cfg.batch_size, train_n)
-    steps = cfg.steps if cfg.steps > 0 else max(1, cfg.epochs * math.ceil(train_n / batch))
+    plan = plan_training([[{"role": "user", "content": ""}]] * len(lengths), cfg)  # counts only
+    n_val, train_n = len(plan.val_convs), len(plan.train_convs)
+    batch, steps = plan.batch_size, plan.total_steps
     mean_len = _mean(lengths)
     cost.load("policy")
     cost.train("policy", steps, batch * mean_len)
@@ -655,6 +645,7 @@ def _registry_entry(ws: Workspace, stage: str) -> dict[str, Any] | None:
 def _rlaif(cost: _Cost, ws: Workspace) -> None:
     from engine.judge import Comparison, matchups
     from engine.results import RL_DEV_FILE, RL_TRAIN_FILE
+    from engine.stages.rlaif import CHUNK
 
     cfg = cost.config.rlaif
     prompts = ws.load_prompts()
@@ -699,7 +690,7 @@ def _rlaif(cost: _Cost, ws: Workspace) -> None:
     if cfg.init == "sft" and sft and sft.get("finished") and sft.get("state_path"):
         cost.checkpoints("policy", 1)  # reading the SFT state back, about a save's time
         cost.note("starts from the SFT checkpoint")
-    pairs = len(matchups(group, 4))
+    pairs = len(matchups(group, CHUNK))
     judge_prompt = (
         _judge_prompt_tokens(cost, Comparison(convs[0], "", "", rubric)) + 2 * n if convs else 0
     )

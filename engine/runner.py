@@ -127,7 +127,7 @@ REGISTRY_READS: dict[str, tuple[str, ...] | None] = {
     "sft": ("sft",),
     "reward-model": ("reward-model",),
     "rlaif": ("rlaif", "sft", "reward-model"),
-    "ditto": ("ditto",),
+    "ditto": ("ditto", "sft-demos"),
     "evaluate": None,
 }
 

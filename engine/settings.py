@@ -144,6 +144,14 @@ class SynthOutputsConfig:
 
 
 @dataclass(frozen=True)
+class OptimizerConfig:
+    beta1: float = setting(0.9, "AdamW beta1 (every training stage)", ge=0, lt=1)
+    beta2: float = setting(0.95, "AdamW beta2 (every training stage)", ge=0, lt=1)
+    eps: float = setting(1e-8, "AdamW epsilon", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+
+
+@dataclass(frozen=True)
 class SftConfig:
     lr: float = setting(2e-4, "learning rate", gt=0)
     lr_schedule: str = setting(
@@ -276,6 +284,9 @@ class DittoConfig:
         False, "move the reference to the current policy each round (the paper: it hurts)"
     )
     num_demos: int = setting(0, "training demonstrations used; 0 = all", ge=0)
+    checkpoint_every: int = setting(
+        5, "checkpoint the SFT initialisation every N steps (DPO: after every round)", ge=0
+    )
     resume: bool = setting(True, "resume at the last finished round")
     seed: int = setting(0, "seed for pairs and sampling")
     sample_after: bool = setting(True, "sample the trained policy on the demonstrations")
@@ -326,6 +337,9 @@ class PersonaConfig:
     )
     synth_outputs: SynthOutputsConfig = field(
         default=SynthOutputsConfig(), metadata={"doc": "stage 5"}
+    )
+    optimizer: OptimizerConfig = field(
+        default=OptimizerConfig(), metadata={"doc": "AdamW for sft, reward-model, rlaif and ditto"}
     )
     sft: SftConfig = field(default=SftConfig(), metadata={"doc": "stage 6"})
     reward_model: RewardModelConfig = field(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -41,8 +40,8 @@ from typing import Any
 import tinker
 
 from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
-from engine.context import StageCancelled, StageContext, StageError
-from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
+from engine.context import StageContext, StageError
+from engine.events import Event, LogLine, Metric, StageFinished
 from engine.judge import (
     PREFER_A,
     PREFER_B,
@@ -63,8 +62,8 @@ from engine.results import (
 )
 from engine.sampling import Sampler, resolve
 from engine.split import split_fingerprint
-from engine.stages.sft import batch_indices, mean_nll
-from engine.training import cancel_checkpoint, save_checkpoint, step_name
+from engine.supervised import batch_indices, supervised_step
+from engine.train_run import TrainRun, adam, digest, section_settings
 
 OUTPUT = RM_VALIDATION_FILE
 STAGE = "reward-model"
@@ -429,9 +428,6 @@ def _gather_examples(
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
-    from tinker_cookbook.supervised.common import datum_from_model_input_weights
-
-    from engine.backends.renderers import get_renderer_for
 
     ws = ctx.workspace
     cfg = ctx.config.reward_model
@@ -451,46 +447,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                 "or set reward_model.train = false to use the base judge."
             )
         convs = [training_messages(e.comparison, e.preference, e.feedback, mode) for e in train]
-        fingerprint = hashlib.sha256(
-            json.dumps(
-                [
-                    convs,
-                    model,
-                    cfg.rank,
-                    cfg.max_length,
-                    ctx.backend,
-                    cfg.seed,
-                    cfg.batch_size,
-                    cfg.lr,
-                    cfg.steps,
-                ],
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:16]
-        batch_size = min(cfg.batch_size, len(convs))
-        total_steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(len(convs) / batch_size))
-        prev = latest_checkpoint(ws.results_dir, STAGE)
-        same = bool(cfg.resume and prev and prev.get("fingerprint") == fingerprint)
-        if same and prev.get("finished") and prev.get("sampler_path"):
-            yield LogLine(
-                f"judge already trained on this data ({prev['sampler_path']}): validating only"
-            )
-            if prev.get("use_base"):  # an earlier train = false run chose the base judge
-                record_checkpoint(ws.results_dir, STAGE, use_base=False)
-        else:
-            async for ev in _train(
-                ctx,
-                convs,
-                held,
-                mode,
-                fingerprint,
-                batch_size,
-                total_steps,
-                prev if same else None,
-                datum_from_model_input_weights,
-                get_renderer_for,
-            ):
-                yield ev
+        async for ev in _train(ctx, convs, held, mode):
+            yield ev
     else:
         # Recorded so later stages (rlaif, evaluate) use the base judge too, not an older
         # trained checkpoint; the entry's other fields stay (a rerun with train = true reuses
@@ -534,43 +492,62 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary)
 
 
+def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]], mode: str) -> TrainRun:
+    """reward-model's lifecycle: its whole section, the comparisons, the judge model, its mode."""
+    cfg = ctx.config.reward_model
+    batch_size = min(cfg.batch_size, len(convs))
+    model = ctx.model("judge")
+    split = split_fingerprint(ctx.split())  # the own pairs came from the training demos
+    return TrainRun(
+        ctx,
+        STAGE,
+        section="reward_model",
+        settings=section_settings(cfg, "reward_model"),
+        inputs={"data": digest(convs), "base_model": model, "mode": mode, "split": split},
+        total=cfg.steps if cfg.steps > 0 else max(1, math.ceil(len(convs) / batch_size)),
+        length_keys=("reward_model.steps",),
+        fields={"base_model": model, "mode": mode, "use_base": False, "holdout": split},
+    )
+
+
 async def _train(
     ctx: StageContext,
     convs: list[list[dict[str, str]]],
     held: list[JudgeExample],
     mode: str,
-    fingerprint: str,
-    batch_size: int,
-    total_steps: int,
-    prev: dict[str, Any] | None,
-    datum_from_model_input_weights: Any,
-    get_renderer_for: Any,
 ) -> AsyncIterator[Event]:
+    from tinker_cookbook.supervised.common import datum_from_model_input_weights
+
+    from engine.backends.renderers import get_renderer_for
+
     cfg = ctx.config.reward_model
     model = ctx.model("judge")
     svc = ctx.service_client()
-    start_step = 0
-    tc = None
-    if prev and not prev.get("finished") and prev.get("state_path"):
-        try:
-            tc = await resolve(
-                svc.create_training_client_from_state_with_optimizer(prev["state_path"])
-            )
-            start_step = int(prev.get("step", 0))
-            yield LogLine(f"resuming judge training at step {start_step} ({prev['state_path']})")
-        except FileNotFoundError as e:
-            yield LogLine(f"cannot resume ({e}); starting over", "warning")
-    if tc is None:
-        yield LogLine(
-            f"LoRA rank {cfg.rank} on judge {model} ({ctx.backend}, {mode} mode); "
-            f"{len(convs)} comparisons, {len(held)} held out; {total_steps} steps of {batch_size}"
-        )
-        tc = await resolve(
+    train_run = train_run_for(ctx, convs, mode)
+    decision = train_run.decide(resume=cfg.resume)
+    yield train_run.explain(decision)
+    if decision.action == "reuse":
+        if (decision.entry or {}).get("use_base"):  # a train = false run chose the base judge
+            record_checkpoint(ctx.workspace.results_dir, STAGE, use_base=False)
+        return
+    batch_size = min(cfg.batch_size, len(convs))
+
+    async def new_client() -> Any:
+        return await resolve(
             svc.create_lora_training_client(base_model=model, rank=cfg.rank, seed=cfg.seed)
         )
+
+    for ev in await train_run.start(decision, new_client):
+        yield ev
+    if train_run.step == 0:
+        yield LogLine(
+            f"LoRA rank {cfg.rank} on judge {model} ({ctx.backend}, {mode} mode); "
+            f"{len(convs)} comparisons, {len(held)} held out; {train_run.total} steps of "
+            f"{batch_size}"
+        )
+    tc = train_run.tc
     tokenizer = tc.get_tokenizer()
     renderer = get_renderer_for(model, tokenizer)
-    holdout = split_fingerprint(ctx.split())  # the own pairs came from the other demos
 
     def to_datum(msgs: list[dict[str, str]]) -> tuple[tinker.Datum, bool]:
         """The datum, and whether max_length cut into the judge's target (the verdict is at
@@ -607,49 +584,21 @@ async def _train(
         if "position_consistency" in m:
             yield Metric("rm/position_consistency", step, m["position_consistency"])
 
-    async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
-        return await save_checkpoint(
-            ctx,
-            tc,
-            STAGE,
-            name,
-            step=step,
-            total_steps=total_steps,
-            finished=finished,
-            fingerprint=fingerprint,
-            base_model=model,
-            mode=mode,
-            use_base=False,
-            holdout=holdout,
-        )
+    async def one_step(step: int) -> AsyncIterator[Event]:
+        batch = [data[i] for i in batch_indices(step, len(data), batch_size, cfg.seed)]
+        yield Metric("train/loss", step + 1, await supervised_step(tc, batch, adam(ctx, cfg.lr)))
 
-    if start_step == 0:
+    async def after(step: int) -> AsyncIterator[Event]:
+        if train_run.due(step, cfg.checkpoint_every):
+            async for ev in evaluate(step):
+                yield ev
+
+    if train_run.step == 0:
         async for ev in evaluate(0):
             yield ev
-    yield Progress(start_step, total_steps, "reward-model: steps")
-    step = last_saved = start_step
-    try:
-        while step < total_steps:
-            ctx.check_cancel()
-            batch = [data[i] for i in batch_indices(step, len(data), batch_size, cfg.seed)]
-            fb = tc.forward_backward(batch, "cross_entropy")
-            opt = tc.optim_step(
-                tinker.AdamParams(learning_rate=cfg.lr, beta1=0.9, beta2=0.95, eps=1e-8)
-            )
-            result = await resolve(fb)
-            await resolve(opt)
-            step += 1
-            yield Metric("train/loss", step, mean_nll(result, batch))
-            yield Progress(step, total_steps, "reward-model: steps")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                yield await save(step, step_name(step), finished=False)
-                last_saved = step
-                async for ev in evaluate(step):
-                    yield ev
-    except StageCancelled:
-        async for ev in cancel_checkpoint(save, step, last_saved, total_steps):
-            yield ev
-        raise
-    yield await save(step, "final", finished=True)
-    async for ev in evaluate(step):
+    async for ev in train_run.steps(
+        one_step, label="reward-model: steps", checkpoint_every=cfg.checkpoint_every, after=after
+    ):
+        yield ev
+    async for ev in evaluate(train_run.step):
         yield ev
