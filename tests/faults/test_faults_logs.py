@@ -52,6 +52,21 @@ def test_the_skipped_lines_are_named(tmp_path: Path):
     assert all(s.endswith("skipped (the line stays in the file)") for s in said)
 
 
+def test_the_compare_tab_names_them(ws: Workspace):
+    from tui.compare import load_outputs
+
+    ws.results_dir.mkdir(exist_ok=True)
+    results.append_preference(ws.results_dir, results.preference_record("r", "sft", "ditto", "a"))
+    with open(results.preferences_path(ws.results_dir), "ab") as f:
+        f.write(TORN)
+    problems: list[str] = []
+    load_outputs(ws, problems)
+    assert problems == [
+        "results/human_preferences.jsonl: line 2: torn last line (a write was cut off: "
+        "Unterminated string starting at): skipped (the line stays in the file)"
+    ]
+
+
 def test_reward_model_validation_names_them(tmp_path: Path):
     from engine.stages.reward_model import RmValidation
 
