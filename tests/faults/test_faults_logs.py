@@ -76,7 +76,11 @@ def test_reward_model_validation_names_them(tmp_path: Path):
 
 @needs_backend
 async def test_evaluate_names_a_torn_pick(ws: Workspace):
+    """Also issue 22 #1's other half: fewer methods than the evaluation it replaces are named
+    before any work and in the summary."""
     ws.results_dir.mkdir(exist_ok=True)
+    wider = ["baseline", "prompting", "few-shot", "sft", "rlaif"]
+    results.write_evaluation(ws.results_dir, {"methods": [{"name": m} for m in wider]})
     held = None
     from engine.settings import DataConfig
     from engine.split import workspace_split
@@ -100,6 +104,11 @@ async def test_evaluate_names_a_torn_pick(ws: Workspace):
     assert any(
         w.startswith("results/human_preferences.jsonl: line 2: torn last line") for w in warned
     ), warned
+    narrower = [w for w in warned if w.startswith("the last evaluation also measured sft, rlaif")]
+    assert len(narrower) == 1 and events.index(
+        next(e for e in events if getattr(e, "message", "") == narrower[0])
+    ) < next(i for i, e in enumerate(events) if type(e).__name__ == "SampleProduced")
+    assert events[-1].summary.endswith("not evaluated this time: sft, rlaif")
 
 
 def _finished_run(ws: Workspace) -> Path:

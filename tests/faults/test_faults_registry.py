@@ -225,3 +225,13 @@ async def test_missing_inputs_refuse_before_a_run_folder(ws, stage, args, said):
     final = await Runner(ws).run(stage, args)
     assert isinstance(final, StageFailed) and final.message.startswith(said), final
     assert list_runs(ws) == []
+
+
+def test_persona_status_names_an_unreadable_registry(ws: Workspace, capsys):
+    from engine.cli import main
+
+    ws.results_dir.mkdir(exist_ok=True)
+    ws.result("checkpoints.toml").write_text('[rlaif]\nstep = "four"\n')
+    assert main(["-C", str(ws.root), "status"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert 'results/checkpoints.toml: [rlaif] step must be a whole number, not "four"' in out
