@@ -4,6 +4,8 @@
     persona init [DIR]            create a workspace with the example data
     persona run STAGE [--backend local|tinker] [--set section.key=value ...]
     persona status [--json]       each stage's state, outputs and checkpoint
+    persona serve [--host H] [--port N] [--key-file F]   the local service with Tinker's API
+    persona crossval [--folds K]  every demonstration held out once (engine.crossval)
 
 Exit codes: 0 done, 1 failed (the message says what to do), 2 bad usage, 130 cancelled.
 
@@ -35,9 +37,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.checkpoints import check_registry
-from engine.config import ConfigError
-from engine.events import (
+from engine.pipeline.runner import Runner, stage_status, workspace_disk_use
+from engine.run.events import (
     CheckpointSaved,
     Event,
     LogLine,
@@ -47,11 +48,12 @@ from engine.events import (
     StageFinished,
     StageStarted,
 )
-from engine.events import (
+from engine.run.events import (
     Progress as ProgressEvent,
 )
-from engine.runner import Runner, stage_status, workspace_disk_use
-from engine.workspace import Workspace, find_workspace, init_workspace
+from engine.store.checkpoints import check_registry
+from engine.store.config import ConfigError
+from engine.store.workspace import Workspace, find_workspace, init_workspace
 
 KEY_METRICS = ("train/loss", "val/loss", "synth_inputs/yield", "rl/reward", "dev/win_rate")
 
@@ -285,7 +287,7 @@ def _workspace_missing(ws: Workspace, given: str | None) -> str:
 
 def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     from engine.backends import describe_compute
-    from engine.checkpoint_retention import human_bytes
+    from engine.store.checkpoint_retention import human_bytes
 
     rows = stage_status(ws)
     try:
@@ -359,6 +361,9 @@ def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser
     pr.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     ps = sub.add_parser("status", help="show each stage's state, outputs and checkpoint")
     ps.add_argument("--json", action="store_true")
+    from engine.serve import command as serve_command
+
+    serve_command.add_parser(sub)
     for command in (extra or {}).values():
         command.add_parser(sub)
     return p
@@ -392,6 +397,9 @@ def main(
     from engine.backends import configure_hub, quiet_libraries
 
     quiet_libraries()  # no "Loading weights" bars from transformers on the terminal
+    from engine.crossval import cli as crossval_cli
+
+    extra = {"crossval": crossval_cli, **(extra or {})}
     parser = build_parser(extra)
     args = parser.parse_args(argv)
     console = terminal_console()
@@ -405,7 +413,7 @@ def main(
             f"{_plain(persona_command())} run baseline"
         )
         return 0
-    if args.command in ("run", "status"):
+    if args.command in ("run", "status", "crossval"):
         missing = _workspace_missing(ws, args.workspace)
         if missing:
             _error(missing)
@@ -423,6 +431,10 @@ def main(
         )
     if args.command == "status":
         return cmd_status(ws, args.json, console)
+    if args.command == "serve":
+        from engine.serve import command as serve_command
+
+        return serve_command.run(args, ws)
     if extra and args.command in extra:
         return int(extra[args.command].run(args, ws) or 0)
     if no_command is not None:

@@ -1,4 +1,4 @@
-"""engine/judge.py: rendering, verdict parsing, sign convention, position swap, tournaments."""
+"""engine/llm/judge.py: rendering, verdict parsing, sign convention, position swap, tournaments."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import tinker
 
-from engine import judge as J
-from engine.judge import (
+from engine.llm import judge as J
+from engine.llm.judge import (
     PREFER_A,
     PREFER_B,
     TIE,
@@ -349,7 +349,7 @@ async def test_judge_issues_every_request_before_awaiting_any():
 def tiny_sampler(tmp_path_factory):
     from engine.backends.local import TINY_MODEL, LocalServiceClient
     from engine.backends.renderers import get_renderer_for
-    from engine.sampling import Sampler
+    from engine.llm.sampling import Sampler
 
     svc = LocalServiceClient(tmp_path_factory.mktemp("judge-ckpt"), device="cpu", dtype="float32")
     client = svc.create_sampling_client(base_model=TINY_MODEL).result()
@@ -389,7 +389,7 @@ async def test_judge_end_to_end_on_the_tiny_model(tiny_sampler):
 async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
     """Verdict mode on a client that can score: every answer parses, and the verdict is the
     one of "[RESULT] A" / "[RESULT] B" with the higher log-probability, computed here by hand."""
-    from engine.judge import build_judge_prompt, verdict_text
+    from engine.llm.judge import build_judge_prompt, verdict_text
 
     judge = Judge(tiny_sampler, mode="verdict")
     assert judge.verdict_by == "logprobs"
@@ -412,7 +412,7 @@ async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
 
 async def test_a_judge_whose_every_request_fails_raises():
     """A dead service must not look like a run of ties."""
-    from engine.judge import JudgeUnavailable
+    from engine.llm.judge import JudgeUnavailable
 
     sampler = ScriptedSampler(lambda i: RuntimeError("connection refused"))
     judge = Judge(sampler, mode="verdict")

@@ -3,8 +3,8 @@ reward-hacking candidates, a changed rubric), plots as PNG, and load_report's pl
 
 from __future__ import annotations
 
-from engine.report import load_report, render_markdown, write_report
-from engine.results import write_evaluation, write_evaluation_rows
+from engine.eval.report import load_report, render_markdown, write_report
+from engine.store.results import write_evaluation, write_evaluation_rows
 
 
 def _wr(w, lo, t):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from test_runner import make_runner, ok_stage
 
-from engine.events import StageFinished
-from engine.workspace import Workspace
+from engine.run.events import StageFinished
+from engine.store.workspace import Workspace
 
 
 async def test_wandb_offline(ws: Workspace, monkeypatch):
@@ -24,7 +24,7 @@ async def test_wandb_offline(ws: Workspace, monkeypatch):
 async def test_wandb_failure_is_a_warning_not_a_failure(ws: Workspace, monkeypatch):
     import wandb
 
-    from engine.events import LogLine
+    from engine.run.events import LogLine
 
     def broken_init(**_kw):
         raise RuntimeError("no wandb here")
@@ -48,7 +48,7 @@ async def test_wandb_with_a_key_and_no_network_is_bounded_and_said_once(ws: Work
     a 127.0.0.1 port nothing listens on."""
     import socket
 
-    from engine.events import LogLine
+    from engine.run.events import LogLine
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from engine.runner import RUNNING_MARKER, list_runs, load_run_events
-from engine.workspace import Workspace
+from engine.pipeline.runner import RUNNING_MARKER, list_runs, load_run_events
+from engine.store.workspace import Workspace
 
 SCRIPT = r"""
 import asyncio, dataclasses, sys
 import engine.stages as st
 from engine.cli import main
-from engine.events import LogLine, StageFinished
+from engine.run.events import LogLine, StageFinished
 
 MODE = sys.argv[2]
 
@@ -107,7 +107,7 @@ def test_handler_counts_interrupts(ws: Workspace):
     from rich.console import Console
 
     from engine.cli import install_stop_signals
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
 
     runner = Runner(ws)
     exits: list[int] = []
@@ -123,7 +123,7 @@ def test_a_second_hangup_is_not_a_second_interrupt(ws: Workspace):
     from rich.console import Console
 
     from engine.cli import install_stop_signals
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
 
     runner = Runner(ws)
     exits: list[int] = []

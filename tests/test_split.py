@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.settings import DataConfig
-from engine.split import (
+from engine.store.settings import DataConfig
+from engine.store.split import (
     HoldoutError,
     Record,
     holdout_count,
@@ -16,7 +16,7 @@ from engine.split import (
     split_demos,
     workspace_split,
 )
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 
 def demos(n: int) -> list[dict[str, str]]:
@@ -63,7 +63,7 @@ def test_stable_under_additions_and_edits():
 
 
 def read_like(split):
-    from engine.split import Record
+    from engine.store.split import Record
 
     return Record([d["input"] for d in split.holdout])
 
@@ -86,7 +86,7 @@ def test_recorded_in_workspace_and_manual_choice(ws: Workspace):
 
 
 def test_split_fingerprint_follows_the_held_out_requests_only():
-    from engine.split import split_fingerprint
+    from engine.store.split import split_fingerprint
 
     a = split_demos(demos(10), -1, 0, None)
     b = split_demos(list(reversed(demos(10))), -1, 0, None)

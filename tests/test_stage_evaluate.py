@@ -9,15 +9,15 @@ import math
 import pytest
 from conftest import needs_backend
 
-from engine import evaluation as ev
-from engine.config import load_config
-from engine.events import Metric, Progress, SampleProduced, StageFailed, StageFinished
-from engine.metrics.likelihood import Nll
-from engine.results import append_preference, preference_record
-from engine.runner import Runner
-from engine.split import workspace_split
+from engine.eval import evaluation as ev
+from engine.eval.metrics.likelihood import Nll
+from engine.pipeline.runner import Runner
+from engine.run.events import Metric, Progress, SampleProduced, StageFailed, StageFinished
 from engine.stages.evaluate import JUDGE_CHUNK
-from engine.workspace import Workspace
+from engine.store.config import load_config
+from engine.store.results import append_preference, preference_record
+from engine.store.split import workspace_split
+from engine.store.workspace import Workspace
 
 # --------------------------------------------------------------------------- aggregation
 
@@ -281,7 +281,7 @@ async def test_evaluate_after_sft(ws: Workspace):
         assert f"plots/{name}" in report
     assert held_inputs[0] in report  # one held-out request with every answer
 
-    from engine.report import load_report
+    from engine.eval.report import load_report
 
     rep = load_report(ws)
     assert rep is not None and [r["method"] for r in rep.rows] == names
@@ -302,8 +302,8 @@ async def test_evaluate_without_holdout_says_why(ws: Workspace):
 async def test_evaluate_flags_a_checkpoint_trained_with_another_split(ws: Workspace):
     """sft records the held-out set and its context; a bad judge fails before any sampling;
     after the held-out set changes, evaluate still measures sft but flags it."""
-    from engine.checkpoints import latest_checkpoint, record_checkpoint
-    from engine.split import set_holdout, split_fingerprint
+    from engine.store.checkpoints import latest_checkpoint, record_checkpoint
+    from engine.store.split import set_holdout, split_fingerprint
 
     _write_synth(ws)
     sft = await Runner(ws).run("sft", ["sft.steps=1", "sft.sample_after=false"])

@@ -8,16 +8,16 @@ import json
 import pytest
 from conftest import needs_backend
 
-from engine.checkpoints import latest_checkpoint
-from engine.config import load_config
-from engine.events import Metric, StageFinished
-from engine.judge import PREFER_A, PREFER_B, RuleJudge
-from engine.preference_data import load_preference_collection
-from engine.results import append_preference, preference_record, read_rm_validation
-from engine.runner import Runner, list_runs, load_run_events
-from engine.split import workspace_split
+from engine.llm.judge import PREFER_A, PREFER_B, RuleJudge
+from engine.llm.preference_data import load_preference_collection
+from engine.pipeline.runner import Runner, list_runs, load_run_events
+from engine.run.events import Metric, StageFinished
 from engine.stages.reward_model import build_own_pairs
-from engine.workspace import Workspace
+from engine.store.checkpoints import latest_checkpoint
+from engine.store.config import load_config
+from engine.store.results import append_preference, preference_record, read_rm_validation
+from engine.store.split import workspace_split
+from engine.store.workspace import Workspace
 
 RM_TOML = """
 [reward_model]
@@ -128,7 +128,7 @@ async def test_reward_model_trains_validates_and_reuses(ws: Workspace):
 
 @needs_backend
 async def test_validation_with_rule_judge_and_no_picks(ws: Workspace):
-    from engine.context import StageContext
+    from engine.run.context import StageContext
     from engine.stages.reward_model import validate_rubric
 
     _write_outputs(ws, "baseline_results.json", "a much longer baseline")
@@ -142,7 +142,7 @@ async def test_validation_with_rule_judge_and_no_picks(ws: Workspace):
 
 
 def _ctx(ws: Workspace):
-    from engine.context import StageContext
+    from engine.run.context import StageContext
 
     return StageContext(ws, load_config(ws.config_path), "reward-model", ws.root / "runs" / "x")
 
@@ -150,8 +150,8 @@ def _ctx(ws: Workspace):
 async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
     """A trained judge is recorded; a reward-model run with train = false marks the entry
     use_base, so open_judge (rlaif, evaluate) takes the base judge; training again clears it."""
-    from engine.checkpoints import record_checkpoint
     from engine.stages.reward_model import _rm_entry
+    from engine.store.checkpoints import record_checkpoint
 
     ctx = _ctx(ws)
     trained = dict(
@@ -176,7 +176,7 @@ async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
 
 
 async def test_validate_only_checks_the_files_before_loading_the_judge(ws: Workspace, monkeypatch):
-    from engine.events import StageFailed
+    from engine.run.events import StageFailed
     from engine.stages import reward_model
 
     async def no_judge(*a, **k):

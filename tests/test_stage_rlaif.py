@@ -7,11 +7,11 @@ import json
 
 from conftest import needs_backend
 
-from engine.checkpoints import latest_checkpoint
-from engine.events import Metric, StageFinished
-from engine.results import read_method_outputs, rl_prompt_row
-from engine.runner import Runner, list_runs, load_run_events
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, list_runs, load_run_events
+from engine.run.events import Metric, StageFinished
+from engine.store.checkpoints import latest_checkpoint
+from engine.store.results import read_method_outputs, rl_prompt_row
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 
@@ -147,8 +147,8 @@ async def test_rerun_after_a_finished_training_only_samples(ws: Workspace):
     """A finished training of the same prompts and settings is reused: the rerun trains no
     step and writes the outputs from the recorded checkpoint. The entry records the context
     the policy trained in and the held-out set."""
-    from engine.config import load_config
-    from engine.split import split_fingerprint, workspace_split
+    from engine.store.config import load_config
+    from engine.store.split import split_fingerprint, workspace_split
 
     toml = RULE_TOML.format(steps=2, lr=0.01, ckpt=0).replace(
         "sample_after = false", "sample_after = true"

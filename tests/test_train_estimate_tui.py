@@ -6,7 +6,7 @@ from conftest import TINY, hand_profile, needs_backend
 from textual.widgets import DataTable, Input, Static
 from tui_helpers import until, write_synthetic
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 
 pytestmark = needs_backend

@@ -1,4 +1,4 @@
-"""The training lifecycle (engine.train_run) as each training stage builds it: every setting
+"""The training lifecycle (engine.run.train_run) as each training stage builds it: every setting
 in the fingerprint starts a finished run fresh, every setting outside it reuses the run, a
 run that only grew continues, and each decision says why in words."""
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from engine.config import load_config
-from engine.context import StageContext
-from engine.settings import PersonaConfig
+from engine.run.context import StageContext
+from engine.run.train_run import NOT_FINGERPRINTED, TrainRun
 from engine.stages import ditto, reward_model, rlaif, sft
-from engine.train_run import NOT_FINGERPRINTED, TrainRun
-from engine.workspace import Workspace
+from engine.store.config import load_config
+from engine.store.settings import PersonaConfig
+from engine.store.workspace import Workspace
 
 CONVS = [
     [
@@ -178,7 +178,7 @@ def test_linear_schedule_makes_the_length_part_of_the_fingerprint(ws: Workspace)
 def test_an_unfinished_retrain_keeps_the_finished_run_recorded(ws: Workspace, tmp_path: Path):
     """While a fresh run is unfinished, the last finished one (whose outputs are the stage's
     results) stays in the registry under last_finished; finishing replaces it."""
-    from engine.checkpoints import latest_checkpoint
+    from engine.store.checkpoints import latest_checkpoint
 
     _finish(rlaif.train_run_for(_ctx(ws), ROWS, None, True))
     fresh = rlaif.train_run_for(_ctx(ws, {"rlaif.lr": 0.5}), ROWS, None, True)

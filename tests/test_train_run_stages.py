@@ -7,10 +7,10 @@ from conftest import needs_backend
 from test_stage_ditto import ARGS as DITTO_ARGS
 from test_stage_rlaif import RULE_TOML, _write_prompts
 
-from engine.checkpoints import latest_checkpoint
-from engine.events import LogLine, Metric, StageFailed, StageFinished
-from engine.runner import Runner
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import LogLine, Metric, StageFailed, StageFinished
+from engine.store.checkpoints import latest_checkpoint
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 

@@ -9,8 +9,8 @@ from rich.text import Text
 from textual.widgets import DataTable, Static, TextArea
 from tui_helpers import until, write_method_outputs, write_past_run, write_synthetic
 
-from engine.events import StageFinished
-from engine.workspace import Workspace
+from engine.run.events import StageFinished
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.common import ConfirmScreen, PairEditScreen
 from tui.train import MetricChart
@@ -261,9 +261,9 @@ async def test_prompts_saved_and_try_it(ws: Workspace):
     from dataclasses import dataclass
     from typing import Any
 
-    from engine.atomic import atomic_write_json
-    from engine.events import LogLine
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
+    from engine.run.events import LogLine
+    from engine.store.atomic import atomic_write_json
 
     @dataclass(frozen=True)
     class Spec:

@@ -9,8 +9,8 @@ from textual import events
 from textual.widgets import DataTable, Static, TextArea
 from tui_helpers import until, write_method_outputs, write_past_run, write_synthetic
 
-from engine.events import LogLine, Progress, StageStarted
-from engine.workspace import Workspace
+from engine.run.events import LogLine, Progress, StageStarted
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.common import ConfirmScreen, PairEditScreen
 from tui.train import MetricChart
@@ -166,7 +166,7 @@ async def test_stopping_shows_at_once(ws: Workspace):
     from dataclasses import dataclass
     from typing import Any
 
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
 
     gate = asyncio.Event()
 
@@ -282,7 +282,7 @@ async def test_loss_chart_spans_resumed_runs(ws: Workspace):
     write_past_run(ws, "sft", steps=5)
     later = ws.runs_dir / "sft-20250102-000000"
     later.mkdir(parents=True)
-    from engine.events import Metric, StageFinished, event_to_dict
+    from engine.run.events import Metric, StageFinished, event_to_dict
 
     evs = [StageStarted(stage="sft", run_dir=str(later))]
     evs += [Metric("train/loss", s, 1.0 / s) for s in range(6, 9)]

@@ -9,7 +9,7 @@ import json
 from textual.widgets import Static, TextArea
 from tui_helpers import until, write_method_outputs
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 
 SIZE = (80, 24)

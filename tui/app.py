@@ -21,9 +21,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from engine.events import StageFailed
-from engine.runner import Runner
-from engine.workspace import Workspace, find_workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFailed
+from engine.store.workspace import Workspace, find_workspace
 from tui.common import (
     CancelRequested,
     ConfirmScreen,
@@ -133,6 +133,14 @@ class PersonaApp(App[None]):
             tooltip="Save demonstrations, prompts and synthetic reviews",
         ),
         Binding(
+            "ctrl+k",
+            "crossval",
+            "Cross-validate",
+            id="app.crossval",
+            show=False,
+            tooltip="Compare methods with every demonstration held out once (persona crossval)",
+        ),
+        Binding(
             "f9",
             "toggle_theme",
             "Light/dark",
@@ -209,7 +217,7 @@ class PersonaApp(App[None]):
     def _preload_done(self) -> None:
         self._preloaded.set()
         self.train.refresh_stages()
-        from engine.checkpoints import check_registry
+        from engine.store.checkpoints import check_registry
 
         registry_problem = check_registry(self.ws.results_dir)  # every tab reads it
         if registry_problem:
@@ -355,6 +363,11 @@ class PersonaApp(App[None]):
     def notify_plain(self, message: str, **kw: Any) -> None:
         """notify() with markup off: messages may quote user text or paths."""
         self.notify(message, markup=False, **kw)
+
+    def action_crossval(self) -> None:
+        from tui.crossval import open_crossval
+
+        open_crossval(self)
 
     def action_toggle_theme(self) -> None:
         self.theme = LIGHT if self.theme == DARK else DARK

@@ -17,7 +17,7 @@ from textual.widgets import Button, Label, Static, TextArea
 
 
 class EngineEvent(Message):
-    """One engine event (engine.events.*), delivered to widgets as a Textual message."""
+    """One engine event (engine.run.events.*), delivered to widgets as a Textual message."""
 
     bubble = False
 

@@ -4,7 +4,7 @@ v side by side · b blind A/B (1/← left, 2/→ right, t tie, n skip, u undo, R
 Blind A/B draws pairs from every method with outputs for the same request; each pair is shown
 once (a pair already picked in results/human_preferences.jsonl is not served again).
 
-The Report view shows the evaluate stage's numbers as engine.report.load_report gives them
+The Report view shows the evaluate stage's numbers as engine.eval.report.load_report gives them
 (nothing is recomputed here): the summary table (best per column in bold with a *), the judge's
 win-rate matrix, and every method's answers to one held-out request beside the person's text
 (←/→ or the selector change the request), then the notes.
@@ -23,9 +23,9 @@ from textual.containers import Horizontal, HorizontalScroll, Vertical, VerticalS
 from textual.widgets import ContentSwitcher, DataTable, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from engine.events import StageFinished
-from engine.report import ReportData, load_report
-from engine.results import (
+from engine.eval.report import ReportData, load_report
+from engine.run.events import StageFinished
+from engine.store.results import (
     EVALUATION_FILE,
     METHOD_FILES,
     append_preference,
@@ -34,7 +34,7 @@ from engine.results import (
     read_preferences,
     remove_preference,
 )
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
 
 RELOAD_AFTER = {*METHOD_FILES, "demos", "evaluate"}
@@ -73,7 +73,7 @@ def load_outputs(
                 }
         if got:
             outputs[method] = got
-    from engine.results import preference_problems  # your picks' torn lines, named
+    from engine.store.results import preference_problems  # your picks' torn lines, named
 
     problems += preference_problems(ws.results_dir)
     return list(requests.values()), outputs
@@ -88,7 +88,7 @@ def remove_last_preference(ws: Workspace, record: dict[str, Any]) -> bool:
     return remove_preference(ws.results_dir, record)
 
 
-# -- report formatting (the numbers come from engine.report.load_report as they are) ------
+# -- report formatting (the numbers come from engine.eval.report.load_report as they are) ------
 SHORT_HEADERS = {
     "nll": "NLL",
     "style_distance": "style",
@@ -460,7 +460,7 @@ class ComparePane(Vertical, can_focus=True):
 
     # -- report --------------------------------------------------------------
     def show_report(self) -> None:
-        """Load the last evaluation (engine.report.load_report) and fill the Report view."""
+        """Load the last evaluation (engine.eval.report.load_report) and fill the Report view."""
         empty = self.query_one("#report-empty", Static)
         body = self.query_one("#report-body", ReportScroll)
         path = self.ws.result(EVALUATION_FILE)

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from engine.workspace import Workspace, WorkspaceError, validate_demos
+from engine.store.workspace import Workspace, WorkspaceError, validate_demos
 from tui.common import ConfirmScreen, PairEditScreen, cell, focus_now, plain, read_demos
 
 HELD = "held out"
@@ -18,9 +18,9 @@ HELD = "held out"
 
 def holdout_for(ws: Workspace, demos: list[dict[str, str]]) -> tuple[frozenset[int], str]:
     """Which rows of ``demos`` (as shown, maybe unsaved) are held out, by the engine's rule
-    (engine/split.py: split_demos with the recorded choice), and a problem if it can't say."""
+    (engine/store/split.py: split_demos with the recorded choice), and a problem if it can't say."""
     try:
-        from engine.split import read_record, split_demos
+        from engine.store.split import read_record, split_demos
 
         try:
             cfg = ws.config().data
@@ -325,7 +325,7 @@ class DemosPane(Vertical):
         def answer(choice: str | None) -> None:
             if choice != "change":
                 return
-            from engine.split import set_holdout
+            from engine.store.split import set_holdout
 
             try:
                 set_holdout(self.ws, inputs)

@@ -13,10 +13,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
-from engine.events import StageFailed, StageFinished
-from engine.results import read_method_outputs, read_rm_validation
-from engine.templates import write_prompts
-from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
+from engine.run.events import StageFailed, StageFinished
+from engine.store.results import read_method_outputs, read_rm_validation
+from engine.store.templates import write_prompts
+from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
@@ -192,7 +192,7 @@ class PromptsPane(Vertical):
             return
         sel = self.query_one("#try-demo", Select)
         only = [f"prompting.only=[{sel.value}]"] if isinstance(sel.value, int) else []
-        from engine.runner import Runner
+        from engine.pipeline.runner import Runner
 
         base = self.app.runner  # same stages and service, another view of the workspace
         runner = Runner(

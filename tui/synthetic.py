@@ -16,9 +16,9 @@ from textual.containers import Vertical, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import DataTable, Static
 
-from engine.events import StageFinished
-from engine.results import read_jsonl_checked, save_review
-from engine.workspace import RESULT_FILES, Workspace
+from engine.run.events import StageFinished
+from engine.store.results import read_jsonl_checked, save_review
+from engine.store.workspace import RESULT_FILES, Workspace
 from tui.common import EngineEvent, PairEditScreen, cell, focus_now, plain
 
 DATA_FILE = RESULT_FILES["synth-outputs"]

@@ -5,7 +5,7 @@ and a progress bar with ETA (from the run's real rate). Replayed runs
 (runs/<stage>-<time>/events.jsonl) go through the very same handler as live events.
 
 Before a launch, the selected stage's estimated time at the current settings (overrides
-included) is shown under its description: engine.estimate computes it from this machine's
+included) is shown under its description: engine.pipeline.estimate computes it from this machine's
 speed profile, in a thread worker. When no profile is cached for this machine, the first
 time the tab is shown with nothing running it is measured once in the background (a few
 seconds; engine/backends/local/speed_profile.py), never while a stage runs.
@@ -28,13 +28,14 @@ from textual.widgets import DataTable, Input, Label, ProgressBar, RichLog, Stati
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
-from engine.estimate import (
+from engine.pipeline.estimate import (
     EstimateError,
     cached_profiles,
     estimate_stage,
     measure_profiles,
 )
-from engine.events import (
+from engine.pipeline.runner import list_runs, load_run_events, stage_status
+from engine.run.events import (
     CheckpointSaved,
     LogLine,
     Metric,
@@ -44,8 +45,7 @@ from engine.events import (
     StageFinished,
     StageStarted,
 )
-from engine.runner import list_runs, load_run_events, stage_status
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.common import CancelRequested, EngineEvent, LaunchRequested, focus_now, one_line, plain
 
 STATE_STYLE = {
@@ -382,7 +382,7 @@ class TrainPane(Vertical):
     ) -> tuple[str, list[str], str]:
         """(the line to show, the models to measure, what the estimate assumes). Runs in a
         worker thread."""
-        from engine.config import ConfigError
+        from engine.store.config import ConfigError
 
         try:
             cfg = self.ws.config(self.launch_overrides(overrides))

@@ -10,7 +10,7 @@ Shaikh et al., "Aligning Language Models with Demonstrated Feedback" (ICLR 2025)
    at ``temperature``; they join a replay buffer tagged with the round and the checkpoint
    that wrote them (``runs/<run>/ditto_buffer.json``).
 3. Each DPO step draws ``batch_prompts`` requests and ``pairs_per_prompt`` pairs per request
-   with ``engine.ditto_pairs.draw_pairs`` (online / replay / intermodel in ``mix``).
+   with ``engine.stages.ditto_pairs.draw_pairs`` (online / replay / intermodel in ``mix``).
 4. DPO loss (tinker-cookbook's ``compute_dpo_loss``, beta ``ditto.beta``) through
    ``forward_backward_custom``; reference log-probabilities come from ``compute_logprobs`` on
    the reference sampler, as the cookbook's ``train_dpo`` does (cached per sequence, since
@@ -35,10 +35,9 @@ from typing import Any
 
 import tinker
 
-from engine.checkpoints import record_checkpoint, registry_path
-from engine.context import StageContext, StageError
-from engine.ditto_pairs import KINDS, Pair, ReplayBuffer, Sample, batch_requests, draw_pairs
-from engine.events import (
+from engine.llm.sampling import Sampler, as_completed_tasks, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import (
     CheckpointSaved,
     Event,
     LogLine,
@@ -47,12 +46,13 @@ from engine.events import (
     SampleProduced,
     StageFinished,
 )
-from engine.sampling import Sampler, as_completed_tasks, resolve
-from engine.split import split_fingerprint
+from engine.run.supervised import supervised_step
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.supervised import supervised_step
-from engine.train_run import Decision, TrainRun, adam, digest, section_settings
-from engine.workspace import RESULT_FILES
+from engine.stages.ditto_pairs import KINDS, Pair, ReplayBuffer, Sample, batch_requests, draw_pairs
+from engine.store.checkpoints import record_checkpoint, registry_path
+from engine.store.split import split_fingerprint
+from engine.store.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["ditto"]
 BUFFER_FILE = "ditto_buffer.json"
@@ -546,7 +546,7 @@ async def _final_sampling(
 ) -> AsyncIterator[Event]:
     if not ctx.config.ditto.sample_after:
         return
-    from engine.sampling import open_sampler
+    from engine.llm.sampling import open_sampler
 
     sampler = await open_sampler(ctx, model_path=sampler_path)
     async for ev in sample_demo_inputs(

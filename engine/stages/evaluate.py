@@ -18,7 +18,7 @@ For each method and held-out demonstration (``ctx.split().holdout``; nothing tra
    agreement with them;
 5. cost: sampling time and tokens per method, training time/steps from each run's events.
 
-A checkpoint records the held-out set it trained with (``holdout``, engine.split.split_fingerprint);
+A checkpoint records the held-out set it trained with (``holdout``, engine.store.split.split_fingerprint);
 one trained with another set (demonstrations added, a held-out request edited) or with none
 recorded is still evaluated, with a warning, ``"split_changed": true`` in its method entry and a
 note next to it in the report: it may have trained on the requests it is measured on. The
@@ -26,7 +26,7 @@ judge is opened (reward_model.open_judge) before any sampling, so a bad judge fa
 
 Every request of a phase is submitted before any is awaited (the local service batches
 them; Tinker pipelines them). Writes results/evaluation.json, evaluation_samples.jsonl,
-evaluation_judgements.jsonl, then the report (engine.report).
+evaluation_judgements.jsonl, then the report (engine.eval.report).
 """
 
 from __future__ import annotations
@@ -43,24 +43,25 @@ from typing import Any
 
 import tinker
 
-from engine import evaluation as ev
-from engine import results
-from engine.checkpoints import read_registry
-from engine.context import StageContext, StageError
-from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
-from engine.fixups import trim_repetition
-from engine.judge import Comparison, Judge
-from engine.metrics.likelihood import target_nlls
-from engine.metrics.stylometry import (
+from engine.eval import evaluation as ev
+from engine.eval.metrics.likelihood import target_nlls
+from engine.eval.metrics.stylometry import (
     spread_of,
     style_distance,
     style_distance_by_feature,
     text_profile,
 )
-from engine.sampling import Sampler, as_completed_tasks, open_sampler, resolve
-from engine.split import split_fingerprint
+from engine.eval.paired import paired_comparisons, per_demo_tables
+from engine.llm.fixups import trim_repetition
+from engine.llm.judge import Comparison, Judge
+from engine.llm.sampling import Sampler, as_completed_tasks, open_sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
 from engine.stages.reward_model import judge_checkpoint, open_judge
-from engine.workspace import RESULT_FILES
+from engine.store import results
+from engine.store.checkpoints import read_registry
+from engine.store.split import split_fingerprint
+from engine.store.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["evaluate"]
 JUDGE_STAGE = "reward-model"
@@ -382,7 +383,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     # -- 2b. embeddings -------------------------------------------------------------------
     if cfg.embedding:
         try:
-            from engine.metrics import embedding
+            from engine.eval.metrics import embedding
 
             texts = [s["output"] for s in samples]
             paired = await _off_loop(
@@ -602,6 +603,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         "wall_seconds": None,
         "files": {"samples": ev.SAMPLES_FILE, "judgements": ev.JUDGEMENTS_FILE},
     }
+    data["paired"] = paired_comparisons(  # vs base and few-shot, on the same requests
+        per_demo_tables([*samples, *nll_rows], judgements), names, seed=cfg.seed
+    )
     ev.write_jsonl(ws.result(ev.SAMPLES_FILE), [*samples, *dev_samples, *nll_rows])
     ev.write_jsonl(ws.result(ev.JUDGEMENTS_FILE), judgements)
     data["wall_seconds"] = time.time() - t_start
@@ -611,7 +615,7 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         f"wrote {ws.rel(path)}, {ev.SAMPLES_FILE} ({len(samples)} samples), {ev.JUDGEMENTS_FILE}"
     )
 
-    from engine.report import write_report
+    from engine.eval.report import write_report
 
     written = await asyncio.to_thread(write_report, ws, data)
     yield LogLine(f"wrote {', '.join(ws.rel(p) for p in written)}")
@@ -643,6 +647,6 @@ def _data_needed(ctx: StageContext, m: Method, n_train: int) -> str:
         return f"{len(kept)} synthetic pairs (teacher-written from {n_train} demonstrations)"
     if m.name == "rlaif":
         return f"{len(ev.read_rows(ws.result(RESULT_FILES['rl-prompts'])))} synthetic prompts + a judge"
-    if m.name == "ditto":
+    if m.name in ("ditto", "sft-demos"):
         return f"{n_train} demonstrations"
     return "see its run"

@@ -7,7 +7,7 @@ Training data (any mix):
     (results/baseline_results.json, results/prompt_engineering_results.json), with the
     rubric of data/prompts.toml, in both orders;
   - a Preference-Collection file (``reward_model.dataset``, parquet or jsonl; see
-    engine.preference_data), ``max_examples`` rows, its first ``heldout_examples`` kept aside.
+    engine.llm.preference_data), ``max_examples`` rows, its first ``heldout_examples`` kept aside.
 
 LoRA SFT of the judge model (models.judge) on its target text: ``[RESULT] X`` in verdict
 mode, ``feedback [RESULT] X`` in feedback mode (``reward_model.mode``; auto = verdict on local,
@@ -39,10 +39,7 @@ from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
-from engine.context import StageContext, StageError
-from engine.events import Event, LogLine, Metric, StageFinished
-from engine.judge import (
+from engine.llm.judge import (
     PREFER_A,
     PREFER_B,
     TIE,
@@ -51,8 +48,14 @@ from engine.judge import (
     JudgeStats,
     training_messages,
 )
-from engine.preference_data import JudgeExample, load_preference_collection
-from engine.results import (
+from engine.llm.preference_data import JudgeExample, load_preference_collection
+from engine.llm.sampling import Sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import Event, LogLine, Metric, StageFinished
+from engine.run.supervised import batch_indices, supervised_step
+from engine.run.train_run import TrainRun, adam, digest, section_settings
+from engine.store.checkpoints import latest_checkpoint, record_checkpoint, registry_path
+from engine.store.results import (
     RESULT_FILES,
     RM_VALIDATION_FILE,
     preference_problems,
@@ -60,10 +63,7 @@ from engine.results import (
     read_preferences,
     write_rm_validation,
 )
-from engine.sampling import Sampler, resolve
-from engine.split import split_fingerprint
-from engine.supervised import batch_indices, supervised_step
-from engine.train_run import TrainRun, adam, digest, section_settings
+from engine.store.split import split_fingerprint
 
 OUTPUT = RM_VALIDATION_FILE
 STAGE = "reward-model"

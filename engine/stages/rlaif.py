@@ -9,7 +9,7 @@ Each step:
   1. ``batch_size`` train prompts (results/rl_train_data.jsonl, seeded order, same on resume);
      ``group_size`` samples each from the current policy. Every sampling request of the step
      is submitted before any is awaited (one round trip).
-  2. A pairwise tournament inside each group (engine.judge.matchups: chunks of 4, every pair
+  2. A pairwise tournament inside each group (engine.llm.judge.matchups: chunks of 4, every pair
      in a chunk, judged in both orders), judged by the reward-model checkpoint (else the base
      judge; ``rlaif.judge = "shorter"`` is a rule judge preferring shorter samples, the
      cookbook's demo, for checking the pipeline). Every judge request of the step, and the
@@ -43,24 +43,24 @@ from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
-from engine.context import StageContext, StageError
-from engine.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
-from engine.judge import (
+from engine.eval.metrics.stats import win_rate
+from engine.llm.judge import (
     Comparison,
     RuleJudge,
     has_zero_variance,
     matchups,
     tournament_rewards,
 )
-from engine.metrics.stats import win_rate
-from engine.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
-from engine.sampling import Sampler, open_sampler, resolve
-from engine.split import split_fingerprint
+from engine.llm.sampling import Sampler, open_sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
+from engine.run.supervised import batch_indices
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.reward_model import _rm_entry, open_judge
-from engine.supervised import batch_indices
-from engine.train_run import Decision, TrainRun, adam, digest, section_settings
+from engine.store.checkpoints import latest_checkpoint, record_checkpoint, registry_path
+from engine.store.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
+from engine.store.split import split_fingerprint
 
 OUTPUT = RESULT_FILES["rlaif"]
 STAGE = "rlaif"

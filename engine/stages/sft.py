@@ -11,7 +11,7 @@ The service returns summed losses, so ``train/loss`` and ``val/loss`` are the pe
 NLL: -sum(logprob * weight) / sum(weight).
 
 Checkpoints every ``checkpoint_every`` steps, on cancel, and at the end, recorded in
-results/checkpoints.toml under [sft] (engine.train_run: a rerun reuses a finished training of
+results/checkpoints.toml under [sft] (engine.run.train_run: a rerun reuses a finished training of
 the same data and settings and only samples, resumes an unfinished one, continues one whose
 steps grew, and otherwise trains from the start, saying why; ``--set sft.resume=false``
 always starts over).
@@ -31,16 +31,16 @@ from typing import Any
 
 import tinker
 
-from engine import results
-from engine.context import StageContext, StageError
-from engine.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
-from engine.results import RESULT_FILES, registry_path
-from engine.sampling import open_sampler, resolve
-from engine.split import split_fingerprint
+from engine.llm.sampling import open_sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
+from engine.run.supervised import batch_indices, mean_nll, supervised_step
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import warn_bad
-from engine.supervised import batch_indices, mean_nll, supervised_step
-from engine.train_run import Decision, TrainRun, adam, digest, section_settings
+from engine.store import results
+from engine.store.results import RESULT_FILES, registry_path
+from engine.store.split import split_fingerprint
 
 OUTPUT = RESULT_FILES["sft"]
 DATA_FILE = RESULT_FILES["synth-outputs"]

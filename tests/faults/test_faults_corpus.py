@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import results
 from engine.errors import PersonaError
-from engine.workspace import Workspace, init_workspace
+from engine.store import results
+from engine.store.workspace import Workspace, init_workspace
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "malformed"
 FILES = sorted(p for p in CORPUS.rglob("*") if p.is_file())
@@ -74,7 +74,7 @@ def _messages(kind: str, ws: Workspace) -> list[str]:
         said += loaded.problems
         results.read_preferences(ws.results_dir)  # the plain reader skips, never raises
     elif kind == "checkpoints":
-        from engine.checkpoints import check_registry, load_registry, require_registry
+        from engine.store.checkpoints import check_registry, load_registry, require_registry
 
         assert results.read_registry(ws.results_dir) == {}  # views: the bad entry left out
         read = load_registry(ws.results_dir)
@@ -84,8 +84,8 @@ def _messages(kind: str, ws: Workspace) -> list[str]:
         expect_error(lambda: results.read_registry(ws.results_dir, strict=True))
         said.append(check_registry(ws.results_dir))
     elif kind == "holdout":
-        from engine.settings import DataConfig
-        from engine.split import workspace_split
+        from engine.store.settings import DataConfig
+        from engine.store.split import workspace_split
 
         expect_error(lambda: workspace_split(ws, DataConfig()))  # checked before it writes
     elif kind == "outputs":

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from engine.runner import Runner, list_runs
-from engine.settings import DataConfig
-from engine.split import HoldoutError, workspace_split
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, list_runs
+from engine.store.settings import DataConfig
+from engine.store.split import HoldoutError, workspace_split
+from engine.store.workspace import Workspace
 
 
 def _hand_edit(ws: Workspace, typo: bool = True) -> tuple[list[str], bytes]:

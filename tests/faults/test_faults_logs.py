@@ -11,10 +11,10 @@ from pathlib import Path
 
 from conftest import needs_backend
 
-from engine import results
-from engine.events import LogLine, Metric, StageFinished, StageStarted, event_to_dict
-from engine.runner import Runner, list_runs, load_run_events, stage_status
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, list_runs, load_run_events, stage_status
+from engine.run.events import LogLine, Metric, StageFinished, StageStarted, event_to_dict
+from engine.store import results
+from engine.store.workspace import Workspace
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "malformed" / "preferences"
 TORN = b'{"input": "x", "a": "sft", "b": "baseline", "cho'
@@ -82,8 +82,8 @@ async def test_evaluate_names_a_torn_pick(ws: Workspace):
     wider = ["baseline", "prompting", "few-shot", "sft", "rlaif"]
     results.write_evaluation(ws.results_dir, {"methods": [{"name": m} for m in wider]})
     held = None
-    from engine.settings import DataConfig
-    from engine.split import workspace_split
+    from engine.store.settings import DataConfig
+    from engine.store.split import workspace_split
 
     held = workspace_split(ws, DataConfig()).holdout[0]["input"]
     results.append_preference(

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from engine import results
-from engine.checkpoints import RegistryError, latest_checkpoint, record_checkpoint
-from engine.context import StageContext
-from engine.events import LogLine, StageFailed, StageFinished
-from engine.runner import Runner, list_runs
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, list_runs
+from engine.run.context import StageContext
+from engine.run.events import LogLine, StageFailed, StageFinished
+from engine.store import results
+from engine.store.checkpoints import RegistryError, latest_checkpoint, record_checkpoint
+from engine.store.workspace import Workspace
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "malformed" / "checkpoints"
 
@@ -173,7 +173,7 @@ async def test_an_unwritable_runs_folder_stops_before_any_work(ws, stage, monkey
 
 def test_status_json_is_unchanged_by_a_bad_registry(ws: Workspace):
     """Views stay usable: a bad entry is left out of the status, never raised."""
-    from engine.runner import stage_status
+    from engine.pipeline.runner import stage_status
 
     ws.results_dir.mkdir(exist_ok=True)
     ws.result("checkpoints.toml").write_text('[sft]\nstep = "x"\n[rlaif]\nstep = 2\n')

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from conftest import REPO, make_tiny_workspace, needs_backend
 
-from engine import results
-from engine.events import CheckpointSaved, LogLine, Metric, StageFailed
-from engine.runner import RUNNING_MARKER, list_runs, load_run_events
+from engine.pipeline.runner import RUNNING_MARKER, list_runs, load_run_events
+from engine.run.events import CheckpointSaved, LogLine, Metric, StageFailed
+from engine.store import results
 
 pytestmark = needs_backend
 

@@ -10,7 +10,7 @@
 - decoding: ``BaseRuntime.generate`` at 1, 8 and 32 rows (temperature 1, top_p 0.95, as the
   stages sample), every row running to its ``max_tokens``;
 - a checkpoint save (adapter + optimizer state, and the sampler weights), as
-  a training stage does (engine.train_run).
+  a training stage does (engine.run.train_run).
 
 ``ensure_profile(base_model, plan)`` loads the runtime (timing the load), measures and saves
 the profile as JSON under ``<cache>/speed/`` (``PERSONA_CACHE_DIR`` moves it), one file per
@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json
+from engine.store.atomic import atomic_write_json
 
 from . import hardware
 from .models import ComputePlan, cache_dir, choose_compute
