@@ -77,7 +77,7 @@ def _marker_is_live(marker: dict[str, Any]) -> bool:
             cmdline = " ".join(psutil.Process(pid).cmdline())
         except Exception:
             return True
-        return any(k in cmdline for k in ("persona", "engine.cli", "tui", "pytest"))
+        return any(k in cmdline for k in ("persona", "engine.cli", "tui"))
     now = _process_started(pid)
     return now is None or abs(now - float(recorded)) < 2.0
 
@@ -173,9 +173,7 @@ def preflight(
             stage=name,
             message=f"{name} is already running ({ws.rel(busy)}). Wait for it or stop it first.",
         )
-    spec_inputs = getattr(spec, "inputs", None)
-    inputs = tuple((p, "") for p in spec_inputs) if spec_inputs else DEFAULT_INPUTS.get(name, ())
-    for rel, producer in inputs:
+    for rel, producer in DEFAULT_INPUTS.get(name, ()):
         if not (ws.root / rel).exists():
             hint = f": run `persona run {producer}` first" if producer else ""
             return StageFailed(stage=name, message=f"{rel} not found{hint}.")
@@ -185,9 +183,6 @@ def preflight(
         _check_setting_inputs(ws, cfg, name)
         _check_split(ws, cfg, name)
         warnings = _check_registry(ws, name)
-        hook = getattr(spec, "preflight", None)
-        if hook is not None:
-            hook(ws, cfg)
     except PersonaError as e:
         return StageFailed(stage=name, message=str(e))
     return Plan(name=name, spec=spec, config=cfg, secrets=ws.secrets(), warnings=warnings)
