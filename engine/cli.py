@@ -71,6 +71,18 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _checkpoint_text(ck: dict[str, Any]) -> str:
+    """A registry entry in a few words; an unfinished retrain names the finished run whose
+    outputs the stage's results still are."""
+    if not ck:
+        return ""
+    text = f"step {ck.get('step')}" + ("" if ck.get("finished") else " (unfinished)")
+    last = ck.get("last_finished")
+    if not ck.get("finished") and isinstance(last, dict):
+        text += f"; results are from the finished run at step {last.get('step')}"
+    return text
+
+
 def _plain(text: str) -> str:
     """Text for rich: control bytes escaped, markup shown literally."""
     return escape(printable(text))
@@ -315,9 +327,7 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     }
     for r in rows:
         ck = r.checkpoint
-        ck_text = (
-            f"step {ck.get('step')}{'' if ck.get('finished') else ' (unfinished)'}" if ck else ""
-        )
+        ck_text = _checkpoint_text(ck)
         color = colors.get(r.state, "dim")
         table.add_row(
             str(r.number),
