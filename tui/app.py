@@ -217,6 +217,11 @@ class PersonaApp(App[None]):
     def _preload_done(self) -> None:
         self._preloaded.set()
         self.train.refresh_stages()
+        from engine.store.checkpoints import check_registry
+
+        registry_problem = check_registry(self.ws.results_dir)  # every tab reads it
+        if registry_problem:
+            self.notify_plain(registry_problem, severity="warning", timeout=30)
 
     async def wait_ready(self, timeout: float | None = 60) -> None:
         """Wait until the engine's heavy modules are loaded (the Train tab lists stages then)."""

@@ -73,6 +73,9 @@ def load_outputs(
                 }
         if got:
             outputs[method] = got
+    from engine.store.results import preference_problems  # your picks' torn lines, named
+
+    problems += preference_problems(ws.results_dir)
     return list(requests.values()), outputs
 
 

@@ -59,6 +59,7 @@ from engine.llm.sampling import Sampler, as_completed_tasks, open_sampler
 from engine.run.context import StageContext, StageError
 from engine.run.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
 from engine.stages.reward_model import judge_checkpoint, open_judge
+from engine.store import results
 from engine.store.checkpoints import read_registry
 from engine.store.split import split_fingerprint
 from engine.store.workspace import RESULT_FILES
@@ -174,6 +175,7 @@ class _State:
     judgements: list[dict[str, Any]] = field(default_factory=list)
     dev_rates: dict[str, Any] = field(default_factory=dict)
     matrix: dict[str, Any] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # methods of the last evaluation not run
 
     @property
     def cfg(self) -> Any:
@@ -320,7 +322,7 @@ async def _methods_phase(st: _State) -> AsyncIterator[Event]:
         )
     methods.append(Method("few-shot", "few-shot", base, examples=few))
     holdout_fp = split_fingerprint(st.split)
-    for name, entry in read_registry(ctx.workspace.results_dir).items():
+    for name, entry in read_registry(ctx.workspace.results_dir, strict=True).items():
         if name in NOT_POLICIES or not isinstance(entry, dict) or not entry.get("sampler_path"):
             continue
         if cfg.methods and name not in cfg.methods:
@@ -339,6 +341,9 @@ async def _methods_phase(st: _State) -> AsyncIterator[Event]:
             raise StageError(f"evaluate.methods = {list(cfg.methods)}: none of them has results.")
     st.methods = methods
     yield LogLine(f"methods: {', '.join(st.names)}")
+    st.dropped = results.methods_dropped(ctx.workspace.results_dir, st.names)
+    if st.dropped:  # never a narrower result over a wider one without saying so
+        yield LogLine(results.narrower_warning(st.dropped), "warning")
 
 
 async def _open_judge_phase(st: _State) -> AsyncIterator[Event]:
@@ -702,6 +707,8 @@ def _human_and_person(st: _State) -> tuple[list[Any], dict[str, Any], dict[str, 
 async def _write_phase(st: _State) -> AsyncIterator[Event]:
     """evaluation.json, the samples and judgements files, then the report."""
     ctx, ws, held = st.ctx, st.ctx.workspace, st.held
+    for problem in results.preference_problems(ws.results_dir):
+        yield LogLine(problem, "warning")
     picks, human, person_profile, hacking = _human_and_person(st)
     if not picks:
         yield LogLine("no blind A/B picks yet (Compare tab): the report cannot say what you prefer")
@@ -755,7 +762,8 @@ async def _write_phase(st: _State) -> AsyncIterator[Event]:
         stage=ctx.stage,
         outputs=(ws.rel(ws.result(OUTPUT)), ws.rel(path)),
         summary=f"{len(st.methods)} methods on {len(held)} held-out requests"
-        + (f"; lowest NLL: {ev.method_label(best)}" if best else ""),
+        + (f"; lowest NLL: {ev.method_label(best)}" if best else "")
+        + (f"; not evaluated this time: {', '.join(st.dropped)}" if st.dropped else ""),
     )
 
 

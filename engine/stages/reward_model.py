@@ -65,6 +65,7 @@ from engine.store.checkpoints import latest_checkpoint, record_checkpoint, regis
 from engine.store.results import (
     RESULT_FILES,
     RM_VALIDATION_FILE,
+    preference_problems,
     read_method_outputs,
     read_preferences,
     read_rm_validation,
@@ -277,7 +278,7 @@ class RmValidation:
             )
         else:
             out.append(h.get("note", "no blind picks yet"))
-        return out
+        return out + list(h.get("skipped", []))
 
 
 def human_picks_baseline_vs_sft(results_dir: Any) -> dict[str, int]:
@@ -385,6 +386,9 @@ async def validate_rubric(
                 disagree.append(rec["input"])
     n_picks = sum(1 for k in inputs if k in picks)
     human: dict[str, Any] = {"count": n_picks}
+    skipped = preference_problems(ws.results_dir)
+    if skipped:
+        human["skipped"] = skipped
     if n_picks:
         human.update(agree=agree, percent=100.0 * agree / n_picks, disagree=disagree)
     else:
