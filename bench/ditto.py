@@ -4,7 +4,7 @@
 
 Runs the ditto stage (no final sampling) on a fresh copy of the example workspace with the
 local defaults (plus any --set), then scores the person's held-out demonstrations (never
-trained on) with ``engine.metrics.likelihood.target_nlls`` under the base policy, the SFT
+trained on) with ``engine.eval.metrics.likelihood.target_nlls`` under the base policy, the SFT
 initialisation and the last DPO round, and DPO pair accuracy (implicit reward of the
 demonstration above the SFT-init policy's own samples, against the SFT-init reference) on
 training and held-out requests, before DPO (policy = reference: 0) and after it.
@@ -38,7 +38,7 @@ def cpu_kind() -> str:
 
 async def pair_accuracy(policy, reference, renderer, pairs) -> float:
     """Share of (request, chosen, rejected) whose chosen log-ratio beats the rejected one."""
-    from engine.metrics.likelihood import target_nlls
+    from engine.eval.metrics.likelihood import target_nlls
 
     items = [([{"role": "user", "content": r}], t) for r, c, j in pairs for t in (c, j)]
     pol = await target_nlls(policy, renderer, items)
@@ -58,13 +58,13 @@ async def main() -> dict:
     )
     args = ap.parse_args()
 
-    from engine.checkpoints import latest_checkpoint
-    from engine.ditto_pairs import ReplayBuffer
-    from engine.events import CheckpointSaved, LogLine, Metric, Progress, StageFailed
-    from engine.metrics.likelihood import target_nlls
-    from engine.runner import Runner
-    from engine.sampling import open_sampler
-    from engine.workspace import init_workspace
+    from engine.eval.metrics.likelihood import target_nlls
+    from engine.llm.sampling import open_sampler
+    from engine.pipeline.runner import Runner
+    from engine.run.events import CheckpointSaved, LogLine, Metric, Progress, StageFailed
+    from engine.stages.ditto_pairs import ReplayBuffer
+    from engine.store.checkpoints import latest_checkpoint
+    from engine.store.workspace import init_workspace
 
     root = Path(args.workspace or tempfile.mkdtemp(prefix="ditto-bench-")) / "ws"
     ws = init_workspace(root)
@@ -118,8 +118,8 @@ async def main() -> dict:
     )
 
     # ---- held-out NLL and pair accuracy ---------------------------------------------------
-    from engine.config import load_config
-    from engine.context import StageContext
+    from engine.run.context import StageContext
+    from engine.store.config import load_config
 
     cfg = load_config(ws.config_path, overrides)
     ctx = StageContext(workspace=ws, config=cfg, stage="bench", run_dir=ws.root / "runs" / "bench")

@@ -30,12 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.checkpoints import read_registry, record_checkpoint  # noqa: E402
-from engine.events import LogLine, Progress, StageFailed, StageFinished  # noqa: E402
-from engine.results import append_preference, preference_record  # noqa: E402
-from engine.runner import Runner  # noqa: E402
-from engine.split import workspace_split  # noqa: E402
-from engine.workspace import init_workspace  # noqa: E402
+from engine.pipeline.runner import Runner  # noqa: E402
+from engine.run.events import LogLine, Progress, StageFailed, StageFinished  # noqa: E402
+from engine.store.checkpoints import read_registry, record_checkpoint  # noqa: E402
+from engine.store.results import append_preference, preference_record  # noqa: E402
+from engine.store.split import workspace_split  # noqa: E402
+from engine.store.workspace import init_workspace  # noqa: E402
 
 DEV_REQUESTS = [
     "Thank Jo for covering my shift on Saturday.",
@@ -71,7 +71,7 @@ def machine() -> dict:
 
 async def bench(root: Path, extra: list[str]) -> dict:
     ws = init_workspace(root)
-    from engine.config import load_config
+    from engine.store.config import load_config
 
     split = workspace_split(ws, load_config(ws.config_path).data)
     rows = [

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.events import LogLine, Metric, StageFailed, StageFinished  # noqa: E402
-from engine.runner import Runner  # noqa: E402
+from engine.pipeline.runner import Runner  # noqa: E402
+from engine.run.events import LogLine, Metric, StageFailed, StageFinished  # noqa: E402
 from engine.stages import STAGES  # noqa: E402
-from engine.workspace import init_workspace  # noqa: E402
+from engine.store.workspace import init_workspace  # noqa: E402
 
 CHAIN = [name for name in STAGES if name != "demos"]  # every stage that runs a model
 BUDGET = [

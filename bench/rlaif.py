@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from engine.events import Metric  # noqa: E402
-from engine.results import rl_prompt_row  # noqa: E402
-from engine.runner import Runner, list_runs, load_run_events  # noqa: E402
-from engine.sampling import resolve  # noqa: E402
-from engine.workspace import init_workspace  # noqa: E402
+from engine.llm.sampling import resolve  # noqa: E402
+from engine.pipeline.runner import Runner, list_runs, load_run_events  # noqa: E402
+from engine.run.events import Metric  # noqa: E402
+from engine.store.results import rl_prompt_row  # noqa: E402
+from engine.store.workspace import init_workspace  # noqa: E402
 
 SYNC = {"get_tokenizer", "get_base_model", "get_info", "close", "create_rest_client"}
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from engine.atomic import atomic_write_jsonl, atomic_write_text  # noqa: E402
-from engine.events import StageFinished  # noqa: E402
-from engine.workspace import init_workspace  # noqa: E402
+from engine.run.events import StageFinished  # noqa: E402
+from engine.store.atomic import atomic_write_jsonl, atomic_write_text  # noqa: E402
+from engine.store.workspace import init_workspace  # noqa: E402
 from tui.app import create_app  # noqa: E402
 
 TINY = "persona/tiny-random"

@@ -4,12 +4,15 @@
     persona init [DIR]            create a workspace with the example data
     persona run STAGE [--backend local|tinker] [--set section.key=value ...]
     persona status [--json]       each stage's state, outputs and checkpoint
+    persona serve [--host H] [--port N] [--key-file F]   the local service with Tinker's API
+    persona crossval [--folds K]  every demonstration held out once (engine.crossval)
 
 Exit codes: 0 done, 1 failed (the message says what to do), 2 bad usage, 130 cancelled.
 
 Ctrl+C, SIGTERM and SIGHUP stop the stage after its current step (a cancel checkpoint, a
-final event, the running marker removed); a second one quits at once with 130, after the
-run's log is closed with a final event.
+final event, the running marker removed); a second Ctrl+C or SIGTERM quits at once with 130,
+after the run's log is closed with a final event. A closed terminal (SIGHUP, however many a
+closing window or tmux delivers) is one cancel, and output to it is dropped, never raised.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.config import ConfigError
-from engine.events import (
+from engine.pipeline.runner import Runner, stage_status, workspace_disk_use
+from engine.run.events import (
     CheckpointSaved,
     Event,
     LogLine,
@@ -46,11 +49,12 @@ from engine.events import (
     StageFinished,
     StageStarted,
 )
-from engine.events import (
+from engine.run.events import (
     Progress as ProgressEvent,
 )
-from engine.runner import Runner, stage_status, workspace_disk_use
-from engine.workspace import Workspace, find_workspace, init_workspace
+from engine.store.checkpoints import check_registry
+from engine.store.config import ConfigError
+from engine.store.workspace import Workspace, find_workspace, init_workspace
 
 KEY_METRICS = ("train/loss", "val/loss", "synth_inputs/yield", "rl/reward", "dev/win_rate")
 
@@ -68,9 +72,80 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _checkpoint_text(ck: dict[str, Any]) -> str:
+    """A registry entry in a few words; an unfinished retrain names the finished run whose
+    outputs the stage's results still are."""
+    if not ck:
+        return ""
+    text = f"step {ck.get('step')}" + ("" if ck.get("finished") else " (unfinished)")
+    last = ck.get("last_finished")
+    if not ck.get("finished") and isinstance(last, dict):
+        text += f"; results are from the finished run at step {last.get('step')}"
+    return text
+
+
 def _plain(text: str) -> str:
     """Text for rich: control bytes escaped, markup shown literally."""
     return escape(printable(text))
+
+
+class TerminalStream:
+    """stdout or stderr for rich, whose writes never raise: once the terminal is gone (EIO or
+    EPIPE: a closed window, ``tmux kill-session``) output is dropped, and the process's own
+    file descriptors on that terminal are pointed at /dev/null, so nothing else that writes
+    there (a library's warning, the interpreter's last flush) fails either."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+    def _lost(self) -> None:
+        self.gone = True
+        with contextlib.suppress(Exception):
+            _detach_dead_terminal(self._stream.fileno())
+
+
+def _detach_dead_terminal(dead_fd: int) -> None:
+    """Point fd 1 and 2 at /dev/null where they are the same (dead) terminal as ``dead_fd``."""
+    dead = os.fstat(dead_fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in {dead_fd, 1, 2}:
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino, st.st_rdev) == (dead.st_dev, dead.st_ino, dead.st_rdev):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def terminal_console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr) that drops its output once the terminal is gone."""
+    return Console(file=TerminalStream(sys.stderr if stderr else sys.stdout))
 
 
 class CliView:
@@ -153,7 +228,7 @@ async def _run(
             console.print(f"  {_plain(o)}")
         return 0
     msg = final.message if isinstance(final, StageFailed) else "the stage ended without a result"
-    err = Console(stderr=True)
+    err = terminal_console(stderr=True)
     if isinstance(final, StageFailed) and final.cancelled:
         err.print(f"[yellow]{_plain(msg)}[/yellow]")
         return 130
@@ -170,13 +245,18 @@ def install_stop_signals(
     runner: Runner, console: Console, exit_now: Callable[[int], Any] = os._exit
 ) -> Callable[[int], None]:
     """Ctrl+C, SIGTERM and SIGHUP: the first stops the stage after its step (as the app's
-    cancel does); the second quits at once with 130. Quitting uses ``os._exit`` after the
+    cancel does); a second Ctrl+C or SIGTERM quits at once with 130. SIGHUP (the terminal
+    closed: it often comes twice, from the kernel and from the shell or tmux) never counts as
+    a second interrupt: a closed terminal is one cancel. Quitting uses ``os._exit`` after the
     run's log and marker are settled: a normal interpreter exit would wait on (and can abort
     in) the backend's compute thread. Returns the handler (tests call it directly)."""
     count = 0
+    hup = getattr(signal, "SIGHUP", None)
 
     def on_signal(signum: int) -> None:
         nonlocal count
+        if hup is not None and signum == int(hup) and count:
+            return  # already stopping: a hang-up is not a request to quit now
         count += 1
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else ""
         if count == 1:
@@ -220,7 +300,7 @@ def _workspace_missing(ws: Workspace, given: str | None) -> str:
 
 def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     from engine.backends import describe_compute
-    from engine.checkpoint_retention import human_bytes
+    from engine.store.checkpoint_retention import human_bytes
 
     rows = stage_status(ws)
     try:
@@ -248,9 +328,7 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     }
     for r in rows:
         ck = r.checkpoint
-        ck_text = (
-            f"step {ck.get('step')}{'' if ck.get('finished') else ' (unfinished)'}" if ck else ""
-        )
+        ck_text = _checkpoint_text(ck)
         color = colors.get(r.state, "dim")
         table.add_row(
             str(r.number),
@@ -261,6 +339,9 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
             human_bytes(r.disk_bytes) if r.disk_bytes else "",
         )
     console.print(table)
+    registry_problem = check_registry(ws.results_dir)
+    if registry_problem:
+        console.print(f"[yellow]{_plain(registry_problem)}[/yellow]")
     for r in rows:
         if r.state in ("failed", "interrupted") and r.message:
             console.print(f"[red]{r.name}[/red]: {_plain(r.message)}")
@@ -275,9 +356,7 @@ def stage_name(text: str) -> str:
         return text
     near = difflib.get_close_matches(text, list(STAGES), n=1, cutoff=0.6)
     hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise argparse.ArgumentTypeError(
-        f"unknown stage {text!r}{hint} (stages: {', '.join(STAGES)})"
-    )
+    raise argparse.ArgumentTypeError(f"unknown stage {text!r}{hint} (stages: {', '.join(STAGES)})")
 
 
 def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -316,6 +395,9 @@ def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser
     pr.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     ps = sub.add_parser("status", help="show each stage's state, outputs and checkpoint")
     ps.add_argument("--json", action="store_true", help="print the states as JSON")
+    from engine.serve import command as serve_command
+
+    serve_command.add_parser(sub)
     for command in (extra or {}).values():
         command.add_parser(sub)
     return p
@@ -336,7 +418,7 @@ def persona_command() -> str:
 
 
 def _error(message: str) -> None:
-    Console(stderr=True).print(f"[red]{_plain(message)}[/red]")
+    terminal_console(stderr=True).print(f"[red]{_plain(message)}[/red]")
 
 
 def main(
@@ -349,9 +431,12 @@ def main(
     from engine.backends import configure_hub, quiet_libraries
 
     quiet_libraries()  # no "Loading weights" bars from transformers on the terminal
+    from engine.crossval import cli as crossval_cli
+
+    extra = {"crossval": crossval_cli, **(extra or {})}
     parser = build_parser(extra)
     args = parser.parse_args(argv)
-    console = Console()
+    console = terminal_console()
     ws = Workspace(Path(args.workspace)) if args.workspace else find_workspace()
     if args.command == "init":
         root = Path(args.dir) if not args.workspace else Path(args.workspace)
@@ -362,7 +447,7 @@ def main(
             f"{_plain(persona_command())} run baseline"
         )
         return 0
-    if args.command in ("run", "status"):
+    if args.command in ("run", "status", "crossval"):
         missing = _workspace_missing(ws, args.workspace)
         if missing:
             _error(missing)
@@ -380,6 +465,10 @@ def main(
         )
     if args.command == "status":
         return cmd_status(ws, args.json, console)
+    if args.command == "serve":
+        from engine.serve import command as serve_command
+
+        return serve_command.run(args, ws)
     if extra and args.command in extra:
         return int(extra[args.command].run(args, ws) or 0)
     if no_command is not None:

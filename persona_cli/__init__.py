@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from engine.cli import main as engine_main
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from persona_cli import speed
 
 # Commands of the ``persona`` script beyond the engine's own (run, status, init).

@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.config import ConfigError, load_config
-from engine.workspace import Workspace
+from engine.store.config import ConfigError, load_config
+from engine.store.workspace import Workspace
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, ws: Workspace) -> int:
     from engine.backends import configure_hub
     from engine.backends.local.speed_profile import speed_dir
-    from engine.estimate import (
+    from engine.pipeline.estimate import (
         EstimateError,
         cached_profiles,
         estimate_stage,

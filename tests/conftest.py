@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # works without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from engine.atomic import atomic_write_text  # noqa: E402
-from engine.workspace import Workspace, init_workspace  # noqa: E402
+from engine.store.atomic import atomic_write_text  # noqa: E402
+from engine.store.workspace import Workspace, init_workspace  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -229,7 +229,7 @@ class _ScriptedService:
         return getattr(self._inner, name)
 
     def create_sampling_client(self, *args, **kw):
-        from engine.sampling import resolve
+        from engine.llm.sampling import resolve
 
         async def make():
             return _ScriptedSampling(await resolve(self._inner.create_sampling_client(*args, **kw)))
@@ -238,6 +238,6 @@ class _ScriptedService:
 
 
 def scripted_teacher_factory(backend, **kw):
-    from engine.context import default_service_factory
+    from engine.run.context import default_service_factory
 
     return _ScriptedService(default_service_factory(backend, **kw))

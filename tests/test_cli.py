@@ -13,7 +13,7 @@ from conftest import REPO, needs_backend
 from test_workspace import BAD
 
 from engine.cli import main
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 
 def persona(
@@ -132,7 +132,7 @@ def test_control_bytes_in_sample_lines_are_escaped():
     from rich.console import Console
 
     from engine.cli import CliView
-    from engine.events import LogLine, SampleProduced
+    from engine.run.events import LogLine, SampleProduced
 
     console = Console(record=True, width=200, force_terminal=False)
     with CliView(console) as view:
@@ -196,7 +196,7 @@ def test_loading_the_similarity_model_warns_nothing_with_hub_bars_off(monkeypatc
     import importlib
     import warnings
 
-    from engine.metrics import embedding
+    from engine.eval.metrics import embedding
 
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.config import ConfigError, load_config, persona_toml_template
 from engine.errors import PersonaError
-from engine.settings import BACKEND_DEFAULTS, PersonaConfig
-from engine.workspace import init_workspace
+from engine.store.config import ConfigError, load_config, persona_toml_template
+from engine.store.settings import BACKEND_DEFAULTS, PersonaConfig
+from engine.store.workspace import init_workspace
 
 
 @pytest.mark.parametrize(
@@ -133,15 +133,15 @@ def test_cli_rejects_bad_file(tmp_path: Path, capsys):
 
 
 def test_readme_lists_every_key_from_the_structures():
-    from engine.config_doc import README, settings_markdown
+    from engine.store.config_doc import README, settings_markdown
 
     assert settings_markdown() in README.read_text(encoding="utf-8"), (
-        "README's configuration section is stale: run `.venv/bin/python -m engine.config_doc`"
+        "README's configuration section is stale: run `.venv/bin/python -m engine.store.config_doc`"
     )
 
 
 def test_only_secret_entries_are_redacted():
-    from engine.config import redact
+    from engine.store.config import redact
 
     env = {
         "TINKER_API_KEY": "tml-abcdef123",

@@ -1,9 +1,11 @@
 """tinker-cookbook's own training loops, unchanged, against the local service.
 
 The cookbook (``tinker_cookbook`` 0.5.8) looks ``tinker.ServiceClient`` up when a loop
-starts, so each test points it at ``LocalServiceClient`` and runs the cookbook's
-supervised, DPO and RL ``main`` for a few steps on the tiny random model, with every
-socket closed: nothing may reach the network or the Hugging Face hub.
+starts, so each test points it at the local service and runs the cookbook's supervised,
+DPO and RL ``main`` for a few steps on the tiny random model, twice: in process
+(``LocalServiceClient``) and served (the real SDK's ``ServiceClient`` talking HTTP to
+`persona serve` on 127.0.0.1). Every other socket is closed: nothing may reach the network
+or the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from tinker_cookbook.rl.types import (  # noqa: E402
 
 # ---- fixtures -------------------------------------------------------------------------
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SERVE_KEY = "tml-" + "c" * 40
+
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,17 +51,33 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
 
-    real_connect = socket.socket.connect
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def loopback(address: Any) -> bool:
+        host = address[0] if isinstance(address, tuple) else address
+        return host in LOOPBACK
 
     def connect(self: socket.socket, address: Any) -> None:
-        if self.family == socket.AF_UNIX:
+        if self.family == socket.AF_UNIX or loopback(address):
             return real_connect(self, address)
         refuse(self, address)
 
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        if self.family == socket.AF_UNIX or loopback(address):
+            return real_connect_ex(self, address)
+        refuse(self, address)
+        return 1
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if loopback(host):
+            return real_getaddrinfo(host, *args, **kwargs)
+        refuse(None, host)
+
     monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -83,22 +104,39 @@ def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     service.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=["in_process", "served"])
 def local_service(
-    monkeypatch: pytest.MonkeyPatch, shared_service: Any, no_network: None
-) -> list[dict[str, Any]]:
-    """``tinker.ServiceClient(...)`` returns the local service; the list records each call's kwargs."""
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    shared_service: Any,
+    tiny_dir: str,
+    no_network: None,
+) -> Iterator[list[dict[str, Any]]]:
+    """``tinker.ServiceClient(...)`` returns the local service, in process or the real SDK's
+    client of `persona serve` on 127.0.0.1; the list records each call's kwargs."""
     import engine.backends.renderers  # noqa: F401 - registers "persona/smollm2"
+    from engine.backends.local.models import REGISTERED_MODELS
+    from engine.serve.server import ServerThread
+    from engine.serve.state import ServedState
 
     torch.manual_seed(0)  # the loops create LoRA clients without a seed: init from torch's RNG
     calls: list[dict[str, Any]] = []
+    server = None
+    if request.param == "served":
+        state = ServedState(shared_service, models=(*REGISTERED_MODELS, tiny_dir))
+        server = ServerThread(state, SERVE_KEY).start()
+    real_client = tinker.ServiceClient
 
     def factory(**kwargs: Any) -> Any:
         calls.append(kwargs)
-        return shared_service
+        if server is None:
+            return shared_service
+        return real_client(**{**kwargs, "base_url": server.base_url, "api_key": SERVE_KEY})
 
     monkeypatch.setattr(tinker, "ServiceClient", factory)
-    return calls
+    yield calls
+    if server is not None:
+        server.stop()
 
 
 def read_metrics(log_path: Path) -> list[dict[str, Any]]:
@@ -170,12 +208,14 @@ def test_supervised_train_loss_falls(
     assert all(math.isfinite(x) for x in losses)
     assert all(r["num_sequences"] == len(CHATS) for r in rows)
     assert losses[-1] < losses[0] - 1.0, losses
-    # The loop's final checkpoint is a local one the service can resume from.
+    # The loop's final checkpoint is one the service can resume from.
     final = json.loads((log_path / "checkpoints.jsonl").read_text().splitlines()[-1])
     assert final["name"] == "final" and final["state_path"] and final["sampler_path"]
-    resumed = shared_service.create_training_client_from_state_with_optimizer(
-        final["state_path"]
-    ).result()
+    resumed = (
+        tinker.ServiceClient()
+        .create_training_client_from_state_with_optimizer(final["state_path"])
+        .result()
+    )
     assert resumed.get_info().lora_rank == 8
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.ditto_pairs import (
+from engine.stages.ditto_pairs import (
     DEMO_ROUND,
     KINDS,
     ReplayBuffer,
@@ -15,7 +15,7 @@ from engine.ditto_pairs import (
     draw_pairs,
     type_counts,
 )
-from engine.split import split_demos
+from engine.store.split import split_demos
 
 DEMOS = [{"input": f"request {i}", "output": f"demo text {i}"} for i in range(10)]
 

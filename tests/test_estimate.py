@@ -1,4 +1,4 @@
-"""engine.estimate: a stage's time from the speed profile, checked with a hand-made profile."""
+"""engine.pipeline.estimate: a stage's time from the speed profile, checked with a hand-made profile."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import pytest
 from conftest import TINY, hand_profile, needs_backend
 from tui_helpers import write_method_outputs, write_synthetic
 
-from engine.estimate import Estimate, EstimateError, TokenCounter, estimate_stage, human_seconds
+from engine.pipeline.estimate import (
+    Estimate,
+    EstimateError,
+    TokenCounter,
+    estimate_stage,
+    human_seconds,
+)
 from engine.stages import STAGES as STAGE_REGISTRY
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 

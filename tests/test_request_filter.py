@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.parsing import RequestFilter, candidate_lines, request_problem
+from engine.llm.parsing import RequestFilter, candidate_lines, request_problem
 
 DEMOS = [
     "Email Prof. Anita Raman, my advisor, with an update on the river-sediment project: the "

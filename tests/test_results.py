@@ -1,11 +1,11 @@
-"""engine.results: names, round trips, the merge rules of the synthetic file's two writers."""
+"""engine.store.results: names, round trips, the merge rules of the synthetic file's two writers."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from engine import results
+from engine.store import results
 
 
 def _row(i: int, status: str = "pending", out: str = "x") -> dict:
@@ -20,7 +20,7 @@ def _row(i: int, status: str = "pending", out: str = "x") -> dict:
 
 
 def test_names_have_one_owner():
-    from engine.workspace import RESULT_FILES
+    from engine.store.workspace import RESULT_FILES
 
     assert RESULT_FILES is results.RESULT_FILES
     assert results.PREFERENCES_FILE == "human_preferences.jsonl"

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.context import StageContext, StageError
-from engine.events import (
+from engine.pipeline.runner import RUNNING_MARKER, Runner, list_runs, load_run_events, stage_status
+from engine.run.context import StageContext, StageError
+from engine.run.events import (
     LogLine,
     Metric,
     Progress,
@@ -20,8 +21,7 @@ from engine.events import (
     StageStarted,
     event_to_dict,
 )
-from engine.runner import RUNNING_MARKER, Runner, list_runs, load_run_events, stage_status
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ def test_status_lists_every_stage_and_interrupted_runs(ws: Workspace):
     (run / RUNNING_MARKER).write_text(json.dumps({"pid": 999999999}))
     sft = {s.name: s for s in stage_status(ws)}["sft"]
     assert sft.state == "interrupted" and "resume" in sft.message
-    assert len(load_run_events(run)) == 1  # the torn last line is skipped
+    started, note = load_run_events(run)  # the torn last line is named, not replayed
+    assert isinstance(started, StageStarted) and "line 2 is cut off" in note.message
 
 
 async def test_one_stage_at_a_time(ws: Workspace):
@@ -201,7 +202,7 @@ async def test_one_stage_at_a_time(ws: Workspace):
 
 
 def test_last_run_event_reads_from_the_end(tmp_path):
-    from engine.runner import last_run_event
+    from engine.pipeline.runner import last_run_event
 
     run = tmp_path / "run"
     run.mkdir()
@@ -210,8 +211,10 @@ def test_last_run_event_reads_from_the_end(tmp_path):
     long_line = json.dumps(event_to_dict(LogLine("x" * 5000)))
     text = "\n".join([*lines, long_line, "", "not json", '{"type": "Metr'])  # torn tail
     (run / "events.jsonl").write_text(text)
+    *_, last, not_json, torn = load_run_events(run)  # the two bad lines become notes
+    assert "line 53 cannot be read" in not_json.message and "line 54 is cut off" in torn.message
     for block in (7, 64, 4096, 65536):  # block edges inside lines, and a line longer than a block
-        assert last_run_event(run, block=block) == load_run_events(run)[-1]
+        assert last_run_event(run, block=block) == last
     (run / "events.jsonl").write_text(lines[0])
     assert last_run_event(run, block=5) == load_run_events(run)[0]
 
@@ -333,7 +336,7 @@ async def test_a_live_marker_from_another_process_blocks(ws: Workspace):
 
 
 def test_demos_status_is_the_file_now(ws: Workspace):
-    from engine.runner import run_state  # noqa: F401 - the old per-run state stays available
+    from engine.pipeline.runner import run_state  # noqa: F401 - the old per-run state stays available
 
     good = ws.demos_path.read_text()
     ws.demos_path.write_text("[{}]")
@@ -346,7 +349,7 @@ def test_demos_status_is_the_file_now(ws: Workspace):
 
 
 async def _checkpointing_stage(ctx: StageContext):
-    from engine.events import CheckpointSaved
+    from engine.run.events import CheckpointSaved
 
     base = ctx.checkpoint_dir / "model-1"
     for step in range(1, 6):
@@ -377,7 +380,7 @@ async def test_checkpoint_retention_keeps_last_n_and_final(ws: Workspace):
 def test_retention_keeps_what_the_registry_names_as_local_uris(tmp_path: Path):
     """The local backend records checkpoints as local:///… addresses: a periodic checkpoint
     the registry names (e.g. DITTO's frozen reference) must survive pruning."""
-    from engine.checkpoint_retention import prune_checkpoints
+    from engine.store.checkpoint_retention import prune_checkpoints
 
     kind = tmp_path / "checkpoints" / "model-1" / "sampler_weights"
     for i, name in enumerate(("sft-init", "round-1", "round-2", "round-3", "final")):

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from engine.runner import RUNNING_MARKER, list_runs, load_run_events
-from engine.workspace import Workspace
+from engine.pipeline.runner import RUNNING_MARKER, list_runs, load_run_events
+from engine.store.workspace import Workspace
 
 SCRIPT = r"""
 import asyncio, dataclasses, sys
 import engine.stages as st
 from engine.cli import main
-from engine.events import LogLine, StageFinished
+from engine.run.events import LogLine, StageFinished
 
 MODE = sys.argv[2]
 
@@ -107,7 +107,7 @@ def test_handler_counts_interrupts(ws: Workspace):
     from rich.console import Console
 
     from engine.cli import install_stop_signals
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
 
     runner = Runner(ws)
     exits: list[int] = []
@@ -116,3 +116,49 @@ def test_handler_counts_interrupts(ws: Workspace):
     assert runner._cancel.is_set() and exits == []
     handler(int(signal.SIGINT))
     assert exits == [130]
+
+
+def test_a_second_hangup_is_not_a_second_interrupt(ws: Workspace):
+    """Issue 22 #6: a closed terminal delivers SIGHUP twice (kernel, then shell or tmux)."""
+    from rich.console import Console
+
+    from engine.cli import install_stop_signals
+    from engine.pipeline.runner import Runner
+
+    runner = Runner(ws)
+    exits: list[int] = []
+    handler = install_stop_signals(runner, Console(file=open(os.devnull, "w")), exits.append)  # noqa: SIM115
+    handler(int(signal.SIGHUP))
+    handler(int(signal.SIGHUP))
+    assert runner._cancel.is_set() and exits == []
+    handler(int(signal.SIGTERM))  # a real second interrupt still quits
+    assert exits == [130]
+
+
+def test_output_to_a_dead_terminal_is_dropped_not_raised(tmp_path: Path):
+    import errno
+
+    from engine.cli import TerminalStream
+
+    class Dead:
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            raise OSError(errno.EBADF, "no fd")  # nothing of this process is redirected
+
+    dead = Dead()
+    stream = TerminalStream(dead)
+    assert stream.write("stopping after the current step\n") == 32
+    stream.flush()
+    assert stream.write("more") == 4 and dead.writes == 1  # dropped from the first failure on
+    assert stream.gone and not stream.isatty()

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 
-from engine.settings import DataConfig
-from engine.split import holdout_count, read_record, set_holdout, split_demos, workspace_split
-from engine.workspace import Workspace
+import pytest
+
+from engine.store.settings import DataConfig
+from engine.store.split import (
+    HoldoutError,
+    Record,
+    holdout_count,
+    read_record,
+    set_holdout,
+    split_demos,
+    workspace_split,
+)
+from engine.store.workspace import Workspace
 
 
 def demos(n: int) -> list[dict[str, str]]:
@@ -43,14 +53,17 @@ def test_stable_under_additions_and_edits():
             d["output"] = "edited text"
     again = split_demos(more, -1, 0, record)
     assert [d["input"] for d in again.holdout] == [d["input"] for d in first.holdout]
-    # delete one held-out demo: the gap is filled by the rule, the other stays
+    # delete one held-out demo: an error names it (issue 22 #2); once it is taken out of the
+    # record as well, the gap is filled by the rule and the other stays
     fewer = [d for d in base if d["input"] != first.holdout[0]["input"]]
-    filled = split_demos(fewer, -1, 0, record)
+    with pytest.raises(HoldoutError, match="Request number"):
+        split_demos(fewer, -1, 0, record)
+    filled = split_demos(fewer, -1, 0, Record(record.inputs[1:]))
     assert first.holdout[1] in filled.holdout and len(filled.holdout) == 2
 
 
 def read_like(split):
-    from engine.split import Record
+    from engine.store.split import Record
 
     return Record([d["input"] for d in split.holdout])
 
@@ -73,7 +86,7 @@ def test_recorded_in_workspace_and_manual_choice(ws: Workspace):
 
 
 def test_split_fingerprint_follows_the_held_out_requests_only():
-    from engine.split import split_fingerprint
+    from engine.store.split import split_fingerprint
 
     a = split_demos(demos(10), -1, 0, None)
     b = split_demos(list(reversed(demos(10))), -1, 0, None)

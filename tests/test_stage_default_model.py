@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import needs_backend
 
-from engine.events import StageFinished
-from engine.runner import Runner
-from engine.workspace import Workspace, init_workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFinished
+from engine.store.workspace import Workspace, init_workspace
 
 pytestmark = [needs_backend, pytest.mark.slow]
 

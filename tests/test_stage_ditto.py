@@ -11,17 +11,17 @@ import pytest
 import torch
 from conftest import needs_backend
 
-from engine.ditto_pairs import ReplayBuffer
-from engine.events import (
+from engine.pipeline.runner import Runner
+from engine.run.events import (
     CheckpointSaved,
     LogLine,
     Metric,
     StageFailed,
     StageFinished,
 )
-from engine.runner import Runner
 from engine.stages.ditto import dpo_loss
-from engine.workspace import Workspace
+from engine.stages.ditto_pairs import ReplayBuffer
+from engine.store.workspace import Workspace
 
 ARGS = [
     "ditto.rounds=2",

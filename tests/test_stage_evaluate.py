@@ -9,15 +9,15 @@ import math
 import pytest
 from conftest import needs_backend
 
-from engine import evaluation as ev
-from engine.config import load_config
-from engine.events import Metric, Progress, SampleProduced, StageFailed, StageFinished
-from engine.metrics.likelihood import Nll
-from engine.results import append_preference, preference_record
-from engine.runner import Runner
-from engine.split import workspace_split
+from engine.eval import evaluation as ev
+from engine.eval.metrics.likelihood import Nll
+from engine.pipeline.runner import Runner
+from engine.run.events import Metric, Progress, SampleProduced, StageFailed, StageFinished
 from engine.stages.evaluate import JUDGE_CHUNK
-from engine.workspace import Workspace
+from engine.store.config import load_config
+from engine.store.results import append_preference, preference_record
+from engine.store.split import workspace_split
+from engine.store.workspace import Workspace
 
 # --------------------------------------------------------------------------- aggregation
 
@@ -261,9 +261,23 @@ async def test_evaluate_after_sft(ws: Workspace):
     ]
     assert sum(j["set"] == "heldout" for j in judgements) == 24
     assert sum(j["set"] == "dev" for j in judgements) == 3
+    for j in judgements:  # both orders' margins, the balanced preference and the bias
+        assert j["combined_by"] == "calibrated"
+        assert j["s"] == pytest.approx((j["m_ab"] - j["m_ba"]) / 2)
+        assert j["b"] == pytest.approx((j["m_ab"] + j["m_ba"]) / 2)
+    stats = data["judge"]["stats"]
+    assert stats["comparisons"] == 27 and stats["mean_position_bias"] is not None
+    assert stats["decided_share"] == (stats["wins_a"] + stats["wins_b"]) / 27
+    # the judge's accuracy: the person's held-out text against the base and few-shot samples
+    acc = data["judge"]["accuracy"]
+    assert acc["vs_base"]["n"] <= 4 and acc["vs_few_shot"]["n"] <= 4 and acc["vs_base"]["n"]
+    assert isinstance(data["judge"]["warnings"], list)
     # judging reports progress batch by batch, not once at the end
     judged = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: judging"]
     assert judged == [0, JUDGE_CHUNK, 27]
+    # the dev samples move per request finished (4 methods x 1 dev prompt), not once at the end
+    dev = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: dev samples"]
+    assert dev == [0, 1, 2, 3, 4]
     assert data["judge_matrix"]["sft"]["baseline"]["n"] == 4
     assert set(data["dev_win_rates"]) == {"prompting", "few-shot", "sft"}
     assert data["human"]["n_picks"] == 1 and data["human"]["agreement"]["n"] == 1
@@ -281,7 +295,7 @@ async def test_evaluate_after_sft(ws: Workspace):
         assert f"plots/{name}" in report
     assert held_inputs[0] in report  # one held-out request with every answer
 
-    from engine.report import load_report
+    from engine.eval.report import load_report
 
     rep = load_report(ws)
     assert rep is not None and [r["method"] for r in rep.rows] == names
@@ -302,8 +316,8 @@ async def test_evaluate_without_holdout_says_why(ws: Workspace):
 async def test_evaluate_flags_a_checkpoint_trained_with_another_split(ws: Workspace):
     """sft records the held-out set and its context; a bad judge fails before any sampling;
     after the held-out set changes, evaluate still measures sft but flags it."""
-    from engine.checkpoints import latest_checkpoint, record_checkpoint
-    from engine.split import set_holdout, split_fingerprint
+    from engine.store.checkpoints import latest_checkpoint, record_checkpoint
+    from engine.store.split import set_holdout, split_fingerprint
 
     _write_synth(ws)
     sft = await Runner(ws).run("sft", ["sft.steps=1", "sft.sample_after=false"])

@@ -10,8 +10,8 @@ import tomllib
 import pytest
 from conftest import make_tiny_workspace, needs_backend, scripted_teacher_factory
 
-from engine.events import CheckpointSaved, Metric, SampleProduced, StageFinished
-from engine.runner import Runner, list_runs, load_run_events, stage_status
+from engine.pipeline.runner import Runner, list_runs, load_run_events, stage_status
+from engine.run.events import CheckpointSaved, Metric, SampleProduced, StageFinished
 
 pytestmark = needs_backend
 

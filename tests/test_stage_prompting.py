@@ -6,8 +6,8 @@ import json
 
 from conftest import needs_backend
 
-from engine.events import StageFailed, StageFinished
-from engine.runner import Runner
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFailed, StageFinished
 
 pytestmark = needs_backend
 

@@ -6,11 +6,11 @@ import json
 
 from conftest import FakeTeacher, needs_backend
 
-from engine.config import load_config
-from engine.events import Metric, StageFailed, StageFinished
-from engine.runner import Runner, list_runs, load_run_events
-from engine.split import workspace_split
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, list_runs, load_run_events
+from engine.run.events import Metric, StageFailed, StageFinished
+from engine.store.config import load_config
+from engine.store.split import workspace_split
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from conftest import REPO, make_tiny_workspace, needs_backend
 
-from engine.events import LogLine, Metric, StageFailed, StageFinished
-from engine.runner import Runner, list_runs, stage_status
+from engine.pipeline.runner import Runner, list_runs, stage_status
+from engine.run.events import LogLine, Metric, StageFailed, StageFinished
 from engine.stages.sft import select_rows
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 
 ROWS = [
     (
@@ -197,7 +197,7 @@ async def test_cancel_saves_a_checkpoint_and_resumes(ws: Workspace):
 async def test_resume_from_a_deleted_checkpoint_starts_over(ws):
     import shutil
 
-    from engine.checkpoints import latest_checkpoint, record_checkpoint
+    from engine.store.checkpoints import latest_checkpoint, record_checkpoint
 
     write_data(ws)
     overrides = [*ARGS, "sft.steps=2", "sft.checkpoint_every=1"]

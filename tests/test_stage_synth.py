@@ -6,9 +6,9 @@ import json
 
 from conftest import FakeTeacher, needs_backend
 
-from engine.events import LogLine, Metric, StageFailed, StageFinished
-from engine.runner import Runner, list_runs
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, list_runs
+from engine.run.events import LogLine, Metric, StageFailed, StageFinished
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 
@@ -42,7 +42,7 @@ async def test_synth_inputs_parses_dedupes_retries_and_reports_yield(ws: Workspa
     (run,) = list_runs(ws, "synth-inputs")
     replies = [json.loads(x) for x in (run / "teacher_replies.jsonl").read_text().splitlines()]
     assert len(replies) == 4  # 2 attempts for the first seed, 2 for the second (still short)
-    from engine.runner import load_run_events
+    from engine.pipeline.runner import load_run_events
 
     ys = [
         e.value

@@ -10,7 +10,7 @@ import json
 from textual.widgets import Static
 from tui_helpers import until, write_method_outputs
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 
 SIZE = (80, 24)

@@ -11,7 +11,7 @@ from textual import events
 from textual.widgets import DataTable, Static, TextArea
 from tui_helpers import until
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.dialogs import ConfirmScreen, PairEditScreen
 

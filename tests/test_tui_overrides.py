@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.config import load_config
+from engine.store.config import load_config
 from tui.train import split_overrides
 
 

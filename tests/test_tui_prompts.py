@@ -8,8 +8,8 @@ from __future__ import annotations
 from textual.widgets import Static, TextArea
 from tui_helpers import until
 
-from engine.events import LogLine, StageFinished
-from engine.workspace import Workspace
+from engine.run.events import LogLine, StageFinished
+from engine.store.workspace import Workspace
 from tui.app import create_app
 
 SIZE = (80, 24)
@@ -27,8 +27,8 @@ async def test_prompts_saved_and_try_it(ws: Workspace):
     from dataclasses import dataclass
     from typing import Any
 
-    from engine.atomic import atomic_write_json
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
+    from engine.store.atomic import atomic_write_json
 
     @dataclass(frozen=True)
     class Spec:

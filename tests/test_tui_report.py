@@ -1,4 +1,4 @@
-"""The Compare tab's Report view: the evaluate stage's numbers (engine.report.load_report) as
+"""The Compare tab's Report view: the evaluate stage's numbers (engine.eval.report.load_report) as
 tables at 80x24, the per-request answers, and the refresh after evaluate finishes."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from conftest import needs_backend
 from textual.widgets import DataTable, Select, Static
 from tui_helpers import until
 
-from engine.events import StageFinished
-from engine.report import load_report
-from engine.results import EVALUATION_SAMPLES_FILE, write_evaluation, write_evaluation_rows
-from engine.workspace import Workspace
+from engine.eval.report import load_report
+from engine.run.events import StageFinished
+from engine.store.results import EVALUATION_SAMPLES_FILE, write_evaluation, write_evaluation_rows
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.dialogs import focus_now
 from tui.messages import EngineEvent

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tui_helpers import until, write_method_outputs, write_past_run, write_synthetic
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.train import MetricChart
 

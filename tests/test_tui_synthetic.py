@@ -10,7 +10,7 @@ import json
 from textual.widgets import DataTable, Static, TextArea
 from tui_helpers import until, write_synthetic
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.dialogs import PairEditScreen
 

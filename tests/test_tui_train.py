@@ -12,8 +12,8 @@ from rich.text import Text
 from textual.widgets import DataTable, Static
 from tui_helpers import until, write_past_run, write_synthetic
 
-from engine.events import LogLine, Progress, StageFinished, StageStarted
-from engine.workspace import Workspace
+from engine.run.events import LogLine, Progress, StageFinished, StageStarted
+from engine.store.workspace import Workspace
 from tui.app import create_app
 from tui.train import MetricChart
 
@@ -101,7 +101,7 @@ async def test_stopping_shows_at_once(ws: Workspace):
     from dataclasses import dataclass
     from typing import Any
 
-    from engine.runner import Runner
+    from engine.pipeline.runner import Runner
 
     gate = asyncio.Event()
 
@@ -134,7 +134,7 @@ async def test_loss_chart_spans_resumed_runs(ws: Workspace):
     write_past_run(ws, "sft", steps=5)
     later = ws.runs_dir / "sft-20250102-000000"
     later.mkdir(parents=True)
-    from engine.events import Metric, StageFinished, event_to_dict
+    from engine.run.events import Metric, StageFinished, event_to_dict
 
     evs = [StageStarted(stage="sft", run_dir=str(later))]
     evs += [Metric("train/loss", s, 1.0 / s) for s in range(6, 9)]
@@ -153,7 +153,7 @@ async def test_loss_chart_spans_resumed_runs(ws: Workspace):
 
 
 def _write_run(run, events) -> None:
-    from engine.events import event_to_dict
+    from engine.run.events import event_to_dict
 
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "events.jsonl", "a", encoding="utf-8") as f:
@@ -199,7 +199,7 @@ async def test_a_stage_run_from_the_command_line_shows_running_then_done(ws: Wor
 async def test_a_failed_rerun_keeps_the_finished_result_with_a_note(ws: Workspace):
     """A later failed or cancelled attempt does not relabel finished work: the row says done
     (marked !) and the info line names the attempt and its message."""
-    from engine.events import StageFailed
+    from engine.run.events import StageFailed
 
     done = ws.runs_dir / "baseline-20250101-000000"
     _write_run(done, [StageStarted(stage="baseline", run_dir=str(done))])
@@ -231,7 +231,7 @@ async def test_a_failed_rerun_keeps_the_finished_result_with_a_note(ws: Workspac
 async def test_ditto_and_rlaif_curves_show_at_80x24_with_legends(ws: Workspace):
     """Each training stage's main curves draw at 80x24, live and replayed, with a legend:
     ditto's sft and dpo losses on the loss chart, rl/* rewards on the next (c switches)."""
-    from engine.events import Metric
+    from engine.run.events import Metric
 
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
@@ -257,7 +257,7 @@ async def test_ditto_and_rlaif_curves_show_at_80x24_with_legends(ws: Workspace):
 
 async def test_a_cancelled_run_leaves_no_progress_or_eta_behind(ws: Workspace):
     """After a run is cancelled the bar and its ETA go; the label says where it stopped."""
-    from engine.events import StageFailed
+    from engine.run.events import StageFailed
 
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:

@@ -6,7 +6,7 @@ from conftest import TINY, hand_profile, needs_backend
 from textual.widgets import DataTable, Input, Static
 from tui_helpers import until, write_synthetic
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.app import create_app
 
 pytestmark = needs_backend
@@ -156,8 +156,9 @@ async def test_the_tests_model_is_not_measured_automatically(ws: Workspace, sp):
 async def test_accepting_rows_estimates_sft_again_without_a_cursor_move(ws: Workspace, sp):
     """The estimate follows the inputs: rows accepted in the Synthetic tab (saved) change
     sft's estimate on the Train tab with the cursor where it was."""
-    from engine.atomic import atomic_write_jsonl
     from tui_helpers import synthetic_rows
+
+    from engine.store.atomic import atomic_write_jsonl
 
     save_slow_profile(sp, ws)
     rows = synthetic_rows(30)

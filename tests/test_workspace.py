@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.atomic import atomic_write_json, atomic_write_text
-from engine.config import (
+from engine.llm.parsing import dedupe, parse_requests
+from engine.store.atomic import atomic_write_json, atomic_write_text
+from engine.store.config import (
     ConfigError,
     load_config,
     parse_scalar,
     snapshot,
 )
-from engine.parsing import dedupe, parse_requests
-from engine.templates import DEFAULT_SEEDS, fill
-from engine.workspace import (
+from engine.store.templates import DEFAULT_SEEDS, fill
+from engine.store.workspace import (
     EXAMPLE_DATA,
     Workspace,
     WorkspaceError,

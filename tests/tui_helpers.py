@@ -6,9 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from engine.atomic import atomic_write_json, atomic_write_jsonl
-from engine.events import LogLine, Metric, Progress, StageFinished, StageStarted, event_to_dict
-from engine.workspace import Workspace
+from engine.run.events import LogLine, Metric, Progress, StageFinished, StageStarted, event_to_dict
+from engine.store.atomic import atomic_write_json, atomic_write_jsonl
+from engine.store.workspace import Workspace
 
 # A guard against a hang only: every wait is for a state, however long a busy machine takes.
 HANG_GUARD_S = 600
@@ -63,7 +63,7 @@ def write_synthetic(ws: Workspace, n: int, status: str = "pending") -> Path:
 
 
 def write_method_outputs(ws: Workspace, methods=("baseline", "prompting", "sft")) -> None:
-    from engine.results import METHOD_FILES
+    from engine.store.results import METHOD_FILES
 
     demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
     for m in methods:

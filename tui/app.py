@@ -21,9 +21,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from engine.events import StageFailed
-from engine.runner import Runner
-from engine.workspace import Workspace, find_workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFailed
+from engine.store.workspace import Workspace, find_workspace
 from tui.compare import ComparePane
 from tui.demos import DemosPane
 from tui.dialogs import ConfirmScreen, focus_now
@@ -134,6 +134,14 @@ class PersonaApp(App[None]):
             tooltip="Save demonstrations, prompts and synthetic reviews",
         ),
         Binding(
+            "ctrl+k",
+            "crossval",
+            "Cross-validate",
+            id="app.crossval",
+            show=False,
+            tooltip="Compare methods with every demonstration held out once (persona crossval)",
+        ),
+        Binding(
             "f9",
             "toggle_theme",
             "Light/dark",
@@ -211,6 +219,11 @@ class PersonaApp(App[None]):
     def _preload_done(self) -> None:
         self._preloaded.set()
         self.train.refresh_stages()
+        from engine.store.checkpoints import check_registry
+
+        registry_problem = check_registry(self.ws.results_dir)  # every tab reads it
+        if registry_problem:
+            self.notify_plain(registry_problem, severity="warning", timeout=30)
 
     async def wait_ready(self, timeout: float | None = 60) -> None:
         """Wait until the engine's heavy modules are loaded (the Train tab lists stages then)."""
@@ -352,6 +365,11 @@ class PersonaApp(App[None]):
     def notify_plain(self, message: str, **kw: Any) -> None:
         """notify() with markup off: messages may quote user text or paths."""
         self.notify(message, markup=False, **kw)
+
+    def action_crossval(self) -> None:
+        from tui.crossval import open_crossval
+
+        open_crossval(self)
 
     def action_toggle_theme(self) -> None:
         self.theme = LIGHT if self.theme == DARK else DARK

@@ -17,9 +17,9 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import ContentSwitcher, Static
 
-from engine.events import StageFinished
-from engine.results import METHOD_FILES, read_method_outputs
-from engine.workspace import Workspace
+from engine.run.events import StageFinished
+from engine.store.results import METHOD_FILES, read_method_outputs
+from engine.store.workspace import Workspace
 from tui.compare_blind import BlindAB
 from tui.compare_report import ReportView, scores_line
 from tui.compare_side import SideBySide
@@ -63,6 +63,9 @@ def load_outputs(
                 }
         if got:
             outputs[method] = got
+    from engine.store.results import preference_problems  # your picks' torn lines, named
+
+    problems += preference_problems(ws.results_dir)
     return list(requests.values()), outputs
 
 

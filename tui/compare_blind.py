@@ -17,13 +17,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 
-from engine.results import (
+from engine.store.results import (
     append_preference,
     preference_record,
     read_preferences,
     remove_preference,
 )
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.text import plain
 
 Pair = tuple[str, str, str]  # (request, method shown left, method shown right)

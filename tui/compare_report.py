@@ -19,9 +19,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Select, Static
 
-from engine.report import ReportData, load_report
-from engine.results import EVALUATION_FILE
-from engine.workspace import Workspace
+from engine.eval.report import ReportData, load_report
+from engine.store.results import EVALUATION_FILE
+from engine.store.workspace import Workspace
 from tui.text import one_line, plain
 
 SHORT_HEADERS = {

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from engine.workspace import Workspace, WorkspaceError, validate_demos
+from engine.store.workspace import Workspace, WorkspaceError, validate_demos
 from tui.dialogs import ConfirmScreen, PairEditScreen, focus_now
 from tui.messages import FilesChanged
 from tui.text import cell, plain, read_demos
@@ -22,7 +22,7 @@ def holdout_for(ws: Workspace, demos: list[dict[str, str]]) -> tuple[frozenset[i
     """Which rows of ``demos`` (as shown, maybe unsaved) are held out, by the engine's rule
     (engine/split.py: split_demos with the recorded choice), and a problem if it can't say."""
     try:
-        from engine.split import read_record, split_demos
+        from engine.store.split import read_record, split_demos
 
         try:
             cfg = ws.config().data
@@ -330,7 +330,7 @@ class DemosPane(Vertical):
         def answer(choice: str | None) -> None:
             if choice != "change":
                 return
-            from engine.split import set_holdout
+            from engine.store.split import set_holdout
 
             try:
                 set_holdout(self.ws, inputs)

@@ -13,10 +13,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
-from engine.events import StageFailed, StageFinished
-from engine.results import read_method_outputs, read_rm_validation
-from engine.templates import write_prompts
-from engine.workspace import RESULT_FILES, Workspace, WorkspaceError
+from engine.llm.judge_accuracy import ACCURACY_FILE
+from engine.run.events import StageFailed, StageFinished
+from engine.stages.reward_model import accuracy_lines
+from engine.store.results import RM_VALIDATION_FILE, read_method_outputs, read_rm_validation
+from engine.store.templates import write_prompts
+from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.dialogs import focus_now
 from tui.messages import EngineEvent, FilesChanged, LaunchRequested, RunState
 from tui.text import one_line, plain, read_demos
@@ -45,6 +47,37 @@ class ScratchWorkspace(Workspace):
     @property
     def runs_dir(self) -> Path:
         return self.scratch_dir / "runs"
+
+
+def judge_stats_line(summary: dict[str, Any]) -> str:
+    """Decided share, mean position bias and consistency of a rubric check, in words."""
+    decided, bias = summary.get("decided_share"), summary.get("mean_position_bias")
+    cons = summary.get("position_consistency")
+    return (
+        f"decided {'–' if decided is None else f'{decided:.0%}'} · mean position bias "
+        f"{'–' if bias is None else f'{bias:+.2f} nats'} · position consistency "
+        f"{'–' if cons is None else f'{cons:.0%}'}"
+    )
+
+
+class RubricCheckWorkspace(Workspace):
+    """The workspace as f10's rubric check sees it: every result and checkpoint of the real
+    workspace is read, but what the check writes (its verdicts, its accuracy samples, its run
+    folder) goes under results/scratch/: it neither replaces results/rm_validation.json nor
+    adds a reward-model run."""
+
+    WRITES = (RM_VALIDATION_FILE, ACCURACY_FILE)
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.root / "results" / SCRATCH
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.scratch_dir / "runs"
+
+    def result(self, name: str) -> Path:
+        return self.scratch_dir / name if name in self.WRITES else super().result(name)
 
 
 class PromptsPane(Vertical):
@@ -179,6 +212,10 @@ class PromptsPane(Vertical):
     def scratch(self) -> ScratchWorkspace:
         return ScratchWorkspace(self.ws.root)
 
+    @property
+    def rubric_ws(self) -> RubricCheckWorkspace:
+        return RubricCheckWorkspace(self.ws.root)
+
     def action_try_it(self) -> None:
         """Run the prompting stage on a scratch view of the workspace: the prompts as edited
         (saved or not) go to results/scratch/prompts.toml, the output to results/scratch/."""
@@ -207,10 +244,12 @@ class PromptsPane(Vertical):
         # a TOML string (json.dumps would write emoji as surrogate pairs TOML refuses)
         value = tomli_w.dumps({"v": rubric}, multiline_strings=False)[len("v = ") :].strip()
         overrides = ["reward_model.validate_only=true", f"reward_model.rubric={value}"]
-        self.post_message(LaunchRequested("reward-model", overrides, source="prompts"))
+        self.post_message(
+            LaunchRequested("reward-model", overrides, source="prompts", workspace=self.rubric_ws)
+        )
 
     def on_run_state(self, message: RunState) -> None:
-        """The app started (or ended) what this tab asked for: say so here."""
+        """The app started what this tab asked for: say so here."""
         if message.source != "prompts" or message.running is None:
             return
         box = self.query_one("#try-result", Static)
@@ -223,7 +262,7 @@ class PromptsPane(Vertical):
         self.show_status()
 
     def show_rubric_check(self) -> None:
-        records, summary = read_rm_validation(self.ws.result(RESULT_FILES["reward-model"]))
+        records, summary = read_rm_validation(self.rubric_ws.result(RM_VALIDATION_FILE))
         t = Text()
         t.append("Judge check of this rubric\n", style="bold")
         if summary:
@@ -233,6 +272,11 @@ class PromptsPane(Vertical):
                 f"{summary.get('unparsable', 0)}\n",
                 style="dim",
             )
+            t.append(judge_stats_line(summary) + "\n", style="dim")
+            for line in accuracy_lines(summary.get("accuracy") or {}):
+                t.append(line + "\n", style="dim")
+            for line in summary.get("warnings") or []:
+                t.append(line + "\n", style="bold red")
             human = summary.get("human")
             human = human if isinstance(human, dict) else {}
             if human.get("count"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engine.runner import StageStatus, list_runs, run_state, stage_status
-from engine.workspace import Workspace
+from engine.pipeline.runner import StageStatus, list_runs, run_state, stage_status
+from engine.store.workspace import Workspace
 
 UNFINISHED = ("failed", "cancelled", "interrupted")
 

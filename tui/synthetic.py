@@ -16,9 +16,9 @@ from textual.containers import Vertical, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import DataTable, Static
 
-from engine.events import StageFinished
-from engine.results import read_jsonl_checked, save_review
-from engine.workspace import RESULT_FILES, Workspace
+from engine.run.events import StageFinished
+from engine.store.results import read_jsonl_checked, save_review
+from engine.store.workspace import RESULT_FILES, Workspace
 from tui.dialogs import PairEditScreen, focus_now
 from tui.messages import EngineEvent, FilesChanged
 from tui.text import cell, plain

@@ -25,7 +25,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, ProgressBar, RichLog, Static
 
-from engine.events import (
+from engine.pipeline.runner import list_runs, load_run_events
+from engine.run.events import (
     CheckpointSaved,
     LogLine,
     Metric,
@@ -35,8 +36,7 @@ from engine.events import (
     StageFinished,
     StageStarted,
 )
-from engine.runner import list_runs, load_run_events
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.dialogs import focus_now
 from tui.messages import CancelRequested, EngineEvent, FilesChanged, LaunchRequested, RunState
 from tui.stage_rows import StageRow, stage_rows

@@ -16,9 +16,9 @@ from textual.containers import Vertical
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
-from engine.events import Metric
-from engine.runner import list_runs, load_run_events
-from engine.workspace import Workspace
+from engine.pipeline.runner import list_runs, load_run_events
+from engine.run.events import Metric
+from engine.store.workspace import Workspace
 
 REDRAW_EVERY = 0.25  # seconds: charts redraw at most this often
 CHART_MIN_HEIGHT = 8  # rows one chart needs to be read (plot, axes, title, legend)

@@ -1,6 +1,6 @@
 """The Train tab's estimate line: the selected stage's time at the current settings.
 
-engine.estimate computes it from this machine's speed profile, in a thread worker, once a
+engine.pipeline.estimate computes it from this machine's speed profile, in a thread worker, once a
 burst of keys and cursor moves has stopped. When no profile is cached for this machine, the
 first time the tab is shown with nothing running it is measured once in the background (a
 few seconds; engine/backends/local/speed_profile.py), never while a stage runs. The owner
@@ -19,8 +19,13 @@ from textual.timer import Timer
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
-from engine.estimate import EstimateError, cached_profiles, estimate_stage, measure_profiles
-from engine.workspace import Workspace
+from engine.pipeline.estimate import (
+    EstimateError,
+    cached_profiles,
+    estimate_stage,
+    measure_profiles,
+)
+from engine.store.workspace import Workspace
 from tui.text import one_line
 
 # Models whose speed is not measured automatically: the tests' random model (a test that
@@ -106,7 +111,7 @@ class StageEstimate(Static):
     ) -> tuple[str, list[str], str]:
         """(the line to show, the models to measure, what the estimate assumes). Runs in a
         worker thread."""
-        from engine.config import ConfigError
+        from engine.store.config import ConfigError
 
         try:
             cfg = self.ws.config(self.launch_overrides(overrides))

@@ -57,8 +57,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
     import sys
 
+    # the SDK logs a warning at every "try again" answer to a poll (a server holding a long
+    # request says it every 25 s): not news for a person watching a run
+    logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)
     tf_logging = sys.modules.get("transformers.utils.logging")
     if tf_logging is not None:
         with contextlib.suppress(Exception):
@@ -126,7 +130,9 @@ def make_service_client(
     tinker_client_factory: Any = None,
 ) -> Any:
     """A ServiceClient for ``backend``: the in-process local service or the real Tinker SDK
-    (wrapped in ``TinkerService``: bounded connection, clear errors, retries, metadata)."""
+    (wrapped in ``TinkerService``: bounded connection, clear errors, retries, metadata).
+    ``TINKER_BASE_URL`` from the workspace's .env (or the environment) picks the service,
+    e.g. a ``persona serve`` on another machine."""
     env = os.environ if env is None else env
     configure_hub(backend)
     if backend == "local":
@@ -151,13 +157,20 @@ def make_service_client(
         display = " ".join(
             x for x in ("persona", meta.get("stage", ""), meta.get("workspace", "")) if x
         )
+        base_url = env.get("TINKER_BASE_URL", "").strip() or os.environ.get("TINKER_BASE_URL")
+        extra: dict[str, Any] = {"base_url": base_url} if base_url else {}
+        probe = None
         if tinker_client_factory is None:
             import tinker
+            from tinker.lib.base_url import resolve_base_url
+
+            from .tinker_service import http_probe
 
             tinker_client_factory = tinker.ServiceClient
+            probe = http_probe(resolve_base_url(base_url), api_key, min(5.0, connect_timeout))
         try:
             client = tinker_client_factory(
-                user_metadata=meta, display_name=display, api_key=api_key
+                user_metadata=meta, display_name=display, api_key=api_key, **extra
             )
         except Exception as e:  # the SDK checks the key's form: "must start with 'tml-'"
             if "api_key" in str(e) or "API key" in str(e):
@@ -167,5 +180,5 @@ def make_service_client(
                     "with --backend local."
                 ) from None
             raise
-        return TinkerService(client, connect_timeout=connect_timeout, metadata=meta)
+        return TinkerService(client, connect_timeout=connect_timeout, metadata=meta, probe=probe)
     raise BackendConfigError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}.")

@@ -15,13 +15,19 @@ needs from it:
   ``FileNotFoundError``, so a stage starts over as it does for a missing local folder;
 - periodic checkpoints carry a time-to-live (the cookbook's 7 days); ``final`` is kept;
 - the session and each training run carry a display name and metadata (stage, workspace,
-  renderer); a resume whose checkpoint was trained with another renderer is refused.
+  renderer); a resume whose checkpoint was trained with another renderer is refused;
+- with a ``probe`` (``make_service_client`` gives one), a call still waiting while the
+  service stops answering fails with ``TinkerUnreachable`` once ``connect_timeout`` seconds
+  pass without an answer (the SDK itself would retry for ever);
+- the tokenizer of a model the local service serves (``persona serve``: a registered name
+  or a model folder) is read from its local folder, never fetched from the hub.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -87,8 +93,9 @@ def translate(exc: BaseException, what: str) -> BaseException:
     if kind == "auth":
         return TinkerAccountError(
             f"Tinker refused the API key while trying to {what} ({exc}). Check TINKER_API_KEY in "
-            "the workspace's .env file (a key from https://tinker-console.thinkingmachines.ai), "
-            "or run with --backend local."
+            "the workspace's .env file (a key from https://tinker-console.thinkingmachines.ai, "
+            "or the one `persona serve` printed for your own server), or run with --backend "
+            "local."
         )
     if kind == "billing":
         return TinkerAccountError(
@@ -161,29 +168,172 @@ async def with_retries(
             await sleep(delay)
 
 
+def local_tokenizer(base_model: str) -> Any | None:
+    """The tokenizer of a model that the local service serves, from its local folder (the
+    tiny test model is built here if needed); None for other models (the SDK's hub path)."""
+    folder = _local_model_folder(base_model)
+    return None if folder is None else _tokenizer_from(str(folder))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_from(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _local_model_folder(base_model: str) -> Any:
+    from engine.backends.local.models import (
+        REGISTERED_MODELS,
+        ensure_model_dir,
+        model_dir_if_present,
+    )
+
+    if base_model in REGISTERED_MODELS:
+        return ensure_model_dir(base_model)
+    return model_dir_if_present(base_model)
+
+
+def http_probe(base_url: str, api_key: str, timeout: float) -> Callable[[], bool]:
+    """True when the service at ``base_url`` answers at all (any HTTP status)."""
+
+    def probe() -> bool:
+        import httpx
+
+        try:
+            httpx.get(
+                base_url.rstrip("/") + "/api/v1/healthz",
+                headers={"X-API-Key": api_key},
+                timeout=timeout,
+            )
+        except httpx.HTTPError:
+            return False
+        return True
+
+    return probe
+
+
+class Watched:
+    """An SDK future whose wait fails with ``TinkerUnreachable`` when the service stops
+    answering for ``connect_timeout`` seconds; everything else is the future's own."""
+
+    def __init__(self, inner: Any, service: TinkerService) -> None:
+        self._inner = inner
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _concurrent(self) -> Any:
+        get = getattr(self._inner, "future", None)
+        return get() if callable(get) else None
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        cf = self._concurrent()
+        if cf is None:
+            return await self._inner
+        pending = asyncio.wrap_future(cf)
+        svc = self._service
+        down_since: float | None = None
+        while True:
+            try:
+                done, _ = await asyncio.wait({pending}, timeout=svc.probe_interval)
+            except asyncio.CancelledError:
+                cf.cancel()  # the stage was cancelled: so is its request
+                raise
+            if done:
+                return pending.result()
+            down_since = await in_daemon_thread(functools.partial(svc.still_there, down_since))
+            if down_since is not None and time.monotonic() - down_since >= svc.connect_timeout:
+                cf.cancel()
+                raise svc.lost()
+
+    def result(self, timeout: float | None = None) -> Any:
+        import concurrent.futures
+
+        cf = self._concurrent()
+        if cf is None or timeout is not None:
+            return self._inner.result(timeout)
+        svc = self._service
+        down_since: float | None = None
+        while True:
+            try:
+                return cf.result(timeout=svc.probe_interval)
+            except concurrent.futures.TimeoutError:
+                down_since = svc.still_there(down_since)
+                if down_since is not None and time.monotonic() - down_since >= svc.connect_timeout:
+                    cf.cancel()
+                    raise svc.lost() from None
+
+
+WATCHED_CALLS = frozenset(
+    {
+        "forward",
+        "forward_backward",
+        "forward_backward_custom",
+        "optim_step",
+        "save_state",
+        "load_state",
+        "load_state_with_optimizer",
+        "save_weights_for_sampler",
+        "sample",
+        "compute_logprobs",
+    }
+)
+
+
 def _result(x: Any) -> Any:
     """The value of an SDK future (``.result()``), or ``x`` when it is a value already."""
     result = getattr(x, "result", None)
     return result() if callable(result) else x
 
 
-class _Wrapped:
-    """An SDK client with its tokenizer loaded once (in a thread) and everything else as is."""
+def _base_model_of(client: Any) -> str:
+    """The base model an SDK client reports (without asking the service), or ""."""
+    with contextlib.suppress(Exception):
+        if callable(getattr(client, "get_base_model", None)):
+            return str(client.get_base_model() or "")
+        info = client.get_info() if callable(getattr(client, "get_info", None)) else None
+        return str(getattr(getattr(info, "model_data", None), "model_name", "") or "")
+    return ""
 
-    def __init__(self, client: Any, tokenizer: Any) -> None:
+
+class _Wrapped:
+    """An SDK client with its tokenizer loaded once (in a thread), its long calls watched
+    (``WATCHED_CALLS``, when the service has a probe) and everything else as is."""
+
+    def __init__(self, client: Any, tokenizer: Any, service: TinkerService | None = None) -> None:
         self._client = client
         self._tokenizer = tokenizer
+        self._service = service
 
     def get_tokenizer(self) -> Any:
         return self._tokenizer
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
+        attr = getattr(self._client, name)
+        svc = self._service
+        if name not in WATCHED_CALLS or svc is None or svc.probe is None:
+            return attr
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            return Watched(attr(*args, **kwargs), svc)
+
+        return watched
 
 
 class TrainingClient(_Wrapped):
-    def __init__(self, client: Any, tokenizer: Any, metadata: Mapping[str, str]) -> None:
-        super().__init__(client, tokenizer)
+    def __init__(
+        self,
+        client: Any,
+        tokenizer: Any,
+        metadata: Mapping[str, str],
+        service: TinkerService | None = None,
+    ) -> None:
+        super().__init__(client, tokenizer, service)
         self._metadata = dict(metadata)
 
     def _save_kwargs(self, name: str, ttl_seconds: Any, user_metadata: Any) -> dict[str, Any]:
@@ -197,14 +347,14 @@ class TrainingClient(_Wrapped):
     def save_state(
         self, name: str, ttl_seconds: Any = "default", user_metadata: Any = None, **kw: Any
     ) -> Any:
-        return self._client.save_state(
+        return self.__getattr__("save_state")(
             name, **self._save_kwargs(name, ttl_seconds, user_metadata), **kw
         )
 
     def save_weights_for_sampler(
         self, name: str, ttl_seconds: Any = "default", user_metadata: Any = None, **kw: Any
     ) -> Any:
-        return self._client.save_weights_for_sampler(
+        return self.__getattr__("save_weights_for_sampler")(
             name, **self._save_kwargs(name, ttl_seconds, user_metadata), **kw
         )
 
@@ -223,9 +373,12 @@ class TinkerService:
         connect_timeout: float = 30.0,
         metadata: Mapping[str, str] | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        probe: Callable[[], bool] | None = None,
     ) -> None:
         self._client = client
         self.connect_timeout = float(connect_timeout)
+        self.probe = probe
+        self.probe_interval = min(5.0, max(0.2, self.connect_timeout / 4))
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         self._sleep = sleep
         self._connected = False
@@ -239,7 +392,7 @@ class TinkerService:
         deadline = time.monotonic() + self.connect_timeout
         try:
             await with_retries(
-                lambda: _result(self._client.get_server_capabilities()),
+                self._capabilities,
                 what="reach the Tinker service",
                 deadline=deadline,
                 sleep=self._sleep,
@@ -262,6 +415,33 @@ class TinkerService:
             raise
         self._connected = True
 
+    def _capabilities(self) -> Any:
+        import warnings
+
+        with warnings.catch_warnings():  # deprecated on ServiceClient, the same request
+            warnings.simplefilter("ignore", FutureWarning)
+            return _result(self._client.get_server_capabilities())
+
+    def still_there(self, down_since: float | None) -> float | None:
+        """One probe: None when the service answered, else since when it has not."""
+        if self.probe is None or self.probe():
+            return None
+        return time.monotonic() if down_since is None else down_since
+
+    def lost(self) -> TinkerUnreachable:
+        return TinkerUnreachable(
+            f"lost the Tinker service: no answer for {self.connect_timeout:g} s while a "
+            "request was in flight. Check the connection (or that the server still runs); a "
+            "rerun resumes from the last checkpoint."
+        )
+
+    async def _tokenizer(self, client: Any, base_model: str) -> Any:
+        """The served local model's own tokenizer when there is one, else the SDK's."""
+        local = await in_daemon_thread(lambda: local_tokenizer(base_model)) if base_model else None
+        if local is not None:
+            return local
+        return await self._call(client.get_tokenizer, "load the tokenizer")
+
     async def _call(self, fn: Callable[[], T], what: str) -> T:
         await self.connect()
         return await with_retries(fn, what=what, sleep=self._sleep)
@@ -280,8 +460,8 @@ class TinkerService:
         self, make: Callable[[], Any], base_model: str, what: str
     ) -> TrainingClient:
         tc = await self._call(lambda: _result(make()), what)
-        tokenizer = await self._call(tc.get_tokenizer, "load the tokenizer")
-        return TrainingClient(tc, tokenizer, self._run_metadata(base_model))
+        tokenizer = await self._tokenizer(tc, base_model or _base_model_of(tc))
+        return TrainingClient(tc, tokenizer, self._run_metadata(base_model), self)
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None, **kw: Any
@@ -344,8 +524,8 @@ class TinkerService:
                 ),
                 f"open a sampler for {model_path or base_model}",
             )
-            tokenizer = await self._call(sc.get_tokenizer, "load the tokenizer")
-            return SamplingClient(sc, tokenizer)
+            tokenizer = await self._tokenizer(sc, base_model or _base_model_of(sc))
+            return SamplingClient(sc, tokenizer, self)
 
         return make()
 

@@ -20,7 +20,7 @@ from engine.stages import (
     synth_inputs,
     synth_outputs,
 )
-from engine.workspace import RESULT_FILES, Workspace
+from engine.store.workspace import RESULT_FILES, Workspace
 
 
 @dataclass(frozen=True)

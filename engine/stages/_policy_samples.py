@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from engine import results
-from engine.context import StageCancelled, StageContext, StageError
-from engine.events import Event, LogLine, Progress, SampleProduced
-from engine.sampling import Sampler, generate_many, sampling_kwargs
+from engine.llm.sampling import Sampler, generate_many, sampling_kwargs
+from engine.run.context import StageCancelled, StageContext, StageError
+from engine.run.events import Event, LogLine, Progress, SampleProduced
+from engine.store import results
 
 HUGE = 10**7  # a tokenizer's model_max_length at or above this means "not set"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from engine.context import StageContext
-from engine.events import Event, LogLine, Metric, StageFinished
+from engine.run.context import StageContext
+from engine.run.events import Event, LogLine, Metric, StageFinished
 
 
 async def run(ctx: StageContext) -> AsyncIterator[Event]:

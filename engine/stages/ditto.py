@@ -10,7 +10,7 @@ Shaikh et al., "Aligning Language Models with Demonstrated Feedback" (ICLR 2025)
    at ``temperature``; they join a replay buffer tagged with the round and the checkpoint
    that wrote them (``runs/<run>/ditto_buffer.json``).
 3. Each DPO step draws ``batch_prompts`` requests and ``pairs_per_prompt`` pairs per request
-   with ``engine.ditto_pairs.draw_pairs`` (online / replay / intermodel in ``mix``).
+   with ``engine.stages.ditto_pairs.draw_pairs`` (online / replay / intermodel in ``mix``).
 4. DPO loss (tinker-cookbook's ``compute_dpo_loss``, beta ``ditto.beta``) through
    ``forward_backward_custom``; reference log-probabilities come from ``compute_logprobs`` on
    the reference sampler, as the cookbook's ``train_dpo`` does (cached per sequence, since
@@ -27,20 +27,17 @@ Shaikh et al., "Aligning Language Models with Demonstrated Feedback" (ICLR 2025)
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, record_checkpoint, registry_path
-from engine.context import StageCancelled, StageContext, StageError
-from engine.ditto_pairs import KINDS, Pair, ReplayBuffer, Sample, batch_requests, draw_pairs
-from engine.events import (
+from engine.llm.sampling import Sampler, as_completed_tasks, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import (
     CheckpointSaved,
     Event,
     LogLine,
@@ -49,27 +46,24 @@ from engine.events import (
     SampleProduced,
     StageFinished,
 )
-from engine.sampling import Sampler, as_completed_tasks, resolve
-from engine.split import split_fingerprint
+from engine.run.supervised import supervised_step
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.sft import mean_nll
-from engine.workspace import RESULT_FILES
+from engine.stages.ditto_pairs import KINDS, Pair, ReplayBuffer, Sample, batch_requests, draw_pairs
+from engine.store.checkpoints import record_checkpoint, registry_path
+from engine.store.split import split_fingerprint
+from engine.store.workspace import RESULT_FILES
 
 OUTPUT = RESULT_FILES["ditto"]
 BUFFER_FILE = "ditto_buffer.json"
 SFT_INIT = "sft-init"
-# Fields that do not change what is trained (a rerun with other values still resumes).
-_NOT_FINGERPRINTED = ("rounds", "resume", "sample_after")
+SFT_DEMOS = "sft-demos"  # the SFT initialisation's own registry entry: a method of its own
+# The SFT initialisation's settings; every other ditto setting is the DPO rounds'.
+_SFT_KEYS = ("rank", "max_length", "seed", "batch_prompts", "num_demos", "checkpoint_every")
 
 
-def fingerprint_of(cfg: Any, train: Sequence[dict[str, str]], model: str, backend: str) -> str:
-    fields = {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in vars(cfg).items()
-        if k not in _NOT_FINGERPRINTED
-    }
-    blob = json.dumps([list(train), model, backend, fields], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _sft_setting(key: str) -> bool:
+    return key.startswith("sft_") or key in _SFT_KEYS
 
 
 def conversation(request: str, answer: str) -> list[dict[str, str]]:
@@ -136,12 +130,30 @@ class _Reference:
         return [self._cache[f] for f in fulls]
 
 
+def sft_run_for(ctx: StageContext, train: list[dict[str, str]]) -> TrainRun:
+    """The SFT initialisation's lifecycle: its settings, the demonstrations, the policy."""
+    cfg = ctx.config.ditto
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())
+    return TrainRun(
+        ctx,
+        SFT_DEMOS,
+        section="ditto",
+        settings=section_settings(cfg, "ditto", only=_sft_setting),
+        inputs={"data": digest(train), "base_model": model, "split": holdout},
+        total=cfg.sft_max_steps,
+        length_keys=("ditto.sft_max_steps",),
+        names=lambda n, finished: SFT_INIT if finished else f"{SFT_INIT}-{n:06d}",
+        # evaluate measures it as a method: SFT on the demonstrations, no system prompt
+        fields={"base_model": model, "use_system_prompt": False, "holdout": holdout},
+    )
+
+
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
     from tinker_cookbook.supervised.common import datum_from_model_input_weights
 
     from engine.backends.renderers import get_renderer_for
 
-    ws = ctx.workspace
     cfg = ctx.config.ditto
     split = ctx.split()
     if split.warning:
@@ -150,208 +162,251 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     if not train:
         raise StageError("No training demonstrations: add some in the Demonstrations tab.")
     model = ctx.model("policy")
-    seed = cfg.seed
-    fingerprint = fingerprint_of(cfg, train, model, ctx.backend)
-    n_train = len(train)
-    total_steps = cfg.rounds * cfg.steps_per_round
-    out_path = ws.result(OUTPUT)
-    buffer_path = ctx.run_dir / BUFFER_FILE
+    holdout = split_fingerprint(split)
+    sft_run = sft_run_for(ctx, train)
+    sft_decision = sft_run.decide(resume=cfg.resume)
+    yield sft_run.explain(sft_decision)
     svc = ctx.service_client()
 
-    # ---- resume, reuse or start ------------------------------------------------------
-    prev = latest_checkpoint(ws.results_dir, "ditto")
-    usable = bool(
-        cfg.resume
-        and prev
-        and prev.get("fingerprint") == fingerprint
-        and prev.get("state_path")
-        and prev.get("reference_path")
-        and int(prev.get("round", 0)) <= cfg.rounds
-    )
-    if prev and not usable and prev.get("fingerprint") not in (None, fingerprint):
-        yield LogLine(
-            "the previous DITTO run trained other demonstrations or settings: starting over",
-            "warning",
+    async def lora() -> Any:
+        return await resolve(
+            svc.create_lora_training_client(base_model=model, rank=cfg.rank, seed=cfg.seed)
         )
+
     tc = None
-    buffer = ReplayBuffer(meta={"fingerprint": fingerprint})
-    rounds_done, reference_path, last_name, last_sampler = 0, "", "", ""
-    if usable:
-        assert prev is not None
-        try:
-            if prev.get("finished") and int(prev.get("round", 0)) == cfg.rounds:
-                # Training is done: only the final sampling is left (e.g. killed while sampling).
-                yield LogLine(f"training already finished ({prev['sampler_path']}); sampling only")
-                async for ev in _final_sampling(ctx, str(prev["sampler_path"]), out_path):
-                    yield ev
-                yield _finished(
-                    ctx, out_path, f"reused the finished training ({prev['sampler_path']})"
-                )
-                return
-            buffer = ReplayBuffer.load(prev["buffer_path"])
-            tc = await resolve(
-                svc.create_training_client_from_state_with_optimizer(prev["state_path"])
-            )
-            rounds_done = int(prev.get("round", 0))
-            reference_path = str(prev["reference_path"])
-            last_name, last_sampler = str(prev["checkpoint"]), str(prev["sampler_path"])
-        except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-            yield LogLine(f"cannot resume the previous DITTO run ({e}); starting over", "warning")
-            tc, buffer = None, ReplayBuffer(meta={"fingerprint": fingerprint})
-        if tc is not None:
-            # Samples of the round in flight at the kill stay only when they came from the
-            # checkpoint we resume from (they are then exactly what this round would sample).
-            dropped = buffer.keep(
-                lambda s: (
-                    s.round <= rounds_done
-                    or (s.round == rounds_done + 1 and s.checkpoint == last_name)
-                )
-            )
-            yield LogLine(
-                f"resuming after round {rounds_done}/{cfg.rounds} from {last_name} "
-                f"({len(buffer.samples)} buffered samples"
-                + (f", {dropped} dropped" if dropped else "")
-                + ")"
-            )
-    if tc is None:
-        tc = await resolve(
-            svc.create_lora_training_client(base_model=model, rank=cfg.rank, seed=seed)
-        )
-    tokenizer = tc.get_tokenizer()
-    renderer = get_renderer_for(model, tokenizer)
+    renderer: Any = None
 
     def to_datum(request: str, answer: str) -> tinker.Datum:
         mi, weights = renderer.build_supervised_example(conversation(request, answer))
         return datum_from_model_input_weights(mi, weights, max_length=cfg.max_length)
 
-    step = rounds_done * cfg.steps_per_round
-
-    async def save(name: str, finished: bool) -> CheckpointSaved:
-        state_future = tc.save_state(name)  # both submitted before either is awaited
-        sampler_future = tc.save_weights_for_sampler(name)
-        state, sampler = await resolve(state_future), await resolve(sampler_future)
-        buffer.meta.update(fingerprint=fingerprint, rounds_done=rounds_done)
-        buffer.save(buffer_path)
-        record_checkpoint(
-            ws.results_dir,
-            "ditto",
-            sampler_path=str(sampler.path),
-            state_path=str(state.path),
-            checkpoint=name,
-            round=rounds_done,
-            total_rounds=cfg.rounds,
-            step=step,
-            total_steps=total_steps,
-            finished=finished,
-            reference_path=reference_path or str(sampler.path),
-            buffer_path=str(buffer_path),
-            run=ws.rel(ctx.run_dir),
-            fingerprint=fingerprint,
-            base_model=model,
-            backend=ctx.backend,
-            holdout=split_fingerprint(split),  # evaluate checks the held-out set is unchanged
-        )
-        return CheckpointSaved(
-            name=name, step=step, sampler_path=str(sampler.path), state_path=str(state.path)
-        )
-
-    # ---- 1. SFT initialisation ---------------------------------------------------------
-    if not reference_path:
-        async for ev in _sft_init(ctx, tc, train, to_datum):
+    # ---- 1. SFT initialisation (its own lifecycle: a rerun reuses it when only DPO changed)
+    if sft_decision.action == "reuse" and sft_decision.entry:
+        sft_entry = dict(sft_decision.entry)
+    else:
+        for ev in await sft_run.start(sft_decision, lora):
             yield ev
-        ckpt = await save(SFT_INIT, finished=False)
-        reference_path = last_sampler = ckpt.sampler_path
-        last_name = SFT_INIT
-        record_checkpoint(ws.results_dir, "ditto", reference_path=reference_path)
-        yield ckpt
+        tc = sft_run.tc
+        renderer = get_renderer_for(model, tc.get_tokenizer())
+        async for ev in _sft_init(ctx, sft_run, train, to_datum):
+            yield ev
+        assert sft_run.saved is not None
+        sft_entry = {
+            "sampler_path": sft_run.saved.sampler_path,
+            "state_path": sft_run.saved.state_path,
+        }
 
-    reference = _Reference(
-        await resolve(svc.create_sampling_client(model_path=reference_path, base_model=model)),
-        reference_path,
-    )
-    probe = [to_datum(train[0]["input"], train[0]["output"])]
+    # ---- 2-5. DPO rounds --------------------------------------------------------------
+    rounds = _Rounds(ctx, train, model, holdout, sft_entry)
+    decision = rounds.run.decide(resume=cfg.resume)
+    yield rounds.run.explain(decision)
+    out_path = ctx.workspace.result(OUTPUT)
+    if decision.action == "reuse" and decision.entry:
+        # Training is done: only the final sampling is left (e.g. killed while sampling).
+        path = str(decision.entry["sampler_path"])
+        yield LogLine(f"training already finished ({path}); sampling only")
+        async for ev in _final_sampling(ctx, path, out_path):
+            yield ev
+        yield _finished(ctx, out_path, f"reused the finished training ({path})")
+        return
 
-    # ---- 2-5. rounds -------------------------------------------------------------------
-    yield Progress(step, total_steps, f"ditto: round {rounds_done + 1}/{cfg.rounds}")
-    try:
-        for rnd in range(rounds_done + 1, cfg.rounds + 1):
-            ctx.check_cancel()
-            if cfg.update_reference and reference.path != last_sampler:
-                reference = _Reference(
-                    await resolve(
-                        svc.create_sampling_client(model_path=last_sampler, base_model=model)
-                    ),
-                    last_sampler,
-                )
-                reference_path = last_sampler
-                record_checkpoint(ws.results_dir, "ditto", reference_path=reference_path)
-                yield LogLine(f"round {rnd}: reference moved to {last_name} (update_reference)")
-            # What the reference says of one demonstration: constant unless update_reference.
-            ref_lp = await reference.logprobs(probe)
-            yield Metric("ditto/reference_logprob", rnd, float((ref_lp[0] * _w(probe[0])).sum()))
+    async def from_sft_init() -> Any:
+        if tc is not None:  # the SFT initialisation just trained: DPO continues on it
+            return tc
+        path = str(sft_entry["state_path"])
+        return await resolve(svc.create_training_client_from_state_with_optimizer(path))
 
-            async for ev in _sample_round(
-                ctx,
-                svc,
-                renderer,
-                tokenizer,
-                model,
-                train,
-                buffer,
-                rnd,
-                last_name,
-                last_sampler,
-                buffer_path,
-            ):
-                yield ev
-
-            for s in range(1, cfg.steps_per_round + 1):
-                ctx.check_cancel()
-                idx = batch_requests(step, n_train, cfg.batch_prompts, seed + 1)
-                rng = random.Random(f"ditto-pairs-{seed}-{step}")
-                pairs, counts = draw_pairs(
-                    [train[i] for i in idx],
-                    buffer,
-                    rnd,
-                    len(idx) * cfg.pairs_per_prompt,
-                    cfg.mix,
-                    rng,
-                    replay=cfg.replay,
-                    intermodel=cfg.intermodel,
-                )
-                metrics = await _dpo_step(tc, reference, pairs, to_datum, cfg)
-                step += 1
-                yield Metric("ditto/dpo_loss", step, metrics["dpo_loss"])
-                yield Metric("ditto/chosen_reward", step, metrics["chosen_reward"])
-                yield Metric("ditto/rejected_reward", step, metrics["rejected_reward"])
-                yield Metric("ditto/margin", step, metrics["margin"])
-                yield Metric("ditto/pair_accuracy", step, metrics["accuracy"])
-                for kind in KINDS:
-                    yield Metric(f"ditto/pairs_{kind}", step, float(counts[kind]))
-                yield Progress(
-                    step,
-                    total_steps,
-                    f"ditto: round {rnd}/{cfg.rounds} step {s}/{cfg.steps_per_round}",
-                )
-            rounds_done = rnd
-            last_name = f"round-{rnd}"
-            ckpt = await save(last_name, finished=rnd == cfg.rounds)
-            last_sampler = ckpt.sampler_path
-            yield ckpt
-    except StageCancelled:
-        yield LogLine(
-            f"cancelled in round {rounds_done + 1}; rerun to resume after round {rounds_done} "
-            "(its checkpoint and the replay buffer are kept)"
-        )
-        raise
-
-    async for ev in _final_sampling(ctx, last_sampler, out_path):
+    async for ev in rounds.open(decision, from_sft_init):
+        yield ev
+    if renderer is None:
+        renderer = get_renderer_for(model, rounds.run.tc.get_tokenizer())
+    rounds.renderer, rounds.to_datum = renderer, to_datum
+    async for ev in rounds.train():
+        yield ev
+    async for ev in _final_sampling(ctx, rounds.last_sampler, out_path):
         yield ev
     yield _finished(
         ctx,
         out_path,
-        f"SFT init + {cfg.rounds} DPO rounds ({step} steps); checkpoint {last_sampler}",
+        f"SFT init + {cfg.rounds} DPO rounds ({rounds.dpo_step} steps); checkpoint "
+        f"{rounds.last_sampler}",
     )
+
+
+class _Rounds:
+    """DITTO's DPO rounds: the replay buffer, the frozen reference, and one TrainRun whose
+    counter is the round."""
+
+    def __init__(
+        self,
+        ctx: StageContext,
+        train: list[dict[str, str]],
+        model: str,
+        holdout: str,
+        sft_entry: dict[str, Any],
+    ) -> None:
+        cfg = ctx.config.ditto
+        self.ctx, self.cfg, self.demos, self.model = ctx, cfg, train, model
+        self.buffer_path = ctx.run_dir / BUFFER_FILE
+        self.reference_path = str(sft_entry["sampler_path"])
+        self.last_name, self.last_sampler = SFT_INIT, self.reference_path
+        self.dpo_step = 0
+        self.renderer: Any = None
+        self.to_datum: Any = None
+        self.run = TrainRun(
+            ctx,
+            "ditto",
+            section="ditto",
+            settings=section_settings(cfg, "ditto", only=lambda k: not _sft_setting(k)),
+            inputs={
+                "data": digest(train),
+                "base_model": model,
+                "split": holdout,
+                "SFT init": self.reference_path,
+            },
+            total=cfg.rounds,
+            length_keys=("ditto.rounds",),
+            unit="round",
+            counter="round",
+            names=lambda n, finished: f"round-{n}",
+            fields={"base_model": model, "holdout": holdout},
+            extras=self._extras,
+        )
+        self.buffer = ReplayBuffer(meta={"fingerprint": self.run.fingerprint})
+
+    async def _extras(self, name: str, rounds_done: int, finished: bool) -> dict[str, Any]:
+        """What DITTO keeps beside its weights: the replay buffer and the reference."""
+        self.buffer.meta.update(fingerprint=self.run.fingerprint, rounds_done=rounds_done)
+        await asyncio.to_thread(self.buffer.save, self.buffer_path)
+        return {
+            "step": self.dpo_step,
+            "total_steps": self.cfg.rounds * self.cfg.steps_per_round,
+            "reference_path": self.reference_path,
+            "buffer_path": str(self.buffer_path),
+        }
+
+    async def open(
+        self, decision: Decision, from_sft_init: Callable[[], Awaitable[Any]]
+    ) -> AsyncIterator[Event]:
+        entry = decision.entry or {}
+        if decision.action == "resume":
+            path = Path(str(entry.get("buffer_path", "")))
+            try:
+                self.buffer = ReplayBuffer.load(path)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise StageError(
+                    f"{self.ctx.workspace.rel(path)}: the replay buffer of the round-"
+                    f"{entry.get('round')} checkpoint cannot be read ({e}); restore it, or "
+                    "rerun with --set ditto.resume=false to train the rounds again"
+                ) from e
+        for ev in await self.run.start(decision, from_sft_init):
+            yield ev
+        if self.run.step == 0:
+            self.buffer = ReplayBuffer(meta={"fingerprint": self.run.fingerprint})
+            return
+        rounds_done = self.run.step
+        self.reference_path = str(entry.get("reference_path") or self.reference_path)
+        self.last_name, self.last_sampler = str(entry["checkpoint"]), str(entry["sampler_path"])
+        self.dpo_step = rounds_done * self.cfg.steps_per_round
+        # Samples of the round in flight at the kill stay only when they came from the
+        # checkpoint we resume from (they are then exactly what this round would sample).
+        dropped = self.buffer.keep(
+            lambda s: (
+                s.round <= rounds_done
+                or (s.round == rounds_done + 1 and s.checkpoint == self.last_name)
+            )
+        )
+        yield LogLine(
+            f"resuming after round {rounds_done}/{self.cfg.rounds} from {self.last_name} "
+            f"({len(self.buffer.samples)} buffered samples"
+            + (f", {dropped} dropped" if dropped else "")
+            + ")"
+        )
+
+    async def train(self) -> AsyncIterator[Event]:
+        svc, model = self.ctx.service_client(), self.model
+        self.reference = _Reference(
+            await resolve(
+                svc.create_sampling_client(model_path=self.reference_path, base_model=model)
+            ),
+            self.reference_path,
+        )
+        self.probe = [self.to_datum(self.demos[0]["input"], self.demos[0]["output"])]
+        total = self.cfg.rounds * self.cfg.steps_per_round
+        label = f"ditto: round {self.run.step + 1}/{self.cfg.rounds}"
+        yield Progress(self.dpo_step, total, label)
+        async for ev in self.run.steps(
+            self.one_round, label="ditto: rounds", checkpoint_every=1, progress=False
+        ):
+            if isinstance(ev, CheckpointSaved):
+                self.last_name, self.last_sampler = ev.name, ev.sampler_path
+            yield ev
+
+    async def one_round(self, done: int) -> AsyncIterator[Event]:
+        ctx, cfg, svc = self.ctx, self.cfg, self.ctx.service_client()
+        rnd = done + 1
+        if cfg.update_reference and self.reference.path != self.last_sampler:
+            self.reference = _Reference(
+                await resolve(
+                    svc.create_sampling_client(model_path=self.last_sampler, base_model=self.model)
+                ),
+                self.last_sampler,
+            )
+            self.reference_path = self.last_sampler
+            record_checkpoint(ctx.workspace.results_dir, "ditto", reference_path=self.last_sampler)
+            yield LogLine(f"round {rnd}: reference moved to {self.last_name} (update_reference)")
+        # What the reference says of one demonstration: constant unless update_reference.
+        ref_lp = await self.reference.logprobs(self.probe)
+        yield Metric("ditto/reference_logprob", rnd, float((ref_lp[0] * _w(self.probe[0])).sum()))
+        async for ev in _sample_round(
+            ctx,
+            svc,
+            self.renderer,
+            self.renderer.tokenizer,
+            self.model,
+            self.demos,
+            self.buffer,
+            rnd,
+            self.last_name,
+            self.last_sampler,
+            self.buffer_path,
+        ):
+            yield ev
+        for s in range(1, cfg.steps_per_round + 1):
+            ctx.check_cancel()
+            for ev in await self._dpo(rnd):
+                yield ev
+            yield Progress(
+                self.dpo_step,
+                cfg.rounds * cfg.steps_per_round,
+                f"ditto: round {rnd}/{cfg.rounds} step {s}/{cfg.steps_per_round}",
+            )
+
+    async def _dpo(self, rnd: int) -> list[Event]:
+        cfg = self.cfg
+        idx = batch_requests(self.dpo_step, len(self.demos), cfg.batch_prompts, cfg.seed + 1)
+        rng = random.Random(f"ditto-pairs-{cfg.seed}-{self.dpo_step}")
+        pairs, counts = draw_pairs(
+            [self.demos[i] for i in idx],
+            self.buffer,
+            rnd,
+            len(idx) * cfg.pairs_per_prompt,
+            cfg.mix,
+            rng,
+            replay=cfg.replay,
+            intermodel=cfg.intermodel,
+        )
+        metrics = await _dpo_step(self.ctx, self.run.tc, self.reference, pairs, self.to_datum)
+        self.dpo_step += 1
+        step = self.dpo_step
+        out: list[Event] = [
+            Metric("ditto/dpo_loss", step, metrics["dpo_loss"]),
+            Metric("ditto/chosen_reward", step, metrics["chosen_reward"]),
+            Metric("ditto/rejected_reward", step, metrics["rejected_reward"]),
+            Metric("ditto/margin", step, metrics["margin"]),
+            Metric("ditto/pair_accuracy", step, metrics["accuracy"]),
+        ]
+        return out + [Metric(f"ditto/pairs_{kind}", step, float(counts[kind])) for kind in KINDS]
 
 
 def _w(d: tinker.Datum) -> Any:
@@ -367,37 +422,42 @@ def _finished(ctx: StageContext, out_path: Path, summary: str) -> StageFinished:
 
 
 async def _sft_init(
-    ctx: StageContext, tc: Any, train: list[dict[str, str]], to_datum: Any
+    ctx: StageContext, sft_run: TrainRun, train: list[dict[str, str]], to_datum: Any
 ) -> AsyncIterator[Event]:
+    """LoRA SFT on the training demonstrations until the batch loss falls below
+    ``sft_stop_loss`` (or ``sft_max_steps``), checkpointed like any training."""
     cfg = ctx.config.ditto
     data = [to_datum(d["input"], d["output"]) for d in train]
     b = min(cfg.batch_prompts, len(data))
-    yield LogLine(
-        f"SFT init on {len(data)} training demonstrations: up to {cfg.sft_max_steps} steps of {b}, "
-        f"lr {cfg.sft_lr}, LoRA rank {cfg.rank}; stops once the batch loss < {cfg.sft_stop_loss}"
-    )
-    loss = float("nan")
-    for step in range(cfg.sft_max_steps):
-        ctx.check_cancel()
-        batch = [data[i] for i in batch_requests(step, len(data), b, cfg.seed)]
-        fb = tc.forward_backward(batch, "cross_entropy")
-        opt = tc.optim_step(
-            tinker.AdamParams(learning_rate=cfg.sft_lr, beta1=0.9, beta2=0.95, eps=1e-8)
+    if sft_run.step == 0:
+        yield LogLine(
+            f"SFT init on {len(data)} training demonstrations: up to {cfg.sft_max_steps} steps "
+            f"of {b}, lr {cfg.sft_lr}, LoRA rank {cfg.rank}; stops once the batch loss < "
+            f"{cfg.sft_stop_loss}"
         )
-        loss = mean_nll(await resolve(fb), batch)
-        await resolve(opt)
+    last = [float("nan")]
+
+    async def one_step(step: int) -> AsyncIterator[Event]:
+        batch = [data[i] for i in batch_requests(step, len(data), b, cfg.seed)]
+        loss = last[0] = await supervised_step(sft_run.tc, batch, adam(ctx, cfg.sft_lr))
         yield Metric("ditto/sft_loss", step + 1, loss)
         yield Metric("ditto/sft_stop_loss", step + 1, cfg.sft_stop_loss)
-        yield Progress(step + 1, cfg.sft_max_steps, "ditto: SFT init")
         if loss < cfg.sft_stop_loss:
+            sft_run.stop()
             yield LogLine(
-                f"SFT init: batch loss {loss:.3f} < {cfg.sft_stop_loss} after {step + 1} steps: stopping"
+                f"SFT init: batch loss {loss:.3f} < {cfg.sft_stop_loss} after {step + 1} steps: "
+                "stopping"
             )
-            return
-    yield LogLine(
-        f"SFT init: {cfg.sft_max_steps} steps, last batch loss {loss:.3f} "
-        f"(stop line {cfg.sft_stop_loss} not reached)"
-    )
+
+    async for ev in sft_run.steps(
+        one_step, label="ditto: SFT init", checkpoint_every=cfg.checkpoint_every
+    ):
+        yield ev
+    if not sft_run.stopped_early:
+        yield LogLine(
+            f"SFT init: {sft_run.step} steps, last batch loss {last[0]:.3f} "
+            f"(stop line {cfg.sft_stop_loss} not reached)"
+        )
 
 
 async def _sample_round(
@@ -462,8 +522,9 @@ async def _sample_round(
 
 
 async def _dpo_step(
-    tc: Any, reference: _Reference, pairs: list[Pair], to_datum: Any, cfg: Any
+    ctx: StageContext, tc: Any, reference: _Reference, pairs: list[Pair], to_datum: Any
 ) -> dict[str, float]:
+    cfg = ctx.config.ditto
     data: list[tinker.Datum] = []
     for p in pairs:
         data += [to_datum(p.request, p.chosen), to_datum(p.request, p.rejected)]
@@ -474,7 +535,7 @@ async def _dpo_step(
         return dpo_loss(logprobs, weights, refs, cfg.beta)
 
     fb = tc.forward_backward_custom(data, loss_fn)
-    opt = tc.optim_step(tinker.AdamParams(learning_rate=cfg.lr, beta1=0.9, beta2=0.95, eps=1e-8))
+    opt = tc.optim_step(adam(ctx, cfg.lr))
     result = await resolve(fb)
     await resolve(opt)
     return {k: float(v) for k, v in dict(result.metrics).items()}
@@ -485,7 +546,7 @@ async def _final_sampling(
 ) -> AsyncIterator[Event]:
     if not ctx.config.ditto.sample_after:
         return
-    from engine.sampling import open_sampler
+    from engine.llm.sampling import open_sampler
 
     sampler = await open_sampler(ctx, model_path=sampler_path)
     async for ev in sample_demo_inputs(

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from engine.context import StageContext, StageError
-from engine.events import Event, LogLine, StageFinished
-from engine.results import RESULT_FILES
-from engine.sampling import open_sampler
+from engine.llm.sampling import open_sampler
+from engine.run.context import StageContext, StageError
+from engine.run.events import Event, LogLine, StageFinished
 from engine.stages._policy_samples import sample_demo_inputs
+from engine.store.results import RESULT_FILES
 
 OUTPUT = RESULT_FILES["prompting"]
 

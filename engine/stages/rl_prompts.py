@@ -8,7 +8,7 @@ the policy without it).
 ``rl_prompts.teacher_calls`` calls (0 = 200 on Tinker, 12 locally), each asking for
 ``per_call`` requests on one random topic seed with ONE random training demonstration as the
 example (held-out demonstrations are never shown). Replies are parsed leniently and go
-through engine.parsing.RequestFilter: a line counts only if it reads as a request, and exact
+through engine.llm.parsing.RequestFilter: a line counts only if it reads as a request, and exact
 and near duplicates (of each other or of any demonstration) are dropped. Yield (accepted /
 asked), filtered and duplicate counts are reported separately.
 """
@@ -20,18 +20,18 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from engine.context import StageContext, StageError
-from engine.events import Event, LogLine, Metric, Progress, StageFinished
-from engine.parsing import RequestFilter
-from engine.results import (
+from engine.llm.parsing import RequestFilter
+from engine.llm.sampling import as_completed_tasks, open_sampler
+from engine.run.context import StageContext, StageError
+from engine.run.events import Event, LogLine, Metric, Progress, StageFinished
+from engine.store.results import (
     RL_DEV_FILE,
     RL_TRAIN_FILE,
     append_teacher_reply,
     rl_prompt_row,
     write_rl_prompts,
 )
-from engine.sampling import as_completed_tasks, open_sampler
-from engine.templates import fill
+from engine.store.templates import fill
 
 OUTPUT = RL_TRAIN_FILE
 DEV_OUTPUT = RL_DEV_FILE

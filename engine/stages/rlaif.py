@@ -9,7 +9,7 @@ Each step:
   1. ``batch_size`` train prompts (results/rl_train_data.jsonl, seeded order, same on resume);
      ``group_size`` samples each from the current policy. Every sampling request of the step
      is submitted before any is awaited (one round trip).
-  2. A pairwise tournament inside each group (engine.judge.matchups: chunks of 4, every pair
+  2. A pairwise tournament inside each group (engine.llm.judge.matchups: chunks of 4, every pair
      in a chunk, judged in both orders), judged by the reward-model checkpoint (else the base
      judge; ``rlaif.judge = "shorter"`` is a rule judge preferring shorter samples, the
      cookbook's demo, for checking the pipeline). Every judge request of the step, and the
@@ -36,32 +36,36 @@ most the step in flight. At the end: results/rl_model_outputs.json on the demons
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import tinker
 
-from engine.checkpoints import latest_checkpoint, registry_path
-from engine.context import StageCancelled, StageContext, StageError
-from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
-from engine.judge import (
+from engine.eval.metrics.stats import win_rate
+from engine.llm.judge import (
+    ALMOST_NOTHING,
+    MARGIN_CLIP,
     Comparison,
+    JudgeRecord,
+    JudgeStats,
     RuleJudge,
     has_zero_variance,
+    margin_rewards,
     matchups,
     tournament_rewards,
 )
-from engine.metrics.stats import win_rate
-from engine.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
-from engine.sampling import Sampler, open_sampler, resolve
-from engine.split import split_fingerprint
+from engine.llm.sampling import Sampler, open_sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
+from engine.run.supervised import batch_indices
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.reward_model import open_judge
-from engine.stages.sft import batch_indices
-from engine.training import cancel_checkpoint, save_checkpoint, step_name
+from engine.stages.reward_model import _rm_entry, combine_settings, known_warnings, open_judge
+from engine.store.checkpoints import latest_checkpoint, record_checkpoint, registry_path
+from engine.store.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
+from engine.store.split import split_fingerprint
 
 OUTPUT = RESULT_FILES["rlaif"]
 STAGE = "rlaif"
@@ -149,9 +153,103 @@ def build_training_data(
     return data, len(groups) - len(kept)
 
 
-async def run(ctx: StageContext) -> AsyncIterator[Event]:
-    from engine.backends.renderers import get_renderer_for
+def _judge_identity(ctx: StageContext) -> str:
+    """Which judge the rewards come from: the rule, a trained checkpoint, or the base model."""
+    if ctx.config.rlaif.judge == "shorter":
+        return "rule: shorter"
+    entry = _rm_entry(ctx)
+    return str(entry["sampler_path"]) if entry else f"base: {ctx.model('judge')}"
 
+
+def _verdict_rule(ctx: StageContext) -> str:
+    """How the judge's two orders become a verdict (reward_model.combine, .tie_margin): it
+    changes every reward, so it is an input of the run."""
+    rm = ctx.config.reward_model
+    return f"{rm.combine}, tie margin {rm.tie_margin}"
+
+
+def step_rewards(
+    cfg: Any, groups: Sequence[Sequence[Any]], pairs: Sequence[tuple[int, int]],
+    records: Sequence[JudgeRecord],
+) -> list[list[float]]:  # fmt: skip
+    """Each group's rewards from its matchups' records (``len(pairs)`` per group, in order):
+    ``rlaif.reward = "margin"``: the mean calibrated margin s (clipped), a record not decided
+    by the calibrated rule (a sampled verdict, or ``reward_model.combine = "agree"``)
+    counting as its verdict at full strength; ``"wins"``: wins minus losses over matches.
+    Minus ``format_penalty`` for a sample that ran out of tokens."""
+    rewards = []
+    for g, group in enumerate(groups):
+        recs = records[g * len(pairs) : (g + 1) * len(pairs)]
+        stopped = [s.stop_reason == "stop" for s in group]
+        if cfg.reward == "margin":
+            graded = [
+                (i, j, _graded(r)) for (i, j), r in zip(pairs, recs, strict=True)
+            ]  # fmt: skip
+            rewards.append(margin_rewards(len(group), graded, stopped, cfg.format_penalty))
+        else:
+            res = [(i, j, r.preference) for (i, j), r in zip(pairs, recs, strict=True)]
+            rewards.append(tournament_rewards(len(group), res, stopped, cfg.format_penalty))
+    return rewards
+
+
+def _graded(r: JudgeRecord) -> float:
+    if r.combined_by == "calibrated" and r.s is not None:
+        return r.s
+    return float(r.preference) * MARGIN_CLIP
+
+
+def judge_step_metrics(stats: JudgeStats) -> dict[str, float]:
+    """The judge's statistics for one step: decided and tied shares of the matchups, mean
+    position bias (nats), unparsable rate, position consistency."""
+    n_match = max(1, stats.comparisons)
+    out = {
+        "rl/decided_rate": (stats.wins_a + stats.wins_b) / n_match,
+        "rl/tie_rate": stats.ties / n_match,
+        "rl/unparsable_rate": stats.unparsable_rate,
+    }
+    if stats.consistency_rate is not None:
+        out["rl/position_consistency"] = stats.consistency_rate
+    if stats.mean_position_bias is not None:
+        out["rl/position_bias"] = stats.mean_position_bias
+    return out
+
+
+def train_run_for(
+    ctx: StageContext,
+    train_rows: list[dict[str, Any]],
+    init: dict[str, Any] | None,
+    use_system: bool,
+) -> TrainRun:
+    """rlaif's lifecycle: its whole section, the prompts, the policy, the init checkpoint, the
+    judge that gives the rewards, and the split."""
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())  # the prompts came from the training demos
+    start = init["sampler_path"] if init else "base"
+    return TrainRun(
+        ctx,
+        STAGE,
+        section="rlaif",
+        settings=section_settings(ctx.config.rlaif, "rlaif"),
+        inputs={
+            "data": digest(train_rows),
+            "base_model": model,
+            "init checkpoint": start,
+            "judge": _judge_identity(ctx),
+            "verdict rule": _verdict_rule(ctx),
+            "split": holdout,
+        },
+        total=ctx.config.rlaif.steps,
+        length_keys=("rlaif.steps",),
+        fields={
+            "base_model": model,
+            "init": start,
+            "use_system_prompt": use_system,
+            "holdout": holdout,
+        },
+    )
+
+
+async def run(ctx: StageContext) -> AsyncIterator[Event]:
     ws = ctx.workspace
     cfg = ctx.config.rlaif
     train_rows = _load_prompts(ctx, RL_TRAIN_FILE)
@@ -159,56 +257,20 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(
             f"{ws.rel(ws.result(RL_TRAIN_FILE))} not found or empty: run `persona run rl-prompts` first."
         )
-    dev_rows = _load_prompts(ctx, RL_DEV_FILE)[: cfg.dev_prompts]
-    model = ctx.model("policy")
-    svc = ctx.service_client()
     init = _init_checkpoint(ctx)
     if cfg.init == "sft" and init is None:
         yield LogLine("no finished SFT checkpoint for this policy: starting from the base model")
-    batch_size = min(cfg.batch_size, len(train_rows))
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                train_rows,
-                model,
-                init and init["sampler_path"],
-                cfg.rank,
-                cfg.lr,
-                batch_size,
-                cfg.group_size,
-                cfg.seed,
-                cfg.loss,
-                cfg.max_tokens,
-                cfg.judge,
-                ctx.backend,
-            ],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
-
     # rl-prompts puts the system prompt into the train rows when there is one: evaluate gives
     # the checkpoint the same context
     use_system = any(
         m.get("role") == "system" for r in train_rows for m in r.get("prompt_conversation", [])
     )
-    holdout = split_fingerprint(ctx.split())  # the prompts came from the training demos
-
-    prev = latest_checkpoint(ws.results_dir, STAGE)
-    if (
-        cfg.resume
-        and prev
-        and prev.get("finished")
-        and prev.get("fingerprint") == fingerprint
-        and prev.get("sampler_path")
-        and int(prev.get("step", 0)) == cfg.steps
-    ):
+    train_run = train_run_for(ctx, train_rows, init, use_system)
+    decision = train_run.decide(resume=cfg.resume)
+    yield train_run.explain(decision)
+    if decision.action == "reuse" and decision.entry:
         # Training is done (e.g. killed while sampling): only the final sampling is left.
-        reused = str(prev["sampler_path"])
-        yield LogLine(
-            f"training already finished ({reused}, step {cfg.steps}): reusing it"
-            + (", sampling only" if cfg.sample_after else "")
-            + "; --set rlaif.resume=false trains again"
-        )
+        reused = str(decision.entry["sampler_path"])
         try:
             sampler = (
                 await open_sampler(ctx, role="policy", model_path=reused)
@@ -217,233 +279,304 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             )
         except FileNotFoundError as e:
             yield LogLine(f"cannot reuse the finished training ({e}); training again", "warning")
+            decision = Decision("fresh", "the finished checkpoint is gone")
         else:
             summary = f"reused the finished training ({cfg.steps} RL steps); checkpoint {reused}"
             async for ev in _finish(ctx, sampler, summary):
                 yield ev
             return
-    start_step, tc = 0, None
-    if (
-        cfg.resume
-        and prev
-        and not prev.get("finished")
-        and prev.get("fingerprint") == fingerprint
-        and prev.get("state_path")
-        and int(prev.get("step", 0)) < cfg.steps
-    ):
-        try:
-            tc = await resolve(
-                svc.create_training_client_from_state_with_optimizer(prev["state_path"])
-            )
-            start_step = int(prev["step"])
-            yield LogLine(f"resuming from step {start_step} ({prev['state_path']})")
-        except FileNotFoundError as e:
-            yield LogLine(f"cannot resume ({e}); starting over", "warning")
-    if tc is None:
-        if init:
-            tc = await resolve(svc.create_training_client_from_state(init["state_path"]))
-            yield LogLine(f"policy starts from the SFT checkpoint {init['sampler_path']}")
-        else:
-            tc = await resolve(
+    loop = _RlLoop(ctx, train_run, train_rows, init)
+    async for ev in loop.train(decision):
+        yield ev
+    sampler = (
+        await open_sampler(ctx, role="policy", model_path=loop.final_path)
+        if cfg.sample_after
+        else None
+    )
+    summary = f"{train_run.step} RL steps; checkpoint {loop.final_path}"
+    async for ev in _finish(ctx, sampler, summary):
+        yield ev
+
+
+@dataclass
+class _Step:
+    """What one RL step produced, for its metrics."""
+
+    groups: list[list[Any]]
+    texts: list[list[str]]
+    rewards: list[list[float]]
+    stats: Any
+    init_lps: list[Any]
+    skipped: int
+    times: tuple[float, float, float]
+
+
+class _RlLoop:
+    """The policy, its initial copy, the judge and the dev evaluation of one rlaif run."""
+
+    def __init__(
+        self,
+        ctx: StageContext,
+        train_run: TrainRun,
+        train_rows: list[dict[str, Any]],
+        init: dict[str, Any] | None,
+    ) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.rlaif
+        self.run = train_run
+        self.rows = train_rows
+        self.dev_rows = _load_prompts(ctx, RL_DEV_FILE)[: self.cfg.dev_prompts]
+        self.init = init
+        self.batch_size = min(self.cfg.batch_size, len(train_rows))
+        self.pairs = matchups(self.cfg.group_size, CHUNK)
+        self.final_path = ""
+
+    async def open(self, decision: Decision) -> AsyncIterator[Event]:
+        from engine.backends.renderers import get_renderer_for
+
+        ctx, cfg, init = self.ctx, self.cfg, self.init
+        svc = ctx.service_client()
+        model = ctx.model("policy")
+
+        async def new_client() -> Any:
+            if init:
+                return await resolve(svc.create_training_client_from_state(init["state_path"]))
+            return await resolve(
                 svc.create_lora_training_client(base_model=model, rank=cfg.rank, seed=cfg.seed)
             )
-    tokenizer = tc.get_tokenizer()
-    renderer = get_renderer_for(model, tokenizer)
-    if init:
-        init_client = await resolve(
+
+        for ev in await self.run.start(decision, new_client):
+            yield ev
+        if init and self.run.step == 0:
+            yield LogLine(f"policy starts from the SFT checkpoint {init['sampler_path']}")
+        self.tc = self.run.tc
+        tokenizer = self.tc.get_tokenizer()
+        self.renderer = get_renderer_for(model, tokenizer)
+        self.decoder = Sampler(
+            client=None, renderer=self.renderer, tokenizer=tokenizer, model=model
+        )
+        self.init_client = await resolve(
             svc.create_sampling_client(model_path=init["sampler_path"], base_model=model)
+            if init
+            else svc.create_sampling_client(base_model=model)
         )
-    else:
-        init_client = await resolve(svc.create_sampling_client(base_model=model))
-    if cfg.judge == "shorter":
-        judge, what = RuleJudge(), "rule judge (prefers shorter samples)"
-    else:
-        judge, what = await open_judge(ctx, concurrency=cfg.concurrency)
-    pairs = matchups(cfg.group_size, CHUNK)
-    yield LogLine(
-        f"{cfg.steps} steps of {batch_size} prompts x {cfg.group_size} samples on {model} "
-        f"({ctx.backend}); {len(pairs)} matchups per group, both orders; judge: {what}"
-    )
-
-    def decode(tokens: Sequence[int]) -> str:
-        return Sampler(client=None, renderer=renderer, tokenizer=tokenizer, model=model).decode(
-            tokens
+        if cfg.judge == "shorter":
+            self.judge = RuleJudge(**combine_settings(ctx))
+            what = "rule judge (prefers shorter samples)"
+        else:
+            self.judge, what = await open_judge(ctx, concurrency=cfg.concurrency)
+            for line in known_warnings(ctx, self.judge):
+                yield LogLine(f"reward-model's check of this judge: {line}", "warning")
+        yield LogLine(
+            f"{cfg.steps} steps of {self.batch_size} prompts x {cfg.group_size} samples on "
+            f"{model} ({ctx.backend}); {len(self.pairs)} matchups per group, both orders; "
+            f"judge: {what}"
         )
 
-    async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
-        return await save_checkpoint(
-            ctx,
-            tc,
-            STAGE,
-            name,
-            step=step,
-            total_steps=cfg.steps,
-            finished=finished,
-            fingerprint=fingerprint,
-            base_model=model,
-            init=init["sampler_path"] if init else "base",
-            use_system_prompt=use_system,
-            holdout=holdout,
-        )
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.decoder.decode(tokens)
 
-    async def dev_eval(step: int, current: Any) -> AsyncIterator[Event]:
-        if not dev_rows:
+    async def train(self, decision: Decision) -> AsyncIterator[Event]:
+        cfg = self.cfg
+        async for ev in self.open(decision):
+            yield ev
+        start = self.run.step
+        self.current = await resolve(
+            self.tc.save_weights_and_get_sampling_client(f"policy-{start:06d}")
+        )
+        entry = decision.entry or {}
+        if (
+            decision.action == "resume"
+            and self._eval_due(start)
+            and entry.get("dev_evaluated") != start
+        ):
+            # killed during the dev evaluation that follows this checkpoint: fill the gap
+            async for ev in self.dev_eval(start):
+                yield ev
+
+        async def after(step: int) -> AsyncIterator[Event]:
+            if self._eval_due(step):
+                async for ev in self.dev_eval(step):
+                    yield ev
+
+        async for ev in self.run.steps(
+            self.one_step, label="rlaif: steps", checkpoint_every=cfg.checkpoint_every, after=after
+        ):
+            if isinstance(ev, CheckpointSaved):
+                self.final_path = ev.sampler_path
+            yield ev
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(every) and step > 0 and (step % every == 0 or step == self.cfg.steps)
+
+    async def one_step(self, step: int) -> AsyncIterator[Event]:
+        """Sample, judge, train: a cancel between phases stops before the next one."""
+        ctx, cfg = self.ctx, self.cfg
+        t0 = time.perf_counter()
+        rows = [
+            self.rows[i] for i in batch_indices(step, len(self.rows), self.batch_size, cfg.seed)
+        ]
+        convs = [r["prompt_conversation"] for r in rows]
+        prompts = [self.renderer.build_generation_prompt(c) for c in convs]
+        futs = [  # every sample of the step in flight before any is awaited
+            self.current.sample(
+                prompt=p,
+                num_samples=cfg.group_size,
+                sampling_params=_params(
+                    cfg, self.renderer, cfg.seed * 1_000_003 + step * 1_009 + k
+                ),
+            )
+            for k, p in enumerate(prompts)
+        ]
+        groups = [list(r.sequences) for r in await _gather(futs)]
+        ctx.check_cancel()
+        t1 = time.perf_counter()
+        texts = [[self.decode(s.tokens) for s in g] for g in groups]
+        comps = [
+            Comparison(convs[g], texts[g][i], texts[g][j], rows[g].get("rubric", ""))
+            for g in range(len(groups))
+            for i, j in self.pairs
+        ]
+        kl_futs = [
+            self.init_client.compute_logprobs(
+                tinker.ModelInput.from_ints(p.to_ints() + list(s.tokens))
+            )
+            for p, g in zip(prompts, groups, strict=True)
+            for s in g
+            if s.tokens
+        ]
+        self.judge.reset_stats()
+        records, init_lps = await asyncio.gather(self.judge.judge(comps), _gather(kl_futs))
+        stats = self.judge.stats
+        ctx.check_cancel()
+        t2 = time.perf_counter()
+        rewards = step_rewards(cfg, groups, self.pairs, records)
+        data, skipped = build_training_data(prompts, groups, rewards)
+        if data:
+            fb = self.tc.forward_backward(data, cfg.loss)  # submit both before awaiting
+            opt = self.tc.optim_step(adam(ctx, cfg.lr))
+            await resolve(fb)
+            await resolve(opt)
+        else:
+            yield LogLine(f"step {step + 1}: every group tied; no update", "warning")
+        self.current = await resolve(
+            self.tc.save_weights_and_get_sampling_client(f"policy-{step + 1:06d}")
+        )
+        t3 = time.perf_counter()
+        done = _Step(groups, texts, rewards, stats, init_lps, skipped, (t1 - t0, t2 - t1, t3 - t2))
+        for ev in _step_metrics(step + 1, done):
+            yield ev
+
+    async def dev_eval(self, step: int) -> AsyncIterator[Event]:
+        """Current vs initial policy on the dev prompts, both orders -> dev/win_rate."""
+        if not self.dev_rows:
             return
-        convs = [r["prompt_conversation"] for r in dev_rows]
-        mis = [renderer.build_generation_prompt(c) for c in convs]
-        params = _params(cfg, renderer, cfg.seed + 7)
+        convs = [r["prompt_conversation"] for r in self.dev_rows]
+        mis = [self.renderer.build_generation_prompt(c) for c in convs]
+        params = _params(self.cfg, self.renderer, self.cfg.seed + 7)
         futs = [
             c.sample(prompt=m, num_samples=1, sampling_params=params)
             for m in mis
-            for c in (current, init_client)
+            for c in (self.current, self.init_client)
         ]
         res = await _gather(futs)
-        mine = [decode(res[2 * k].sequences[0].tokens) for k in range(len(mis))]
-        theirs = [decode(res[2 * k + 1].sequences[0].tokens) for k in range(len(mis))]
+        self.ctx.check_cancel()
+        mine = [self.decode(res[2 * k].sequences[0].tokens) for k in range(len(mis))]
+        theirs = [self.decode(res[2 * k + 1].sequences[0].tokens) for k in range(len(mis))]
         comps = [
             Comparison(c, a, b, r.get("rubric", ""))
-            for c, a, b, r in zip(convs, mine, theirs, dev_rows, strict=True)
+            for c, a, b, r in zip(convs, mine, theirs, self.dev_rows, strict=True)
         ]
-        old = judge.reset_stats()
+        old = self.judge.reset_stats()
         try:
-            records = await judge.judge(comps)
+            records = await self.judge.judge(comps)
         finally:
-            judge.stats = old
-        wr = win_rate([r.preference for r in records])
-        low, high = wr.interval
-        yield Metric("dev/win_rate", step, wr.rate)
-        yield Metric("dev/win_rate_low", step, low)
-        yield Metric("dev/win_rate_high", step, high)
-        yield LogLine(
-            f"dev @ step {step}: win rate vs initial policy {wr.rate:.0%} "
-            f"[{low:.0%}, {high:.0%}] ({wr.wins} W / {wr.losses} L / {wr.ties} T of {wr.n})"
-        )
+            self.judge.stats = old
+        for ev in _dev_result(step, records):
+            yield ev
         for c, a, b, r in list(zip(convs, mine, theirs, records, strict=True))[:2]:
             verdict = {1: "current wins", -1: "initial wins"}.get(r.preference, "tie")
             yield LogLine(
                 f"dev sample: {c[-1]['content'][:80]!r} -> current: {a[:160]!r} | "
                 f"initial: {b[:100]!r} | {verdict} ({r.verdict_ab}/{r.verdict_ba})"
             )
+        if step == self.run.last_saved:  # a resume at this checkpoint need not evaluate again
+            record_checkpoint(self.ctx.workspace.results_dir, STAGE, dev_evaluated=step)
 
-    current = await resolve(tc.save_weights_and_get_sampling_client(f"policy-{start_step:06d}"))
-    yield Progress(start_step, cfg.steps, "rlaif: steps")
-    step = last_saved = start_step
-    try:
-        while step < cfg.steps:
-            ctx.check_cancel()
-            t0 = time.perf_counter()
-            rows = [
-                train_rows[i] for i in batch_indices(step, len(train_rows), batch_size, cfg.seed)
-            ]
-            convs = [r["prompt_conversation"] for r in rows]
-            prompts = [renderer.build_generation_prompt(c) for c in convs]
-            futs = [  # every sample of the step in flight before any is awaited
-                current.sample(
-                    prompt=p,
-                    num_samples=cfg.group_size,
-                    sampling_params=_params(cfg, renderer, cfg.seed * 1_000_003 + step * 1_009 + k),
-                )
-                for k, p in enumerate(prompts)
-            ]
-            groups = [list(r.sequences) for r in await _gather(futs)]
-            t1 = time.perf_counter()
-            texts = [[decode(s.tokens) for s in g] for g in groups]
-            comps = [
-                Comparison(convs[g], texts[g][i], texts[g][j], rows[g].get("rubric", ""))
-                for g in range(len(groups))
-                for i, j in pairs
-            ]
-            kl_futs = [
-                init_client.compute_logprobs(
-                    tinker.ModelInput.from_ints(p.to_ints() + list(s.tokens))
-                )
-                for p, g in zip(prompts, groups, strict=True)
-                for s in g
-                if s.tokens
-            ]
-            judge.reset_stats()
-            records, init_lps = await asyncio.gather(judge.judge(comps), _gather(kl_futs))
-            stats = judge.stats
-            t2 = time.perf_counter()
-            rewards = []
-            for g in range(len(groups)):
-                res = [
-                    (i, j, records[g * len(pairs) + m].preference) for m, (i, j) in enumerate(pairs)
-                ]
-                stopped = [s.stop_reason == "stop" for s in groups[g]]
-                rewards.append(tournament_rewards(len(groups[g]), res, stopped, cfg.format_penalty))
-            data, skipped = build_training_data(prompts, groups, rewards)
-            if data:
-                fb = tc.forward_backward(data, cfg.loss)  # submit both before awaiting
-                opt = tc.optim_step(
-                    tinker.AdamParams(learning_rate=cfg.lr, beta1=0.9, beta2=0.95, eps=1e-8)
-                )
-                await resolve(fb)
-                await resolve(opt)
-            else:
-                yield LogLine(f"step {step + 1}: every group tied; no update", "warning")
-            current = await resolve(
-                tc.save_weights_and_get_sampling_client(f"policy-{step + 1:06d}")
+
+def _dev_result(step: int, records: Sequence[JudgeRecord]) -> list[Event]:
+    """The dev win rate against the initial policy with its interval; where the judge decided
+    (almost) none of the comparisons, a warning instead of a rate of ties."""
+    wr = win_rate([r.preference for r in records])
+    if wr.n and (wr.wins + wr.losses) / wr.n < ALMOST_NOTHING:
+        return [
+            LogLine(
+                f"dev @ step {step}: the judge decided {wr.wins + wr.losses} of {wr.n} "
+                "comparisons (the rest are ties): no win rate against the initial policy",
+                "warning",
             )
-            t3 = time.perf_counter()
-            step += 1
+        ]
+    low, high = wr.interval
+    return [
+        Metric("dev/win_rate", step, wr.rate),
+        Metric("dev/win_rate_low", step, low),
+        Metric("dev/win_rate_high", step, high),
+        LogLine(
+            f"dev @ step {step}: win rate vs initial policy {wr.rate:.0%} "
+            f"[{low:.0%}, {high:.0%}] ({wr.wins} W / {wr.losses} L / {wr.ties} T of {wr.n})"
+        ),
+    ]
 
-            # KL(current || initial) estimate on the sampled tokens
-            diffs = []
-            k = 0
-            for g in groups:
-                for s in g:
-                    if not s.tokens:
-                        continue
-                    ref = init_lps[k][-len(s.tokens) :]
-                    k += 1
-                    diffs += [
-                        a - b for a, b in zip(s.logprobs or [], ref, strict=False) if b is not None
-                    ]
-            flat = [r for g in rewards for r in g]
-            n_tokens = [len(s.tokens) for g in groups for s in g]
-            n_match = max(1, stats.comparisons)
-            yield Metric("rl/reward", step, sum(flat) / len(flat))
-            yield Metric("rl/decided_rate", step, (stats.wins_a + stats.wins_b) / n_match)
-            yield Metric("rl/tie_rate", step, stats.ties / n_match)
-            yield Metric("rl/unparsable_rate", step, stats.unparsable_rate)
-            if stats.consistency_rate is not None:
-                yield Metric("rl/position_consistency", step, stats.consistency_rate)
-            yield Metric("rl/sample_tokens", step, sum(n_tokens) / len(n_tokens))
-            chars = [len(t.strip()) for g in texts for t in g]
-            yield Metric("rl/sample_chars", step, sum(chars) / len(chars))
-            yield Metric(
-                "rl/stopped_rate",
-                step,
-                sum(s.stop_reason == "stop" for g in groups for s in g) / len(n_tokens),
+
+def _step_metrics(step: int, s: _Step) -> list[Event]:
+    """The step's metrics: reward, verdicts, sample lengths, KL to the start, phase times."""
+    # KL(current || initial) estimate on the sampled tokens
+    diffs = []
+    k = 0
+    for g in s.groups:
+        for seq in g:
+            if not seq.tokens:
+                continue
+            ref = s.init_lps[k][-len(seq.tokens) :]
+            k += 1
+            diffs += [a - b for a, b in zip(seq.logprobs or [], ref, strict=False) if b is not None]
+    flat = [r for g in s.rewards for r in g]
+    n_tokens = [len(seq.tokens) for g in s.groups for seq in g]
+    stats = s.stats
+    chars = [len(t.strip()) for g in s.texts for t in g]
+    out: list[Event] = [
+        Metric("rl/reward", step, sum(flat) / len(flat)),
+        *(Metric(name, step, v) for name, v in judge_step_metrics(stats).items()),
+    ]
+    if stats.comparisons and (stats.decided_share or 0.0) < ALMOST_NOTHING:
+        out.append(
+            LogLine(
+                f"step {step}: the judge decided {stats.wins_a + stats.wins_b} of "
+                f"{stats.comparisons} matchups (the rest are ties): its rewards carry almost "
+                "no signal this step",
+                "warning",
             )
-            yield Metric("rl/skipped_groups", step, float(skipped))
-            if diffs:
-                yield Metric("rl/kl_init", step, sum(diffs) / len(diffs))
-            yield Metric("time/sampling", step, t1 - t0)
-            yield Metric("time/judging", step, t2 - t1)
-            yield Metric("time/training", step, t3 - t2)
-            yield Progress(step, cfg.steps, "rlaif: steps")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                yield await save(step, step_name(step), finished=False)
-                last_saved = step
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                async for ev in dev_eval(step, current):
-                    yield ev
-    except StageCancelled:
-        async for ev in cancel_checkpoint(save, step, last_saved, cfg.steps):
-            yield ev
-        raise
-    final = await save(step, "final", finished=True)
-    yield final
-
-    sampler = (
-        await open_sampler(ctx, role="policy", model_path=final.sampler_path)
-        if cfg.sample_after
-        else None
-    )
-    async for ev in _finish(ctx, sampler, f"{step} RL steps; checkpoint {final.sampler_path}"):
-        yield ev
+        )
+    out += [
+        Metric("rl/sample_tokens", step, sum(n_tokens) / len(n_tokens)),
+        Metric("rl/sample_chars", step, sum(chars) / len(chars)),
+        Metric(
+            "rl/stopped_rate",
+            step,
+            sum(seq.stop_reason == "stop" for g in s.groups for seq in g) / len(n_tokens),
+        ),
+        Metric("rl/skipped_groups", step, float(s.skipped)),
+    ]
+    if diffs:
+        out.append(Metric("rl/kl_init", step, sum(diffs) / len(diffs)))
+    sampling, judging, training = s.times
+    out += [
+        Metric("time/sampling", step, sampling),
+        Metric("time/judging", step, judging),
+        Metric("time/training", step, training),
+    ]
+    return out
 
 
 async def _finish(ctx: StageContext, sampler: Sampler | None, summary: str) -> AsyncIterator[Event]:

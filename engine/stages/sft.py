@@ -10,12 +10,11 @@ Loss: the renderer's supervised example (weights on the assistant reply only), c
 The service returns summed losses, so ``train/loss`` and ``val/loss`` are the per-token mean
 NLL: -sum(logprob * weight) / sum(weight).
 
-Checkpoints every ``checkpoint_every`` steps, on cancel, and at the end (save_state +
-save_weights_for_sampler), recorded in results/checkpoints.toml under [sft]. A rerun after a
-kill or cancel resumes from the recorded state (weights, optimizer and step) when the data,
-model and rank are unchanged; ``--set sft.resume=false`` starts over. A rerun after a finished
-training with the same data and settings (say, killed while sampling its outputs) reuses the
-final checkpoint and only samples.
+Checkpoints every ``checkpoint_every`` steps, on cancel, and at the end, recorded in
+results/checkpoints.toml under [sft] (engine.run.train_run: a rerun reuses a finished training of
+the same data and settings and only samples, resumes an unfinished one, continues one whose
+steps grew, and otherwise trains from the start, saying why; ``--set sft.resume=false``
+always starts over).
 
 Rows longer than ``sft.max_length`` tokens are cut (``sft.too_long = "cut"``, the default) or
 left out (``"drop"``); how many and by how much is logged and put in the run's summary.
@@ -24,24 +23,24 @@ left out (``"drop"``); how many and by how much is logged and put in the run's s
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import math
 import random
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import tinker
 
-from engine import results
-from engine.context import StageCancelled, StageContext, StageError
-from engine.events import CheckpointSaved, Event, LogLine, Metric, Progress, StageFinished
-from engine.results import RESULT_FILES, latest_checkpoint, registry_path
-from engine.sampling import open_sampler, resolve
-from engine.split import split_fingerprint
+from engine.llm.sampling import open_sampler, resolve
+from engine.run.context import StageContext, StageError
+from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFinished
+from engine.run.supervised import batch_indices, mean_nll, supervised_step
+from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
 from engine.stages.synth_outputs import warn_bad
-from engine.training import cancel_checkpoint, save_checkpoint, step_name
+from engine.store import results
+from engine.store.results import RESULT_FILES, registry_path
+from engine.store.split import split_fingerprint
 
 OUTPUT = RESULT_FILES["sft"]
 DATA_FILE = RESULT_FILES["synth-outputs"]
@@ -75,38 +74,7 @@ def conversation(row: dict[str, Any], use_system: bool) -> list[dict[str, str]]:
     return msgs
 
 
-def mean_nll(result: Any, batch: list[tinker.Datum]) -> float:
-    """Per-token mean NLL of a forward(_backward) result (losses come back as sums)."""
-    total_w = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in batch)
-    outs = getattr(result, "loss_fn_outputs", None)
-    if outs:
-        s = 0.0
-        for out, d in zip(outs, batch, strict=True):
-            lp = out["logprobs"].to_torch().float()
-            w = d.loss_fn_inputs["weights"].to_torch().float()
-            s += float((lp * w).sum())
-        return -s / total_w if total_w else float("nan")
-    loss_sum = float(getattr(result, "metrics", {}).get("loss:sum", float("nan")))
-    return loss_sum / total_w if total_w else float("nan")
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """Rows of batch ``step``: epochs of seeded shuffles laid end to end (same on resume)."""
-    start = step * batch_size
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch, k = divmod(pos, n)
-        order = list(range(n))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        out.append(order[k])
-    return out
-
-
 async def run(ctx: StageContext) -> AsyncIterator[Event]:
-    from tinker_cookbook.supervised.common import datum_from_model_input_weights
-
-    from engine.backends.renderers import get_renderer_for
-
     ws = ctx.workspace
     cfg = ctx.config.sft
     data_path = ws.result(DATA_FILE)
@@ -117,153 +85,146 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         raise StageError(loaded.error)
     for ev in warn_bad(loaded, "skipped: not used for training"):
         yield ev
-    selected, how = select_rows(loaded.rows, cfg.train_on)
-    use_system = cfg.use_system_prompt
-    convs = [
-        c
-        for c in (conversation(r, use_system) for r in selected)
-        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
-    ]
+    convs, how = training_conversations(loaded.rows, cfg)
     if not convs:
         raise StageError(
             f"No training rows in {ws.rel(data_path)} ({how}). Accept some rows in the Synthetic data tab "
             "or rerun synth-outputs."
         )
     yield LogLine(f"training on {how}", "warning" if how.startswith("no rows") else "info")
+    results.check_writable(ws.results_dir)  # a read-only or full results/ fails now, not at the end
 
+    plan = plan_training(convs, cfg)
     model = ctx.model("policy")
-    rank = cfg.rank
-    seed = cfg.seed
-    max_length = cfg.max_length
-    # What a resumed run must share with the one it continues (data, model, split, batches).
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                convs,
-                model,
-                rank,
-                max_length,
-                ctx.backend,
-                seed,
-                cfg.val_fraction,
-                cfg.batch_size,
-                *(["drop"] if cfg.too_long == "drop" else []),
-            ],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    train_run = train_run_for(ctx, convs)
+    decision = train_run.decide(resume=cfg.resume)
+    yield train_run.explain(decision)
+    if decision.action == "reuse" and decision.entry:
+        reused = str(decision.entry["sampler_path"])
+        try:
+            outputs: list[str] = []
+            async for ev in _sample_after(ctx, reused, cfg.use_system_prompt, outputs):
+                yield ev
+        except FileNotFoundError as e:
+            yield LogLine(f"cannot reuse the finished training ({e}); training again", "warning")
+            decision = Decision("fresh", "the finished checkpoint is gone")
+        else:
+            yield StageFinished(
+                stage=ctx.stage,
+                outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
+                summary=f"reused the finished training ({decision.entry.get('step')} steps); "
+                f"checkpoint {reused}",
+            )
+            return
+    async for ev in _train(ctx, train_run, decision, plan, convs, model):
+        yield ev
 
-    # split
+
+def training_conversations(
+    rows: list[dict[str, Any]], cfg: Any
+) -> tuple[list[list[dict[str, str]]], str]:
+    """The conversations sft trains on (``sft.train_on``, ending in a non-empty reply), and
+    which rows they are, in words. The estimate counts the same ones."""
+    selected, how = select_rows(rows, cfg.train_on)
+    convs = [
+        c
+        for c in (conversation(r, cfg.use_system_prompt) for r in selected)
+        if c and c[-1]["role"] == "assistant" and c[-1]["content"].strip()
+    ]
+    return convs, how
+
+
+def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]]) -> TrainRun:
+    """sft's lifecycle: its whole section, the conversations, the policy and the split."""
+    cfg = ctx.config.sft
+    model = ctx.model("policy")
+    holdout = split_fingerprint(ctx.split())  # the synthetic data came from the training demos
+    return TrainRun(
+        ctx,
+        "sft",
+        section="sft",
+        settings=section_settings(cfg, "sft"),
+        inputs={"data": digest(convs), "base_model": model, "split": holdout},
+        total=plan_training(convs, cfg).total_steps,
+        length_keys=("sft.steps", "sft.epochs"),
+        growable=cfg.lr_schedule != "linear",  # a linear schedule's every step depends on the total
+        fields={
+            "base_model": model,
+            "use_system_prompt": cfg.use_system_prompt,  # the context evaluate gives it
+            "holdout": holdout,  # evaluate checks the held-out set is still this one
+        },
+    )
+
+
+@dataclass(frozen=True)
+class SftPlan:
+    """What sft will do with its rows: the validation split, the batch size and the steps."""
+
+    train_convs: list[list[dict[str, str]]]
+    val_convs: list[list[dict[str, str]]]
+    batch_size: int
+    total_steps: int
+
+
+def plan_training(convs: list[list[dict[str, str]]], cfg: Any) -> SftPlan:
     order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
+    random.Random(cfg.seed).shuffle(order)
     vf = cfg.val_fraction
     n_val = min(len(convs) - 1, max(1, round(len(convs) * vf))) if vf > 0 and len(convs) >= 2 else 0
     val_convs = [convs[i] for i in order[:n_val]]
     train_convs = [convs[i] for i in order[n_val:]]
     batch_size = min(cfg.batch_size, len(train_convs))
-    steps_cfg = cfg.steps
     total_steps = (
-        steps_cfg
-        if steps_cfg > 0
+        cfg.steps
+        if cfg.steps > 0
         else max(1, cfg.epochs * math.ceil(len(train_convs) / batch_size))
     )
-    lr = cfg.lr
-    schedule = cfg.lr_schedule
-    ckpt_every = cfg.checkpoint_every
-    eval_every = cfg.eval_every
+    return SftPlan(train_convs, val_convs, batch_size, total_steps)
 
-    results.check_writable(ws.results_dir)  # a read-only or full results/ fails now, not at the end
-    # What a finished training must share with this run to be reused as it is.
-    final_fp = hashlib.sha256(
-        json.dumps([fingerprint, total_steps, lr, schedule], sort_keys=True).encode()
-    ).hexdigest()[:16]
+
+async def _train(
+    ctx: StageContext,
+    train_run: TrainRun,
+    decision: Decision,
+    plan: SftPlan,
+    convs: list[list[dict[str, str]]],
+    model: str,
+) -> AsyncIterator[Event]:
+    from tinker_cookbook.supervised.common import datum_from_model_input_weights
+
+    from engine.backends.renderers import get_renderer_for
+
+    ws = ctx.workspace
+    cfg = ctx.config.sft
     svc = ctx.service_client()
-    prev = latest_checkpoint(ws.results_dir, "sft")
-    if (
-        cfg.resume
-        and prev
-        and prev.get("finished", False)
-        and prev.get("final_fingerprint") == final_fp
-        and prev.get("sampler_path")
-    ):
-        reused = str(prev["sampler_path"])
-        yield LogLine(
-            f"training already finished ({reused}, step {prev.get('step')}): reusing it"
-            + (", sampling only" if cfg.sample_after else "")
-            + "; --set sft.resume=false trains again"
+    max_length = cfg.max_length
+
+    async def new_client() -> Any:
+        return await resolve(
+            svc.create_lora_training_client(base_model=model, rank=cfg.rank, seed=cfg.seed)
         )
-        try:
-            outputs = []
-            async for ev in _sample_after(ctx, reused, use_system, outputs):
-                yield ev
-        except FileNotFoundError as e:
-            yield LogLine(f"cannot reuse the finished training ({e}); training again", "warning")
-        else:
-            yield StageFinished(
-                stage=ctx.stage,
-                outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
-                summary=f"reused the finished training ({prev.get('step')} steps); "
-                f"checkpoint {reused}",
-            )
-            return
-    start_step, resumed = 0, False
-    if (
-        cfg.resume
-        and prev
-        and not prev.get("finished", False)
-        and prev.get("state_path")
-        and prev.get("fingerprint") == fingerprint
-        and int(prev.get("step", 0)) < total_steps
-    ):
-        try:
-            tc = await resolve(
-                svc.create_training_client_from_state_with_optimizer(prev["state_path"])
-            )
-            start_step, resumed = int(prev["step"]), True
-            yield LogLine(f"resuming from step {start_step} ({prev['state_path']})")
-        except FileNotFoundError as e:
-            yield LogLine(f"cannot resume ({e}); starting over", "warning")
-            prev = None
-    if not resumed:
-        if (
-            prev
-            and not prev.get("finished", False)
-            and prev.get("fingerprint") not in (None, fingerprint)
-        ):
-            yield LogLine(
-                "previous unfinished SFT run trained other data or another model: starting over",
-                "warning",
-            )
+
+    for ev in await train_run.start(decision, new_client):
+        yield ev
+    tc = train_run.tc
+    if train_run.step == 0:
         yield LogLine(
-            f"LoRA rank {rank} on {model} ({ctx.backend}); {len(train_convs)} train / {len(val_convs)} val rows; "
-            f"{total_steps} steps of {batch_size}"
+            f"LoRA rank {cfg.rank} on {model} ({ctx.backend}); {len(plan.train_convs)} train / "
+            f"{len(plan.val_convs)} val rows; {plan.total_steps} steps of {plan.batch_size}"
         )
-        tc = await resolve(svc.create_lora_training_client(base_model=model, rank=rank, seed=seed))
-    tokenizer = tc.get_tokenizer()
-    renderer = get_renderer_for(model, tokenizer)
+    renderer = get_renderer_for(model, tc.get_tokenizer())
 
     def to_datum(msgs: list[dict[str, str]]) -> tuple[tinker.Datum, int]:
         mi, weights = renderer.build_supervised_example(msgs)
         return datum_from_model_input_weights(mi, weights, max_length=max_length), mi.length
 
     # Tokenizing thousands of rows takes seconds: keep it off the event loop (the TUI's).
-    train_sized = await asyncio.to_thread(lambda: [to_datum(c) for c in train_convs])
-    val_sized = await asyncio.to_thread(lambda: [to_datum(c) for c in val_convs])
-    too_long = sorted(n for _, n in train_sized + val_sized if n > max_length)
-    long_note = ""
-    if too_long:
-        verb = "left out" if cfg.too_long == "drop" else "cut"
-        long_note = (
-            f"{len(too_long)} of {len(train_sized) + len(val_sized)} rows longer than "
-            f"sft.max_length={max_length} tokens {verb} (longest {too_long[-1]} tokens, "
-            f"{sum(n - max_length for n in too_long)} tokens lost)"
-        )
-        hint = (
-            'raise sft.max_length, or set sft.too_long = "drop" to leave them out'
-            if cfg.too_long == "cut"
-            else "raise sft.max_length to keep them"
-        )
+    train_sized = await asyncio.to_thread(lambda: [to_datum(c) for c in plan.train_convs])
+    val_sized = await asyncio.to_thread(lambda: [to_datum(c) for c in plan.val_convs])
+    long_note, hint = _too_long(train_sized + val_sized, cfg)
+    if long_note:
         yield LogLine(f"{long_note}: {hint}", "warning")
+    batch_size = plan.batch_size
     if cfg.too_long == "drop":
         train_sized = [(d, n) for d, n in train_sized if n <= max_length]
         val_sized = [(d, n) for d, n in val_sized if n <= max_length]
@@ -279,67 +240,55 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
     if val_data and not can_eval:
         yield LogLine("this backend has no forward(); skipping validation loss", "warning")
 
-    last_saved = start_step
-    holdout = split_fingerprint(ctx.split())  # the synthetic data came from the training demos
-
-    async def save(step: int, name: str, finished: bool) -> CheckpointSaved:
-        return await save_checkpoint(
-            ctx,
-            tc,
-            "sft",
-            name,
-            step=step,
-            total_steps=total_steps,
-            finished=finished,
-            fingerprint=fingerprint,
-            final_fingerprint=final_fp if finished else None,
-            base_model=model,
-            use_system_prompt=use_system,  # the context evaluate gives this checkpoint
-            holdout=holdout,  # evaluate checks the held-out set is still this one
-        )
-
     async def val_loss() -> float:
         return mean_nll(await resolve(tc.forward(val_data, "cross_entropy")), val_data)
 
-    if can_eval:
-        yield Metric("val/loss", start_step, await val_loss())
-    yield Progress(start_step, total_steps, "sft: steps")
-    step = start_step
-    try:
-        while step < total_steps:
-            ctx.check_cancel()
-            batch = [train_data[i] for i in batch_indices(step, len(train_data), batch_size, seed)]
-            step_lr = lr * (1 - step / total_steps) if schedule == "linear" else lr
-            fb = tc.forward_backward(batch, "cross_entropy")  # submit both before awaiting
-            opt = tc.optim_step(
-                tinker.AdamParams(learning_rate=step_lr, beta1=0.9, beta2=0.95, eps=1e-8)
-            )
-            fb_result = await resolve(fb)
-            await resolve(opt)
-            step += 1
-            yield Metric("train/loss", step, mean_nll(fb_result, batch))
-            if can_eval and (step % eval_every == 0 or step == total_steps):
-                yield Metric("val/loss", step, await val_loss())
-            yield Progress(step, total_steps, "sft: steps")
-            if ckpt_every and step % ckpt_every == 0 and step < total_steps:
-                yield await save(step, step_name(step), finished=False)
-                last_saved = step
-    except StageCancelled:
-        async for ev in cancel_checkpoint(save, step, last_saved, total_steps):
-            yield ev
-        raise
-    final = await save(step, "final", finished=True)
-    yield final
+    async def one_step(step: int) -> AsyncIterator[Event]:
+        batch = [train_data[i] for i in batch_indices(step, len(train_data), batch_size, cfg.seed)]
+        lr = cfg.lr * (1 - step / plan.total_steps) if cfg.lr_schedule == "linear" else cfg.lr
+        yield Metric("train/loss", step + 1, await supervised_step(tc, batch, adam(ctx, lr)))
+        if can_eval and ((step + 1) % cfg.eval_every == 0 or step + 1 == plan.total_steps):
+            yield Metric("val/loss", step + 1, await val_loss())
 
+    if can_eval:
+        yield Metric("val/loss", train_run.step, await val_loss())
+    final: CheckpointSaved | None = None
+    async for ev in train_run.steps(
+        one_step, label="sft: steps", checkpoint_every=cfg.checkpoint_every
+    ):
+        if isinstance(ev, CheckpointSaved):
+            final = ev
+        yield ev
+    assert final is not None
     outputs: list[str] = []
-    async for ev in _sample_after(ctx, final.sampler_path, use_system, outputs):
+    async for ev in _sample_after(ctx, final.sampler_path, cfg.use_system_prompt, outputs):
         yield ev
     yield StageFinished(
         stage=ctx.stage,
         outputs=(*outputs, ws.rel(registry_path(ws.results_dir))),
-        summary=f"{step} steps on {len(train_data)} rows; checkpoint {final.sampler_path}"
+        summary=f"{train_run.step} steps on {len(train_data)} rows; checkpoint {final.sampler_path}"
         + (f"; {long_note}" if long_note else ""),
     )
+
+
+def _too_long(sized: list[tuple[tinker.Datum, int]], cfg: Any) -> tuple[str, str]:
+    """What happened to rows longer than sft.max_length (cut or dropped), and the hint;
+    ("", "") when none is."""
+    too_long = sorted(n for _, n in sized if n > cfg.max_length)
+    if not too_long:
+        return "", ""
+    verb = "left out" if cfg.too_long == "drop" else "cut"
+    note = (
+        f"{len(too_long)} of {len(sized)} rows longer than "
+        f"sft.max_length={cfg.max_length} tokens {verb} (longest {too_long[-1]} tokens, "
+        f"{sum(n - cfg.max_length for n in too_long)} tokens lost)"
+    )
+    hint = (
+        'raise sft.max_length, or set sft.too_long = "drop" to leave them out'
+        if cfg.too_long == "cut"
+        else "raise sft.max_length to keep them"
+    )
+    return note, hint
 
 
 async def _sample_after(

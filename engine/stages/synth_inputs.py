@@ -3,7 +3,7 @@
 -> results/synthetic_inputs.jsonl, one ``{"id", "seed", "input"}`` per line.
 
 Each seed is asked once, then retried (``retries``) while it is short. Replies are parsed
-leniently; engine.parsing.RequestFilter keeps only lines that read as requests and drops
+leniently; engine.llm.parsing.RequestFilter keeps only lines that read as requests and drops
 exact and near duplicates (also of the demos), counting filtered and duplicate lines apart.
 Yield = valid requests / requests asked, reported as metric ``synth_inputs/yield``. A low
 yield is reported, not fatal; zero is fatal with a message saying what to change.
@@ -16,13 +16,13 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from engine import results
-from engine.context import StageContext, StageError
-from engine.events import Event, LogLine, Metric, Progress, StageFinished
-from engine.parsing import RequestFilter
-from engine.results import RESULT_FILES, TEACHER_REPLIES_FILE
-from engine.sampling import as_completed_tasks, open_sampler
-from engine.templates import fill
+from engine.llm.parsing import RequestFilter
+from engine.llm.sampling import as_completed_tasks, open_sampler
+from engine.run.context import StageContext, StageError
+from engine.run.events import Event, LogLine, Metric, Progress, StageFinished
+from engine.store import results
+from engine.store.results import RESULT_FILES, TEACHER_REPLIES_FILE
+from engine.store.templates import fill
 
 OUTPUT = RESULT_FILES["synth-inputs"]
 

@@ -24,14 +24,14 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from engine import results
-from engine.context import StageContext, StageError
-from engine.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
-from engine.fixups import fix_output
-from engine.results import RESULT_FILES, Loaded, row_input, row_output  # noqa: F401 - re-exported
-from engine.sampling import Sampler, as_completed_tasks, open_sampler
-from engine.settings import SynthOutputsConfig
-from engine.templates import fill
+from engine.llm.fixups import fix_output
+from engine.llm.sampling import Sampler, as_completed_tasks, open_sampler
+from engine.run.context import StageContext, StageError
+from engine.run.events import Event, LogLine, Metric, Progress, SampleProduced, StageFinished
+from engine.store import results
+from engine.store.results import RESULT_FILES, Loaded, row_input, row_output  # noqa: F401 - re-exported
+from engine.store.settings import SynthOutputsConfig
+from engine.store.templates import fill
 
 OUTPUT = RESULT_FILES["synth-outputs"]
 INPUTS = RESULT_FILES["synth-inputs"]

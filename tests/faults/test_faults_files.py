@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, FakeTeacher, needs_backend
 
-from engine import atomic, results
-from engine.events import StageFailed, StageFinished
-from engine.runner import Runner
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFailed, StageFinished
+from engine.store import atomic, results
+from engine.store.workspace import Workspace
 
 
 def test_append_after_a_torn_line_starts_on_a_fresh_line(tmp_path: Path):
@@ -43,7 +43,7 @@ def test_interrupted_atomic_write_leaves_a_temp_the_next_write_removes(tmp_path:
     path = tmp_path / "results" / "baseline_results.json"
     atomic.atomic_write_text(path, "old\n")
     code = (
-        "import os, sys; import engine.atomic as a\n"
+        "import os, sys; import engine.store.atomic as a\n"
         "os.replace = lambda *x: os.kill(os.getpid(), 9)\n"
         f"a.atomic_write_text({str(path)!r}, 'new')\n"
     )

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from conftest import REPO, make_tiny_workspace, needs_backend
 
-from engine.events import LogLine, Metric, StageFinished
-from engine.runner import Runner, stage_status
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner, stage_status
+from engine.run.events import LogLine, Metric, StageFinished
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 

@@ -7,10 +7,10 @@ import json
 
 from conftest import needs_backend
 
-from engine import results
-from engine.events import LogLine, Metric, StageFailed, StageFinished
-from engine.runner import Runner
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import LogLine, Metric, StageFailed, StageFinished
+from engine.store import results
+from engine.store.workspace import Workspace
 
 pytestmark = needs_backend
 

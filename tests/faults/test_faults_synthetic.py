@@ -6,10 +6,10 @@ import json
 
 from conftest import FakeTeacher, needs_backend
 
-from engine import results
-from engine.events import StageFinished
-from engine.runner import Runner
-from engine.workspace import Workspace
+from engine.pipeline.runner import Runner
+from engine.run.events import StageFinished
+from engine.store import results
+from engine.store.workspace import Workspace
 
 R = [
     "Email Sam Ortiz, the lab manager, to order two more pipette racks by Friday 5/2.",

@@ -10,7 +10,7 @@
 - decoding: ``BaseRuntime.generate`` at 1, 8 and 32 rows (temperature 1, top_p 0.95, as the
   stages sample), every row running to its ``max_tokens``;
 - a checkpoint save (adapter + optimizer state, and the sampler weights), as
-  ``save_checkpoint`` does.
+  a training stage does (engine.run.train_run).
 
 ``ensure_profile(base_model, plan)`` loads the runtime (timing the load), measures and saves
 the profile as JSON under ``<cache>/speed/`` (``PERSONA_CACHE_DIR`` moves it), one file per
@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json
+from engine.store.atomic import atomic_write_json
 
 from . import hardware
 from .models import ComputePlan, cache_dir, choose_compute
@@ -330,6 +330,102 @@ def _interp_step(step_s: dict[int, float], rows: int) -> float:
     return rows / _rate_at({b: b / s for b, s in step_s.items()}, rows)
 
 
+def _time_checkpoint(rt: Any, spec: Any, name: str, opt: Any, model: str | None) -> float:
+    """Seconds to save a checkpoint: state (adapter + optimizer) and sampler weights, as
+    stages save them."""
+    from . import checkpoint_io
+
+    with tempfile.TemporaryDirectory(prefix="persona-speed-") as tmp:
+        meta = {
+            "kind": "state",
+            "base_model": model or str(rt.model_dir),
+            "model_dir": str(rt.model_dir),
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "targets": list(spec.targets),
+            "step": 1,
+            "model_id": name,
+        }
+        t0 = time.perf_counter()
+        state = rt.host.state_dict(name)
+        checkpoint_io.write(
+            Path(tmp) / "state",
+            meta=meta,
+            adapter=state,
+            optimizer_state=opt.state_dict(),
+            overwrite=True,
+        )
+        checkpoint_io.write(
+            Path(tmp) / "sampler",
+            meta={**meta, "kind": "sampler"},
+            adapter=state,
+            optimizer_state=None,
+            overwrite=True,
+        )
+        ckpt_s = time.perf_counter() - t0
+    return ckpt_s
+
+
+def _measure_decode(
+    rt: Any, vocab: int, check: Callable[[str], None]
+) -> tuple[float, float, dict[int, float], float]:
+    """(seconds a request takes to join, prompt tokens/s, tokens/s per row count, seconds
+    each token of context adds to a row's step)."""
+    from .compute import GenRow, make_generator
+
+    # decoding. A generate call costs, per request, a join (its prompt's prefill: measured
+    # with short prompts), then per step (rows / rate(rows)) plus, per row, a cost that grows
+    # with its context (the KV cache read): measured with a longer shared prompt.
+    def gen(requests: int, per_request: int, max_tokens: int, salt: int, prompt: int) -> float:
+        batch = []
+        for q in range(requests):
+            tokens, generator = _tokens(prompt, vocab, salt + q), make_generator(salt + q)
+            batch += [
+                GenRow(
+                    prompt=tokens,
+                    max_tokens=max_tokens,
+                    temperature=1.0,
+                    top_p=0.95,
+                    top_k=0,
+                    stop_ids=frozenset(),  # no stop: every row runs to max_tokens
+                    stop_strings=(),
+                    generator=generator,
+                )
+                for _ in range(per_request)
+            ]
+        t0 = time.perf_counter()
+        rt.generate(None, batch)
+        return time.perf_counter() - t0
+
+    # warm-up: 32 slots of cache, the prefill and step shapes
+    top = DECODE_BATCHES[-1]
+    gen(top // DECODE_ROWS_PER_REQUEST[top], DECODE_ROWS_PER_REQUEST[top], 2, 100, DECODE_PROMPT)
+    check("sample warm-up")
+    # what a request costs to join a batch (its prefill), with a short and a longer prompt
+    n = DECODE_TOKENS
+    request_s = gen(JOIN_REQUESTS, 1, 1, 200, DECODE_PROMPT) / JOIN_REQUESTS
+    join_long = gen(1, CONTEXT_ROWS, 1, 300, CONTEXT_PROMPT)
+    prompt_rate = (CONTEXT_PROMPT - DECODE_PROMPT) / max(join_long - request_s, 1e-6)
+    check("sample join")
+    # steps at 1, 8 and 32 rows (short prompts); the first token comes with the prefill
+    step_s: dict[int, float] = {}
+    for rows in DECODE_BATCHES:
+        per = DECODE_ROWS_PER_REQUEST[rows]
+        requests = max(1, rows // per)
+        elapsed = gen(requests, per, n, 1000 * rows, DECODE_PROMPT)
+        step_s[rows] = max(elapsed - requests * request_s, 1e-6) / (n - 1)
+        check(f"sample {rows}")
+    decode = {rows: rows / step_s[rows] for rows in sorted(step_s)}
+    # the same rows on a longer prompt: what each token of context adds to a step
+    elapsed = gen(1, CONTEXT_ROWS, n, 5000, CONTEXT_PROMPT)
+    long_step = max(elapsed - join_long, 1e-6) / (n - 1)
+    extra = CONTEXT_ROWS * (CONTEXT_PROMPT - DECODE_PROMPT)
+    context_s = max(0.0, (long_step - _interp_step(step_s, CONTEXT_ROWS)) / extra)
+    check("sample context")
+
+    return request_s, prompt_rate, decode, context_s
+
+
 def measure_profile(
     runtime: Any,
     *,
@@ -344,8 +440,6 @@ def measure_profile(
     checked between the parts; when it turns true, :class:`MeasureStopped` is raised."""
     import torch
 
-    from . import checkpoint_io
-    from .compute import GenRow, make_generator
     from .lora import LoraSpec, targets_for
     from .service import LORA_ALPHA
 
@@ -402,88 +496,12 @@ def measure_profile(
         optim_s = t2 - t1
         check("train")
 
-        # a checkpoint: state (adapter + optimizer) and sampler weights, as stages save them
-        with tempfile.TemporaryDirectory(prefix="persona-speed-") as tmp:
-            meta = {
-                "kind": "state",
-                "base_model": model or str(rt.model_dir),
-                "model_dir": str(rt.model_dir),
-                "rank": spec.rank,
-                "alpha": spec.alpha,
-                "targets": list(spec.targets),
-                "step": 1,
-                "model_id": name,
-            }
-            t0 = time.perf_counter()
-            state = rt.host.state_dict(name)
-            checkpoint_io.write(
-                Path(tmp) / "state",
-                meta=meta,
-                adapter=state,
-                optimizer_state=opt.state_dict(),
-                overwrite=True,
-            )
-            checkpoint_io.write(
-                Path(tmp) / "sampler",
-                meta={**meta, "kind": "sampler"},
-                adapter=state,
-                optimizer_state=None,
-                overwrite=True,
-            )
-            ckpt_s = time.perf_counter() - t0
+        ckpt_s = _time_checkpoint(rt, spec, name, opt, model)
     finally:
         rt.host.remove(name)
     check("checkpoint")
 
-    # decoding. A generate call costs, per request, a join (its prompt's prefill: measured
-    # with short prompts), then per step (rows / rate(rows)) plus, per row, a cost that grows
-    # with its context (the KV cache read): measured with a longer shared prompt.
-    def gen(requests: int, per_request: int, max_tokens: int, salt: int, prompt: int) -> float:
-        batch = []
-        for q in range(requests):
-            tokens, generator = _tokens(prompt, vocab, salt + q), make_generator(salt + q)
-            batch += [
-                GenRow(
-                    prompt=tokens,
-                    max_tokens=max_tokens,
-                    temperature=1.0,
-                    top_p=0.95,
-                    top_k=0,
-                    stop_ids=frozenset(),  # no stop: every row runs to max_tokens
-                    stop_strings=(),
-                    generator=generator,
-                )
-                for _ in range(per_request)
-            ]
-        t0 = time.perf_counter()
-        rt.generate(None, batch)
-        return time.perf_counter() - t0
-
-    # warm-up: 32 slots of cache, the prefill and step shapes
-    top = DECODE_BATCHES[-1]
-    gen(top // DECODE_ROWS_PER_REQUEST[top], DECODE_ROWS_PER_REQUEST[top], 2, 100, DECODE_PROMPT)
-    check("sample warm-up")
-    # what a request costs to join a batch (its prefill), with a short and a longer prompt
-    n = DECODE_TOKENS
-    request_s = gen(JOIN_REQUESTS, 1, 1, 200, DECODE_PROMPT) / JOIN_REQUESTS
-    join_long = gen(1, CONTEXT_ROWS, 1, 300, CONTEXT_PROMPT)
-    prompt_rate = (CONTEXT_PROMPT - DECODE_PROMPT) / max(join_long - request_s, 1e-6)
-    check("sample join")
-    # steps at 1, 8 and 32 rows (short prompts); the first token comes with the prefill
-    step_s: dict[int, float] = {}
-    for rows in DECODE_BATCHES:
-        per = DECODE_ROWS_PER_REQUEST[rows]
-        requests = max(1, rows // per)
-        elapsed = gen(requests, per, n, 1000 * rows, DECODE_PROMPT)
-        step_s[rows] = max(elapsed - requests * request_s, 1e-6) / (n - 1)
-        check(f"sample {rows}")
-    decode = {rows: rows / step_s[rows] for rows in sorted(step_s)}
-    # the same rows on a longer prompt: what each token of context adds to a step
-    elapsed = gen(1, CONTEXT_ROWS, n, 5000, CONTEXT_PROMPT)
-    long_step = max(elapsed - join_long, 1e-6) / (n - 1)
-    extra = CONTEXT_ROWS * (CONTEXT_PROMPT - DECODE_PROMPT)
-    context_s = max(0.0, (long_step - _interp_step(step_s, CONTEXT_ROWS)) / extra)
-    check("sample context")
+    request_s, prompt_rate, decode, context_s = _measure_decode(rt, vocab, check)
 
     details.update(
         prefill_rows=f"{PREFILL_ROWS} x {PREFILL_LEN}",

@@ -1,0 +1,1 @@
+"""Measuring methods: the evaluation's numbers, the report, the metrics."""

@@ -1,0 +1,1 @@
+"""Talking to models: sampling, the pairwise judge, parsing and cleaning model text."""

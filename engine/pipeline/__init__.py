@@ -1,0 +1,1 @@
+"""What runs stages: the runner, the cost estimate, wandb logging."""
