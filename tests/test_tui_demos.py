@@ -119,3 +119,37 @@ async def test_demos_detail_delete_confirm_undo_and_holdout(ws: Workspace):
         await until(pilot, lambda: row in app.demos.held)
     record = json.loads((ws.data_dir / "holdout.json").read_text(encoding="utf-8"))
     assert record["manual"] and demos[row]["input"] in record["holdout"]
+
+
+async def test_u_undoes_an_edit_and_typing_back_clears_unsaved(ws: Workspace):
+    """u undoes edits too (not only deletes); an edit typed back to the saved text leaves
+    nothing unsaved."""
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.focused, DataTable))
+        original = dict(app.demos.demos[0])
+        status = app.query_one("#demos-status", Static)
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, PairEditScreen))
+        await until(pilot, lambda: bool(app.screen.query("#second")))
+        app.screen.query_one("#second", TextArea).text = "Changed."
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: app.demos.dirty)
+        assert "unsaved" in text_of(status)
+        await pilot.press("u")
+        await until(pilot, lambda: app.demos.demos[0] == original)
+        assert not app.demos.dirty and "unsaved" not in text_of(status)
+        # the same edit typed back by hand: nothing is unsaved either
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, PairEditScreen))
+        await until(pilot, lambda: bool(app.screen.query("#second")))
+        app.screen.query_one("#second", TextArea).text = "Changed."
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: app.demos.dirty)
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, PairEditScreen))
+        await until(pilot, lambda: bool(app.screen.query("#second")))
+        app.screen.query_one("#second", TextArea).text = original["output"]
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not app.demos.dirty)
+        assert "unsaved" not in text_of(status)

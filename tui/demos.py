@@ -49,10 +49,10 @@ class DemosPane(Vertical):
         Binding(
             "u",
             "undo",
-            "Undo delete",
+            "Undo",
             id="demos.undo",
             show=False,
-            tooltip="Bring back the demonstration deleted last",
+            tooltip="Undo the last add, edit, delete or move",
         ),
         Binding(
             "h",
@@ -95,7 +95,8 @@ class DemosPane(Vertical):
         self.load_error = ""
         self.held: frozenset[int] = frozenset()
         self.holdout_note = ""
-        self.deleted: list[tuple[int, dict[str, str]]] = []  # for undo, last one last
+        self.saved: list[dict[str, str]] = []  # as on disk: "unsaved" means different from it
+        self.history: list[tuple[list[dict[str, str]], int]] = []  # (demos, cursor) for undo
 
     def compose(self) -> ComposeResult:
         yield Static(id="demos-status", classes="status-line")
@@ -120,8 +121,9 @@ class DemosPane(Vertical):
         """Read data/data.json as it is (even when invalid, so the problems can be fixed here)."""
         demos, self.load_error = read_demos(self.ws)
         self.demos = demos
+        self.saved = [dict(d) for d in demos]
         self.dirty = False
-        self.deleted = []
+        self.history = []
         self.refresh_table()
         if announce:
             self.post_message(FilesChanged("demos"))  # Compare and Prompts read it again
@@ -149,6 +151,7 @@ class DemosPane(Vertical):
             self.app.notify_plain("\n".join(e.problems[:4]), title="Not saved", severity="error")
             self.refresh_table()
             return False
+        self.saved = [dict(d) for d in self.demos]
         self.dirty = False
         self.refresh_table()
         self.post_message(FilesChanged("demos"))
@@ -226,8 +229,12 @@ class DemosPane(Vertical):
         focus_now(self.default_focus())
 
     # -- actions -------------------------------------------------------------
+    def _remember(self) -> None:
+        """Keep the demonstrations as they are now, for u (before every change)."""
+        self.history.append(([dict(d) for d in self.demos], self._cursor()))
+
     def _changed(self, cursor: int | None = None) -> None:
-        self.dirty = True
+        self.dirty = self.demos != self.saved  # typed back to what is saved: not unsaved
         self.refresh_table(cursor)
 
     def _cursor(self) -> int:
@@ -250,6 +257,7 @@ class DemosPane(Vertical):
 
         def done(result: tuple[str, str] | None) -> None:
             if result:
+                self._remember()
                 self.demos.append({"input": result[0], "output": result[1]})
                 self._changed(len(self.demos) - 1)
 
@@ -266,6 +274,7 @@ class DemosPane(Vertical):
                 self.demos[i]["input"],
                 self.demos[i]["output"],
             ):
+                self._remember()
                 self.demos[i] = {"input": result[0], "output": result[1]}
                 self._changed(i)
 
@@ -281,7 +290,8 @@ class DemosPane(Vertical):
 
         def answer(choice: str | None) -> None:
             if choice == "delete" and i < len(self.demos):
-                self.deleted.append((i, self.demos.pop(i)))
+                self._remember()
+                self.demos.pop(i)
                 self._changed(i)
                 self.app.notify_plain(
                     f"Deleted demonstration {i + 1} (u brings it back).", timeout=3
@@ -293,18 +303,17 @@ class DemosPane(Vertical):
         )
 
     def action_undo(self) -> None:
-        if not self.deleted:
-            self.app.notify_plain("Nothing to undo.", timeout=2)
+        if not self.history:
+            self.notify("Nothing to undo.", timeout=2)
             return
-        i, demo = self.deleted.pop()
-        i = min(i, len(self.demos))
-        self.demos.insert(i, demo)
-        self._changed(i)
+        self.demos, cursor = self.history.pop()
+        self._changed(cursor)
 
     def action_move(self, delta: int) -> None:
         i = self._cursor()
         j = i + delta
         if 0 <= i < len(self.demos) and 0 <= j < len(self.demos):
+            self._remember()
             self.demos[i], self.demos[j] = self.demos[j], self.demos[i]
             self._changed(j)
 
