@@ -12,6 +12,7 @@ the NLL of the person's held-out texts per method with 95% intervals.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,10 +219,44 @@ def training_panels(curves: dict[str, list[tuple[int, float]]]) -> list[list[str
     return panels[:MAX_PANELS]
 
 
+RUN_NAME = re.compile(r"^(?P<stage>.+)-\d{8}-\d{6}(?:-\d+)?$")
+
+
+def resumed_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's curves with the steps of the runs it resumed from (the same stage's earlier
+    run folders, newest first, each giving the steps before those already there), as the
+    app's Train tab draws them: a checkpoint built across runs shows its whole curve."""
+    curves = {k: list(v) for k, v in ev.training_curves(run_dir).items()}
+    m = RUN_NAME.match(run_dir.name)
+    steps = [s for v in curves.values() for s, _ in v]
+    limit = min(steps) if steps else 0
+    if m is None or limit <= 1 or not run_dir.parent.is_dir():
+        return curves
+    earlier = sorted(
+        (p for p in run_dir.parent.iterdir() if p.is_dir() and p.name < run_dir.name),
+        key=lambda p: p.name,
+        reverse=True,
+    )
+    for run in earlier:
+        other = RUN_NAME.match(run.name)
+        if other is None or other["stage"] != m["stage"]:
+            continue
+        before = {
+            k: [(s, x) for s, x in v if s < limit] for k, v in ev.training_curves(run).items()
+        }
+        before = {k: v for k, v in before.items() if v}
+        if not before:
+            continue
+        for k, v in before.items():
+            curves[k] = sorted(v + curves.get(k, []))
+        limit = min(s for v in before.values() for s, _ in v)
+        if limit <= 1:
+            break
+    return curves
+
+
 def plot_training(method: str, run_dir: Path, path: Path) -> Path | None:
-    curves = {
-        k: v for k, v in ev.training_curves(run_dir).items() if not k.startswith("eval/") and v
-    }
+    curves = {k: v for k, v in resumed_curves(run_dir).items() if not k.startswith("eval/") and v}
     if not curves:
         return None
     panels = training_panels(curves)
