@@ -598,8 +598,42 @@ def _reward_model(cost: _Cost, ws: Workspace) -> None:
         )
     elif not cfg.train:
         cost.note("reward_model.train = false: no training")
-    if (cfg.validate or cfg.validate_only) and not _validation(cost, ws):
-        cost.note("no baseline and SFT outputs yet: validation skipped")
+    if cfg.validate or cfg.validate_only:
+        _judge_accuracy(cost, ws, judges=2 if cfg.train and not cfg.validate_only else 1)
+        if not _validation(cost, ws):
+            cost.note("no baseline and SFT outputs yet: validation skipped")
+
+
+def _judge_accuracy(cost: _Cost, ws: Workspace, judges: int) -> None:
+    """The judge's accuracy check (engine.llm.judge_accuracy): base and few-shot samples for
+    each held-out request (drawn once, then kept), and every judge's verdicts on the person's
+    text against each of them."""
+    from engine.llm.judge import Comparison
+    from engine.llm.judge_accuracy import ACCURACY_FILE, ACCURACY_SAMPLES
+
+    held = _split(cost, ws).holdout
+    if not held:
+        return
+    if not ws.result(ACCURACY_FILE).exists():
+        cost.load("policy")
+        counter = cost.counter("policy")
+        prompts = [int(counter.prompt(_user(d["input"]))) for d in held]
+        for _ in ("base", "few-shot"):
+            cost.sample(
+                "policy",
+                prompts,
+                rows=ACCURACY_SAMPLES,
+                max_tokens=cost.config.sampling.max_tokens,
+                in_flight=cost.config.reward_model.concurrency,
+                part="judge accuracy",
+            )
+    rubric = str(ws.load_prompts().get("rubric", "")).strip()
+    n = len(held) * 2 * ACCURACY_SAMPLES
+    tokens = _judge_prompt_tokens(
+        cost, Comparison(_user(held[0]["input"]), held[0]["output"], held[0]["output"], rubric)
+    )
+    cost.judge(judges * n, tokens, part="judge accuracy")
+    cost.note(f"judge accuracy: {judges} × {_plural(n, 'comparison')} on held-out requests")
 
 
 def _rl_prompts(cost: _Cost, ws: Workspace) -> None:

@@ -263,6 +263,16 @@ async def _checkpoint_method(
 ) -> AsyncIterator[Event | Method]:
     """The method for one registry entry (yielded last), or warnings saying why it is skipped."""
     ctx = st.ctx
+    last = entry.get("last_finished")
+    if entry.get("finished") is False and isinstance(last, dict) and last.get("sampler_path"):
+        # a retrain is under way (or failed): the stage's results are still the finished run's
+        yield LogLine(
+            f"{name}: its latest run is unfinished (step {entry.get('step')}, "
+            f"{entry.get('run')}): measuring the last finished run ({last.get('run')}, "
+            f"step {last.get('step')}); rerun {name} to finish the new one",
+            "warning",
+        )
+        entry = last
     base_model = entry.get("base_model") or ctx.model("policy")
     if base_model != ctx.model("policy"):
         yield LogLine(
