@@ -219,7 +219,7 @@ def test_last_run_event_reads_from_the_end(tmp_path):
     assert last_run_event(run, block=5) == load_run_events(run)[0]
 
 
-# -- the runner's rooms: preflight, recorder, driver (issue 7 §3, issue 13 #6, issue 12 #13) ----
+# -- the runner's rooms: preflight, recorder, driver ----
 
 
 async def test_a_broken_listener_becomes_a_log_line_on_screen(ws: Workspace):

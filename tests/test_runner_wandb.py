@@ -43,7 +43,7 @@ async def test_wandb_failure_is_a_warning_not_a_failure(ws: Workspace, monkeypat
 
 
 async def test_wandb_with_a_key_and_no_network_is_bounded_and_said_once(ws: Workspace, monkeypatch):
-    """Issue 22 #14: a key and no network held a baseline for 1 min 46 s. The wait is bounded
+    """A key and no network held a baseline for 1 min 46 s. The wait is bounded
     by backend.connect_timeout (like the Tinker connection) and said once. The "network" is
     a 127.0.0.1 port nothing listens on."""
     import socket

@@ -1,4 +1,4 @@
-"""The project's own Tinker path end to end against `persona serve` (issue 21 §3): stages run
+"""The project's own Tinker path end to end against `persona serve`: stages run
 with ``--backend tinker`` and ``TINKER_BASE_URL`` in the workspace's .env, on the tiny model,
 give the in-process local backend's losses; a server killed mid-run is reported within
 ``backend.connect_timeout`` and a rerun against the restarted server resumes."""

@@ -1,4 +1,4 @@
-"""Signals on the command line (issue 13 #4-#5, issue 12 #9): SIGTERM and SIGHUP act as
+"""Signals on the command line: SIGTERM and SIGHUP act as
 Ctrl+C; a second interrupt quits at once with 130 and leaves the run's files consistent."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_handler_counts_interrupts(ws: Workspace):
 
 
 def test_a_second_hangup_is_not_a_second_interrupt(ws: Workspace):
-    """Issue 22 #6: a closed terminal delivers SIGHUP twice (kernel, then shell or tmux)."""
+    """A closed terminal delivers SIGHUP twice (kernel, then shell or tmux)."""
     from rich.console import Console
 
     from engine.cli import install_stop_signals

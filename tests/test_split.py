@@ -53,7 +53,7 @@ def test_stable_under_additions_and_edits():
             d["output"] = "edited text"
     again = split_demos(more, -1, 0, record)
     assert [d["input"] for d in again.holdout] == [d["input"] for d in first.holdout]
-    # delete one held-out demo: an error names it (issue 22 #2); once it is taken out of the
+    # delete one held-out demo: an error names it; once it is taken out of the
     # record as well, the gap is filled by the rule and the other stays
     fewer = [d for d in base if d["input"] != first.holdout[0]["input"]]
     with pytest.raises(HoldoutError, match="Request number"):

@@ -78,7 +78,7 @@ async def test_rule_judge_rl_makes_samples_shorter(ws: Workspace):
     chars = [v for _, v in _metrics(ws, "rl/sample_chars")]
     assert len(chars) == 16
     first, last = sum(chars[:3]) / 3, sum(chars[-3:]) / 3
-    # Seeded. RL at this scale is chaotic in detail: with the sampler of issue 11, rlaif.seed
+    # Seeded. RL at this scale is chaotic in detail: with the current sampler, rlaif.seed
     # 0-3 went from about 80 characters to 0.74 / 0.45 / 0.30 / 0.46 of that, so the bound
     # is loose; a policy that does not learn stays near 80.
     assert last < 0.7 * first, chars

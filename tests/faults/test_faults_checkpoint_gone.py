@@ -1,4 +1,4 @@
-"""Issue 22 #12: a deleted checkpoint folder said "No local checkpoint at ... (expected
+"""A deleted checkpoint folder said "No local checkpoint at ... (expected
 .../persona_checkpoint.json)" with no hint; it names the stage to rerun."""
 
 from __future__ import annotations

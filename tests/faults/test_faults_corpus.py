@@ -1,4 +1,4 @@
-"""Issue 13 "keep it proven": every loader against a corpus of malformed files
+"""Every loader against a corpus of malformed files
 (tests/data/malformed/<kind>/...). Each gives a clear message that names the file (and the
 line or entry where there is one), never a traceback, and changes no file."""
 

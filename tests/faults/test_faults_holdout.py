@@ -1,4 +1,4 @@
-"""Issue 22 #2: a hand-edited data/holdout.json entry that matches no demonstration (a typo)
+"""A hand-edited data/holdout.json entry that matches no demonstration (a typo)
 was rewritten to "holdout": [] and ditto trained on every demonstration, the two held-out
 ones included. It is an error naming the entry, in preflight; the record is never rewritten."""
 

@@ -1,4 +1,4 @@
-"""Issue 22 #11: torn lines in human_preferences.jsonl are named by the readers that skip
+"""Torn lines in human_preferences.jsonl are named by the readers that skip
 them (evaluate, reward-model's validation); undoing the pick appended after a torn line
 leaves the file byte for byte as it was; a truncated events.jsonl replays with a note about
 the cut, and its run's status says the log is cut rather than "killed or crashed"."""
@@ -76,7 +76,7 @@ def test_reward_model_validation_names_them(tmp_path: Path):
 
 @needs_backend
 async def test_evaluate_names_a_torn_pick(ws: Workspace):
-    """Also issue 22 #1's other half: fewer methods than the evaluation it replaces are named
+    """Fewer methods than the evaluation it replaces are named
     before any work and in the summary."""
     ws.results_dir.mkdir(exist_ok=True)
     wider = ["baseline", "prompting", "few-shot", "sft", "rlaif"]

@@ -1,4 +1,4 @@
-"""Issue 22 #1, #3, #9, #10, #13 and issue 23 #6: results/checkpoints.toml read through one
+"""Results/checkpoints.toml read through one
 checked reader. A stage that reads an unreadable registry, or an entry of it with a wrong
 type, stops in preflight (no run folder, nothing written over) with a message naming the
 file, the entry and the expected type; an entry nobody can parse is kept on the next write."""
@@ -74,7 +74,7 @@ async def test_a_wrong_type_stops_the_stage_before_it_starts(ws, stage, text, sa
 
 @pytest.mark.parametrize("stage", READERS)
 async def test_a_truncated_registry_stops_every_stage_that_reads_it(ws, stage):
-    """#10: they trained until their first checkpoint, and rlaif fell back to the base
+    """They trained until their first checkpoint, and rlaif fell back to the base
     model and the base judge, before failing."""
     _inputs(ws)
     ws.result("checkpoints.toml").write_bytes((CORPUS / "truncated.toml").read_bytes())
@@ -85,7 +85,7 @@ async def test_a_truncated_registry_stops_every_stage_that_reads_it(ws, stage):
 
 
 async def test_evaluate_never_writes_a_narrower_result_over_a_wider_one(ws):
-    """#1: evaluate exited 0 with 3 methods over a six-method evaluation.json, using the base
+    """Evaluate exited 0 with 3 methods over a six-method evaluation.json, using the base
     judge, when it could not read the registry."""
     ws.results_dir.mkdir(exist_ok=True)
     wide = {"methods": [{"name": m} for m in ("baseline", "prompting", "few-shot", "sft")]}
@@ -102,7 +102,7 @@ async def test_evaluate_never_writes_a_narrower_result_over_a_wider_one(ws):
 
 
 def test_latest_checkpoint_raises_the_checked_error(tmp_path: Path):
-    """#9: ValueError: invalid literal for int() / AttributeError reached the person."""
+    """ValueError: invalid literal for int() / AttributeError reached the person."""
     (tmp_path / "checkpoints.toml").write_text('[rlaif]\nstep = "four"\n[sft]\nstep = 3\n')
     with pytest.raises(RegistryError, match=r'\[rlaif\] step must be a whole number, not "four"'):
         latest_checkpoint(tmp_path, "rlaif")
@@ -114,7 +114,7 @@ def test_latest_checkpoint_raises_the_checked_error(tmp_path: Path):
 
 
 def test_recording_keeps_what_it_cannot_parse(tmp_path: Path):
-    """#3: ``sft = 5`` was silently dropped the next time any checkpoint was recorded."""
+    """``sft = 5`` was silently dropped the next time any checkpoint was recorded."""
     path = tmp_path / "checkpoints.toml"
     path.write_text('sft = 5\n[ditto]\nround = "x"\nnote = [1, 2]\n')
     record_checkpoint(tmp_path, "rlaif", step=2, sampler_path="local:///r")
@@ -138,7 +138,7 @@ async def _records(ctx: StageContext):
 
 
 async def test_a_bad_entry_another_stage_owns_is_named_in_the_log_and_kept(ws: Workspace):
-    """#3: a stage that does not read the bad entry runs, names it once, and keeps it."""
+    """A stage that does not read the bad entry runs, names it once, and keeps it."""
     _inputs(ws)
     ws.result("checkpoints.toml").write_text("ditto = 5\n")
     events = [e async for e in Runner(ws, stages={"sft": _Spec(_records)}).run_stage("sft")]
@@ -151,7 +151,7 @@ async def test_a_bad_entry_another_stage_owns_is_named_in_the_log_and_kept(ws: W
 
 @pytest.mark.parametrize("stage", ["evaluate", "rlaif", "ditto"])
 async def test_an_unwritable_runs_folder_stops_before_any_work(ws, stage, monkeypatch):
-    """#13: evaluate, rlaif and ditto failed only after all their work on a full disk."""
+    """Evaluate, rlaif and ditto failed only after all their work on a full disk."""
     import errno
     import os
 
@@ -183,7 +183,7 @@ def test_status_json_is_unchanged_by_a_bad_registry(ws: Workspace):
 
 
 async def test_the_app_warns_about_an_unreadable_registry(ws: Workspace):
-    """#10: the app showed no warning for an unreadable registry in any tab."""
+    """The app showed no warning for an unreadable registry in any tab."""
     from tui_helpers import until
 
     from tui.app import create_app
@@ -220,7 +220,7 @@ async def test_the_app_warns_about_an_unreadable_registry(ws: Workspace):
     ],
 )
 async def test_missing_inputs_refuse_before_a_run_folder(ws, stage, args, said):
-    """Issue 23 #6: rlaif and reward-model made a run folder (and a failed run the app then
+    """Rlaif and reward-model made a run folder (and a failed run the app then
     showed over the finished one) before finding their inputs missing."""
     final = await Runner(ws).run(stage, args)
     assert isinstance(final, StageFailed) and final.message.startswith(said), final

@@ -1,4 +1,4 @@
-"""Issue 22 #6: closing the terminal during training (tmux kill-session) ended with rc 1 and
+"""Closing the terminal during training (tmux kill-session) ended with rc 1 and
 ``OSError: [Errno 5] Input/output error`` from rich's console write, or the two SIGHUPs a closed
 terminal delivers counted as a second interrupt and it quit without a cancel checkpoint. A
 closed terminal is one cancel: the stage saves its checkpoint and ends as cancelled; output
