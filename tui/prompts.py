@@ -13,10 +13,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
-from engine.llm.judge_accuracy import ACCURACY_FILE
 from engine.run.events import StageFailed, StageFinished
-from engine.stages.reward_model import accuracy_lines
-from engine.store.results import RM_VALIDATION_FILE, read_method_outputs, read_rm_validation
+from engine.store.results import (
+    JUDGE_ACCURACY_FILE,
+    RM_VALIDATION_FILE,
+    read_method_outputs,
+    read_rm_validation,
+)
 from engine.store.templates import write_prompts
 from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
 from tui.dialogs import focus_now
@@ -66,7 +69,7 @@ class RubricCheckWorkspace(Workspace):
     folder) goes under results/scratch/: it neither replaces results/rm_validation.json nor
     adds a reward-model run."""
 
-    WRITES = (RM_VALIDATION_FILE, ACCURACY_FILE)
+    WRITES = (RM_VALIDATION_FILE, JUDGE_ACCURACY_FILE)
 
     @property
     def scratch_dir(self) -> Path:
@@ -262,6 +265,8 @@ class PromptsPane(Vertical):
         self.show_status()
 
     def show_rubric_check(self) -> None:
+        from engine.eval.judge_trust import accuracy_lines  # not at import: it loads tinker
+
         records, summary = read_rm_validation(self.rubric_ws.result(RM_VALIDATION_FILE))
         t = Text()
         t.append("Judge check of this rubric\n", style="bold")

@@ -103,3 +103,26 @@ def judge_warnings(
                 "not be trusted on this setup."
             )
     return out
+
+
+def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
+    """One log line per judge: how often it prefers the person's own text."""
+    out = []
+    for name in ("base", "trained"):
+        cells = accuracy.get(name)
+        if not isinstance(cells, dict):
+            continue
+        parts = []
+        for key, label in (
+            ("vs_base", "held-out vs base"),
+            ("vs_few_shot", "held-out vs few-shot"),
+            ("seen_in_training", "seen in training"),
+        ):
+            c = cells.get(key)
+            if isinstance(c, dict) and c.get("n"):
+                parts.append(
+                    f"{label} {c['value']:.0%} [{c['ci'][0]:.0%}–{c['ci'][1]:.0%}] n={c['n']}"
+                )
+        if parts:
+            out.append(f"{name} judge prefers your own text: " + "; ".join(parts))
+    return out

@@ -20,8 +20,9 @@ from engine.llm.sampling import open_sampler
 from engine.run.context import StageContext
 from engine.run.train_run import digest
 from engine.store.atomic import atomic_write_json
+from engine.store.results import JUDGE_ACCURACY_FILE
 
-ACCURACY_FILE = "judge_accuracy_samples.json"
+ACCURACY_FILE = JUDGE_ACCURACY_FILE
 # Samples per held-out request and comparator: with two held-out demonstrations that is
 # n = 8 per comparator, where 8 of 8 right has a Wilson interval above 0.5 (0.68-1.0);
 # with one sample each even a perfect judge could not be told from chance.

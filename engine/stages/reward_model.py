@@ -44,7 +44,7 @@ from typing import Any
 
 import tinker
 
-from engine.eval.judge_trust import judge_warnings, person_accuracy
+from engine.eval.judge_trust import accuracy_lines, judge_warnings, person_accuracy
 from engine.llm.judge import (
     PREFER_A,
     PREFER_B,
@@ -483,29 +483,6 @@ def known_warnings(ctx: StageContext, judge: Any) -> list[str]:
     ckpt = judge_checkpoint(judge)
     same = ckpt in checked if ckpt else checked.startswith("base judge")
     return [str(w) for w in summary.get("warnings") or []] if same else []
-
-
-def accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
-    """One log line per judge: how often it prefers the person's own text."""
-    out = []
-    for name in ("base", "trained"):
-        cells = accuracy.get(name)
-        if not isinstance(cells, dict):
-            continue
-        parts = []
-        for key, label in (
-            ("vs_base", "held-out vs base"),
-            ("vs_few_shot", "held-out vs few-shot"),
-            ("seen_in_training", "seen in training"),
-        ):
-            c = cells.get(key)
-            if isinstance(c, dict) and c.get("n"):
-                parts.append(
-                    f"{label} {c['value']:.0%} [{c['ci'][0]:.0%}–{c['ci'][1]:.0%}] n={c['n']}"
-                )
-        if parts:
-            out.append(f"{name} judge prefers your own text: " + "; ".join(parts))
-    return out
 
 
 # --------------------------------------------------------------------------- the stage

@@ -662,6 +662,7 @@ def append_teacher_reply(run_dir: str | Path, seed: str, attempt: int, reply: st
 
 RL_TRAIN_FILE = RESULT_FILES["rl-prompts"]
 RM_VALIDATION_FILE = RESULT_FILES["reward-model"]
+JUDGE_ACCURACY_FILE = "judge_accuracy_samples.json"  # the samples the judge accuracy check keeps
 
 
 def rl_prompt_row(conversation: Iterable[Mapping[str, Any]], rubric: str) -> dict[str, Any]:
