@@ -175,7 +175,7 @@ def _ctx(ws: Workspace):
 async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
     """A trained judge is recorded; a reward-model run with train = false marks the entry
     use_base, so open_judge (rlaif, evaluate) takes the base judge; training again clears it."""
-    from engine.stages.reward_model import _rm_entry
+    from engine.stages.reward_model import trained_judge_entry
     from engine.store.checkpoints import record_checkpoint
 
     ctx = _ctx(ws)
@@ -184,7 +184,7 @@ async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
         backend=ctx.backend, mode="verdict", fingerprint="f",
     )  # fmt: skip
     record_checkpoint(ws.results_dir, "reward-model", **trained)
-    assert _rm_entry(ctx)["sampler_path"] == "/somewhere/final"
+    assert trained_judge_entry(ctx)["sampler_path"] == "/somewhere/final"
 
     final = await Runner(ws).run(
         "reward-model", ["reward_model.train=false", "reward_model.validate=false"]
@@ -193,11 +193,11 @@ async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
     entry = latest_checkpoint(ws.results_dir, "reward-model")
     assert entry["use_base"] is True
     assert {k: entry[k] for k in trained} == trained  # the other fields stay
-    assert _rm_entry(ctx) is None
+    assert trained_judge_entry(ctx) is None
 
     # a trained run (here: the reuse of a finished training) clears it
     record_checkpoint(ws.results_dir, "reward-model", use_base=False)
-    assert _rm_entry(ctx)["sampler_path"] == "/somewhere/final"
+    assert trained_judge_entry(ctx)["sampler_path"] == "/somewhere/final"
 
 
 async def test_validate_only_checks_the_files_before_loading_the_judge(ws: Workspace, monkeypatch):

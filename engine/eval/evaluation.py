@@ -111,10 +111,6 @@ def nll_summary(per_request: Sequence[Nll]) -> dict[str, Any]:
     }
 
 
-def win_rate_dict(wr: WinRate) -> dict[str, Any]:
-    return wr.as_dict()
-
-
 # --------------------------------------------------------------------------- judge
 
 

@@ -690,12 +690,6 @@ def _read_marker(run: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def marker_is_live(run: Path) -> bool:
-    """The run's marker was written by a process that still runs (not a dead or reused pid)."""
-    marker = _read_marker(run)
-    return marker is not None and _marker_is_live(marker)
-
-
 def _live_run(ws: Workspace, stage: str) -> Path | None:
     for run in list_runs(ws, stage):
         marker = _read_marker(run)

@@ -116,7 +116,7 @@ def _user(text: str) -> Messages:
     return [{"role": "user", "content": text}]
 
 
-def _dev_turns(row: dict[str, Any]) -> Messages | None:
+def dev_turns(row: dict[str, Any]) -> Messages | None:
     conv = row.get("prompt_conversation")
     if isinstance(conv, str):
         return _user(conv)
@@ -543,27 +543,27 @@ async def _dev_phase(
     """One sample of each method on the RL dev prompts, each compared with the base's."""
     cfg, ws = st.cfg, st.ctx.workspace
     dev_rows = ev.read_rows(ws.result(ev.DEV_FILE))[: cfg.dev_prompts] if cfg.dev_prompts else []
-    dev_turns = [t for t in (_dev_turns(x) for x in dev_rows) if t]
-    if not (dev_turns and "baseline" in st.names):
-        if cfg.dev_prompts and not dev_turns:
+    turns = [t for t in (dev_turns(x) for x in dev_rows) if t]
+    if not (turns and "baseline" in st.names):
+        if cfg.dev_prompts and not turns:
             yield LogLine(f"no {ev.DEV_FILE} (run rl-prompts): no dev win rates", "info")
         return
-    total = len(dev_turns) * len(st.methods)
+    total = len(turns) * len(st.methods)
     yield Progress(0, total, "evaluate: dev samples")
 
     async def job(m: Method, j: int) -> tuple[str, int, tuple[str, int]]:
-        out = await st.sample(m, dev_turns[j], 1, cfg.seed + 10_000 + j)
+        out = await st.sample(m, turns[j], 1, cfg.seed + 10_000 + j)
         return m.name, j, out[0]
 
     by: dict[tuple[str, int], tuple[str, int]] = {}
-    jobs = [job(m, j) for m in st.methods for j in range(len(dev_turns))]
+    jobs = [job(m, j) for m in st.methods for j in range(len(turns))]
     async with aclosing(as_completed_tasks(jobs)) as stream:
         async for mname, j, out in stream:
             by[(mname, j)] = out
             yield Progress(len(by), total, "evaluate: dev samples")
             st.ctx.check_cancel()
     for m in st.methods:  # in method order, as before
-        for j in range(len(dev_turns)):
+        for j in range(len(turns)):
             text, ntok = by[(m.name, j)]
             st.dev_samples.append(
                 {
@@ -571,7 +571,7 @@ async def _dev_phase(
                     "id": f"{m.name}/dev{j}",
                     "method": m.name,
                     "request": j,
-                    "input": dev_turns[j][-1]["content"],
+                    "input": turns[j][-1]["content"],
                     "output": text,
                     "tokens": ntok,
                 }
@@ -579,7 +579,7 @@ async def _dev_phase(
     for m in st.methods:
         if m.name == "baseline":
             continue
-        for j, t in enumerate(dev_turns):
+        for j, t in enumerate(turns):
             comps.append(Comparison(t, by[(m.name, j)][0], by[("baseline", j)][0], st.rubric))
             meta.append(("dev", m.name, "baseline", j, 0, t[-1]["content"]))
 

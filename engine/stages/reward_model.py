@@ -131,7 +131,7 @@ def build_own_pairs(
     return out
 
 
-def _split_own(
+def split_own_pairs(
     examples: list[JudgeExample], seed: int
 ) -> tuple[list[JudgeExample], list[JudgeExample]]:
     """Hold out the own pairs of about a fifth of the demonstrations (at least one when there
@@ -144,7 +144,7 @@ def _split_own(
     return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
 
 
-def _canonical(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
+def canonical_examples(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
     """One orientation per comparison (the other is judged by the both-orders judge)."""
     seen: set[tuple[str, str, str]] = set()
     out = []
@@ -160,7 +160,7 @@ def _canonical(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
 # --------------------------------------------------------------------------- judges
 
 
-def _rm_entry(ctx: StageContext) -> dict[str, Any] | None:
+def trained_judge_entry(ctx: StageContext) -> dict[str, Any] | None:
     """The trained judge to use, or None for the base judge (none trained for this judge model
     and backend, or the last reward-model run said ``reward_model.train = false``: use_base)."""
     entry = latest_checkpoint(ctx.workspace.results_dir, STAGE)
@@ -187,7 +187,7 @@ async def open_judge(
 
     model = ctx.model("judge")
     svc = ctx.service_client()
-    entry = _rm_entry(ctx) if use_trained else None
+    entry = trained_judge_entry(ctx) if use_trained else None
     if entry:
         client = await resolve(
             svc.create_sampling_client(model_path=entry["sampler_path"], base_model=model)
@@ -220,7 +220,7 @@ def judge_checkpoint(judge: Any) -> str | None:
 
 async def heldout_metrics(judge: Any, examples: Sequence[JudgeExample]) -> dict[str, float]:
     """Verdict accuracy (each answer, both orders), position consistency, unparsable rate."""
-    canon = _canonical(examples)
+    canon = canonical_examples(examples)
     if not canon:
         return {}
     old = judge.reset_stats()
@@ -428,13 +428,13 @@ async def validate_rubric(
 def seen_in_training_cases(ctx: StageContext, rubric: str) -> list[Case]:
     """The person's text against every stage's sample on the training demonstrations: the
     pairs the judge trains on (the person's text shown first; the judge swaps the order),
-    less those :func:`_split_own` keeps aside for the live held-out metric."""
+    less those :func:`split_own_pairs` keeps aside for the live held-out metric."""
     rows = {}
     for src in OWN_SOURCES:
         got = read_method_outputs(ctx.workspace.result(RESULT_FILES[src]))
         if got.rows:
             rows[src] = got.rows
-    trained, _aside = _split_own(
+    trained, _aside = split_own_pairs(
         build_own_pairs(ctx.split().train, rows, rubric), ctx.config.reward_model.seed
     )
     return [
@@ -506,7 +506,7 @@ def _gather_examples(
             else:
                 notes.append(f"no {RESULT_FILES[src]} (run `persona run {src}` for more pairs)")
         own = build_own_pairs(ctx.split().train, rows, rubric)
-        own_train, own_held = _split_own(own, cfg.seed)
+        own_train, own_held = split_own_pairs(own, cfg.seed)
         train += own_train
         held += own_held
         notes.append(f"{len(own)} own pairs ({len(own_held)} held out for accuracy)")

@@ -62,7 +62,12 @@ from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFini
 from engine.run.supervised import batch_indices
 from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.reward_model import _rm_entry, combine_settings, known_warnings, open_judge
+from engine.stages.reward_model import (
+    combine_settings,
+    known_warnings,
+    open_judge,
+    trained_judge_entry,
+)
 from engine.store.checkpoints import latest_checkpoint, record_checkpoint, registry_path
 from engine.store.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
 from engine.store.split import split_fingerprint
@@ -157,7 +162,7 @@ def _judge_identity(ctx: StageContext) -> str:
     """Which judge the rewards come from: the rule, a trained checkpoint, or the base model."""
     if ctx.config.rlaif.judge == "shorter":
         return "rule: shorter"
-    entry = _rm_entry(ctx)
+    entry = trained_judge_entry(ctx)
     return str(entry["sampler_path"]) if entry else f"base: {ctx.model('judge')}"
 
 
