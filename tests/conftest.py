@@ -241,3 +241,11 @@ def scripted_teacher_factory(backend, **kw):
     from engine.run.context import default_service_factory
 
     return _ScriptedService(default_service_factory(backend, **kw))
+
+
+def pytest_unconfigure(config):
+    """The SDK's heartbeat threads of sessions whose test server has stopped keep running until
+    the interpreter exits; their "Tinker is down" warnings would be the last lines printed."""
+    import logging
+
+    logging.getLogger("tinker.lib.internal_client_holder").setLevel(logging.ERROR)
