@@ -414,14 +414,17 @@ def test_rows_that_differ_in_their_last_token_share_one_forward_pass(runtime):
 
 
 @pytest.mark.parametrize("same_length", [True, False])
-def test_positions_without_gradient_leave_the_output_layers_backward(same_length):
-    """Positions whose weight is 0 (an SFT row's prompt, a judge prompt's all but the verdict)
-    get their logits outside the graph: the same logprobs and the same LoRA gradients (the
-    output layer's included), with only the weighted rows in the output layer's backward."""
+def test_positions_without_gradient_leave_the_output_layers_backward(same_length, monkeypatch):
+    """With the full-logits output layer (CHUNKED_HEAD off; tests/test_chunked_head.py covers
+    the chunked one): positions whose weight is 0 (an SFT row's prompt, a judge prompt's all
+    but the verdict) get their logits outside the graph: the same logprobs and the same LoRA
+    gradients (the output layer's included), with only the weighted rows in its backward."""
+    from engine.backends.local import compute
     from engine.backends.local.compute import BaseRuntime
     from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
     from engine.backends.local.models import choose_compute
 
+    monkeypatch.setattr(compute, "CHUNKED_HEAD", False)
     rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "fp32"))
     rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
     g = torch.Generator().manual_seed(2)

@@ -533,6 +533,10 @@ LOGPROB_CHUNK_ROWS = 16
 # logits (the bench's A/B).
 CHUNKED_HEAD = True
 HEAD_CHUNK_ROWS = 256
+# Within a block: the fused (log-)softmax kernels, this many rows at a time, instead of
+# logsumexp's separate passes (False: the full-logits path's own arithmetic, for A/B).
+FUSED_SOFTMAX = True
+SOFTMAX_ROWS = 16
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -560,6 +564,33 @@ def _logit_grad(
         rows = slice(start, start + LOGPROB_CHUNK_ROWS)
         g = grad[rows].unsqueeze(-1)
         part = torch.exp(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)).mul_(-g)
+        part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
+        out[rows] = part
+    return out
+
+
+def _picked_log_softmax(
+    logits: torch.Tensor, target: torch.Tensor, rows_at_once: int
+) -> torch.Tensor:
+    """log_softmax(logits[r])[target[r]] per row, in float32, by the fused log-softmax kernel a
+    few rows at a time (one pass over the logits instead of logsumexp's five)."""
+    out = torch.empty(logits.shape[0], dtype=_wide(logits.dtype), device=logits.device)
+    for start in range(0, logits.shape[0], rows_at_once):
+        rows = slice(start, start + rows_at_once)
+        logp = torch.log_softmax(logits[rows], -1, dtype=out.dtype)
+        out[rows] = logp.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _softmax_grad(
+    logits: torch.Tensor, target: torch.Tensor, grad: torch.Tensor, rows_at_once: int
+) -> torch.Tensor:
+    """``_logit_grad`` by the fused softmax kernel: grad * (onehot(target) - softmax)."""
+    out = torch.empty_like(logits)
+    for start in range(0, logits.shape[0], rows_at_once):
+        rows = slice(start, start + rows_at_once)
+        g = grad[rows].unsqueeze(-1)
+        part = torch.softmax(logits[rows], -1, dtype=grad.dtype).mul_(-g)
         part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
         out[rows] = part
     return out
@@ -673,12 +704,17 @@ class _HeadTargetLogprob(torch.autograd.Function):
             rows = slice(start, start + HEAD_CHUNK_ROWS)
             zr = None if z is None else z[rows]
             logits = head_block_logits(hidden[rows], weight, bias, zr, b_c, scale)
-            lse[rows] = _logsumexp_rows(logits)
-            picked[rows] = logits.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1).to(wide)
+            if FUSED_SOFTMAX:
+                picked[rows] = _picked_log_softmax(logits, target[rows], SOFTMAX_ROWS)
+            else:
+                lse[rows] = _logsumexp_rows(logits)
+                chosen = logits.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
+                picked[rows] = chosen.to(wide) - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, a_c, b_c, z, target, lse)
+        ctx.fused = FUSED_SOFTMAX
         ctx.scale = scale
         ctx.lora_dtypes = (a.dtype, b.dtype) if a is not None else None
-        return picked - lse
+        return picked
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -695,7 +731,10 @@ class _HeadTargetLogprob(torch.autograd.Function):
             x = hidden[idx]
             zr = None if z is None else z[idx]
             logits = head_block_logits(x, weight, bias, zr, b_c, scale)
-            g = _logit_grad(logits, target[idx], lse[idx], grad[idx])
+            if ctx.fused:
+                g = _softmax_grad(logits, target[idx], grad[idx], SOFTMAX_ROWS)
+            else:
+                g = _logit_grad(logits, target[idx], lse[idx], grad[idx])
             del logits
             gb = None if a_c is None else g @ b_c  # the gradient reaching z, before the scale
             if gb is not None:
