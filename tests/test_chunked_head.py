@@ -137,9 +137,12 @@ def test_logprobs_and_lora_gradients_match_the_plain_computation(
             _assert_close(a, b, rt.dtype, name)
 
 
-def test_same_numbers_as_the_full_logits_path(rt, small_blocks, monkeypatch):
+@pytest.mark.parametrize(("fused", "keep"), [(True, False), (False, False), (True, True)])
+def test_same_numbers_as_the_full_logits_path(rt, small_blocks, monkeypatch, fused, keep):
     """Chunked and full-logits paths of the service's own code: logprobs (forward, with and
     without grad, and compute_logprobs' scoring) and LoRA gradients."""
+    monkeypatch.setattr(compute, "FUSED_SOFTMAX", fused)
+    monkeypatch.setattr(compute, "HEAD_KEEP_LOGITS", keep)
     rows = [SEQ_A, SEQ_B, SEQ_C]
     inputs, targets = _inputs(rows)
     live = [[w != 0 for w in [0.0] * (len(x) - 3) + [1.0, 0.5, 1.0]] for x in inputs]
@@ -194,9 +197,14 @@ def test_backward_computes_only_the_positions_a_gradient_reaches(rt, small_block
     assert max(n for _, n in seen) <= 3  # in blocks, never the whole batch
 
 
-def test_gradcheck_in_float64():
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("keep", [False, True])
+def test_gradcheck_in_float64(monkeypatch, fused, keep):
     """The hand-written backward against finite differences: hidden states, A and B, with a
-    bias and with rows whose incoming gradient is 0."""
+    bias and with rows whose incoming gradient is 0; by the fused softmax kernels or
+    logsumexp's, with the blocks' logits computed again or kept."""
+    monkeypatch.setattr(compute, "FUSED_SOFTMAX", fused)
+    monkeypatch.setattr(compute, "HEAD_KEEP_LOGITS", keep)
     g = torch.Generator().manual_seed(0)
 
     def t(*shape):
@@ -206,19 +214,13 @@ def test_gradcheck_in_float64():
     a, b = t(3, 5).requires_grad_(), t(11, 3).requires_grad_()
     target = torch.tensor([0, 3, 10, 2, 2, 7, 1])
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 2.0, -1.0], dtype=torch.float64)
-    old = compute.HEAD_CHUNK_ROWS
-    compute.HEAD_CHUNK_ROWS = 2
-    try:
+    monkeypatch.setattr(compute, "HEAD_CHUNK_ROWS", 2)
 
-        def fn(hidden, a, b):
-            head = compute.HeadWeights(weight, bias, a, b, 1.5)
-            return compute.head_target_logprobs(head, hidden, target) * mask
+    def fn(hidden, a, b):
+        head = compute.HeadWeights(weight, bias, a, b, 1.5)
+        return compute.head_target_logprobs(head, hidden, target) * mask
 
-        assert torch.autograd.gradcheck(fn, (hidden, a, b))
-        plain = torch.log_softmax(hidden @ weight.t() + bias + 1.5 * (hidden @ a.t()) @ b.t(), -1)
-        got = compute.head_target_logprobs(
-            compute.HeadWeights(weight, bias, a, b, 1.5), hidden, target
-        )
-        torch.testing.assert_close(got, plain.gather(-1, target[:, None])[:, 0])
-    finally:
-        compute.HEAD_CHUNK_ROWS = old
+    assert torch.autograd.gradcheck(fn, (hidden, a, b))
+    plain = torch.log_softmax(hidden @ weight.t() + bias + 1.5 * (hidden @ a.t()) @ b.t(), -1)
+    got = compute.head_target_logprobs(compute.HeadWeights(weight, bias, a, b, 1.5), hidden, target)
+    torch.testing.assert_close(got, plain.gather(-1, target[:, None])[:, 0])

@@ -537,6 +537,9 @@ HEAD_CHUNK_ROWS = 256
 # logsumexp's separate passes (False: the full-logits path's own arithmetic, for A/B).
 FUSED_SOFTMAX = True
 SOFTMAX_ROWS = 16
+# Keep each block's logits for the backward pass instead of computing them again: the
+# memory of the full logits, one output-layer matmul less.
+HEAD_KEEP_LOGITS = False
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -700,6 +703,7 @@ class _HeadTargetLogprob(torch.autograd.Function):
         wide = _wide(hidden.dtype)
         lse = torch.empty(n, dtype=wide, device=hidden.device)
         picked = torch.empty(n, dtype=wide, device=hidden.device)
+        keep = [] if HEAD_KEEP_LOGITS and any(ctx.needs_input_grad) else None
         for start in range(0, n, HEAD_CHUNK_ROWS):
             rows = slice(start, start + HEAD_CHUNK_ROWS)
             zr = None if z is None else z[rows]
@@ -710,7 +714,10 @@ class _HeadTargetLogprob(torch.autograd.Function):
                 lse[rows] = _logsumexp_rows(logits)
                 chosen = logits.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
                 picked[rows] = chosen.to(wide) - lse[rows]
+            if keep is not None:
+                keep.append(logits)
         ctx.save_for_backward(hidden, weight, bias, a_c, b_c, z, target, lse)
+        ctx.kept, ctx.rows = keep, HEAD_CHUNK_ROWS
         ctx.fused = FUSED_SOFTMAX
         ctx.scale = scale
         ctx.lora_dtypes = (a.dtype, b.dtype) if a is not None else None
@@ -726,16 +733,12 @@ class _HeadTargetLogprob(torch.autograd.Function):
         dx = torch.zeros_like(hidden) if need_x else None
         gz = None if a_c is None else hidden.new_zeros(hidden.shape[0], a_c.shape[0])
         db = None if not need_b else b_c.new_zeros(b_c.shape, dtype=lse.dtype)
-        for start in range(0, live.shape[0], HEAD_CHUNK_ROWS):
-            idx = live[start : start + HEAD_CHUNK_ROWS]
-            x = hidden[idx]
+        for idx, logits in _HeadTargetLogprob._blocks(ctx, live):
             zr = None if z is None else z[idx]
-            logits = head_block_logits(x, weight, bias, zr, b_c, scale)
             if ctx.fused:
                 g = _softmax_grad(logits, target[idx], grad[idx], SOFTMAX_ROWS)
             else:
                 g = _logit_grad(logits, target[idx], lse[idx], grad[idx])
-            del logits
             gb = None if a_c is None else g @ b_c  # the gradient reaching z, before the scale
             if gb is not None:
                 gz[idx] = gb
@@ -750,6 +753,23 @@ class _HeadTargetLogprob(torch.autograd.Function):
         if need_b:
             db = db.mul_(scale).to(ctx.lora_dtypes[1])
         return dx, None, None, da, db, None, None
+
+    @staticmethod
+    def _blocks(ctx, live: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
+        """(row indices, their logits) for the rows in ``live``: the forward's blocks where it
+        kept them, else computed again, the live rows packed into full blocks."""
+        hidden, weight, bias, _, b_c, z, _, _ = ctx.saved_tensors
+        if ctx.kept is not None:
+            for k, block in enumerate(ctx.kept):
+                start = k * ctx.rows
+                idx = live[(live >= start) & (live < start + block.shape[0])]
+                if idx.numel():
+                    yield idx, block if idx.numel() == block.shape[0] else block[idx - start]
+            return
+        for start in range(0, live.shape[0], ctx.rows):
+            idx = live[start : start + ctx.rows]
+            zr = None if z is None else z[idx]
+            yield idx, head_block_logits(hidden[idx], weight, bias, zr, b_c, ctx.scale)
 
 
 @dataclass
