@@ -109,6 +109,42 @@ async def test_optim_step_moves_only_lora_weights(service):
     assert all(moved)
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+async def test_optimizer_step_is_the_per_tensor_adamw_bit_for_bit(service, monkeypatch, clip):
+    """The multi-tensor AdamW (and the norm-only path without clipping) moves the adapter to
+    exactly the weights the per-tensor loop with clip_grad_norm_ gives, and reports the same
+    grad_norm."""
+    from engine.backends.local import service as service_module
+
+    adam = types.AdamParams(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=clip)
+    batch = [datum(SEQ_A, weights=[1.0] * 9), datum(SEQ_B, weights=[0.0, 0.0, 1, 1, 1, 1])]
+
+    async def train(foreach: bool):
+        monkeypatch.setattr(service_module, "ADAM_FOREACH", foreach)
+        tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=3)
+        norms = []
+        for _ in range(3):
+            fb = tc.forward_backward(batch, "cross_entropy")
+            if not foreach:  # the reference: torch's own clip_grad_norm_, even without a limit
+                monkeypatch.setattr(
+                    type(tc),
+                    "_clip_grad_norm",
+                    lambda _self, params, max_norm: float(
+                        torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    ),
+                )
+            norms.append((await tc.optim_step(adam)).metrics["grad_norm"])
+            assert (await fb).metrics["loss:sum"] > 0
+        return norms, [p.detach().clone() for p in tc._rt.host.parameters(tc.model_id)]
+
+    norms, weights = await train(True)
+    ref_norms, ref_weights = await train(False)
+    assert norms == ref_norms
+    assert all(torch.equal(a, b) for a, b in zip(weights, ref_weights, strict=True))
+    if clip:
+        assert max(norms) > clip  # the clip really bites
+
+
 async def test_training_lowers_the_loss(service):
     tc = await service.create_lora_training_client(TINY_MODEL, rank=8, seed=1)
     batch = [datum(SEQ_A, weights=[1.0] * 9), datum(SEQ_B, weights=[1.0] * 6)]
