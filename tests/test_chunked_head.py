@@ -48,7 +48,9 @@ def rt(request) -> BaseRuntime:
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 3 positions, so every batch here spans several blocks and a partial one."""
+    """The chunked head, in blocks of 3 positions, so every batch here spans several blocks
+    and a partial one."""
+    monkeypatch.setattr(compute, "CHUNKED_HEAD", True)
     monkeypatch.setattr(compute, "HEAD_CHUNK_ROWS", 3)
 
 
