@@ -212,8 +212,8 @@ def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
 # Before/after of the training step's switches, measured alternately in one process:
 # (name, {module attribute: value}); the first is the service's default.
 TRAIN_AB = (
-    ("chunked head (default)", {"CHUNKED_HEAD": True}),
-    ("full logits", {"CHUNKED_HEAD": False}),
+    ("full logits (default)", {"CHUNKED_HEAD": False}),
+    ("chunked head", {"CHUNKED_HEAD": True}),
 )
 
 
