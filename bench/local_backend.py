@@ -1,5 +1,4 @@
-"""Benchmark of the local backend against TRL and plain ``generate`` on this machine
-(issue 2 §5, issue 11).
+"""Benchmark of the local backend against TRL and plain ``generate`` on this machine.
 
 Measures, on the default model (SmolLM2-135M-Instruct) and the compute plan the service
 picks (bf16 on CPUs with AVX512_BF16 or AMX, fp32 otherwise; ``PERSONA_DTYPE=fp32`` or

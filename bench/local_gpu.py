@@ -1,4 +1,4 @@
-"""The local backend's compute on a GPU (issue 11 §GPU): training and sampling tokens/s.
+"""The local backend's compute on a GPU: training and sampling tokens/s.
 
 Runs where tinker may be missing (a lent GPU machine): it drives ``BaseRuntime`` directly,
 the same code the service's worker runs. The model is SmolLM2-135M's shape with random

@@ -1,4 +1,4 @@
-"""Benchmark of `persona serve` (issue 21 §4): what the HTTP interface costs over the
+"""Benchmark of `persona serve`: what the HTTP interface costs over the
 in-process local backend, on the tiny model so that the overhead is what is measured.
 
 - per-call overhead: the median latency of ``sample`` (1 sequence, 4 tokens),

@@ -10,8 +10,9 @@
 Exit codes: 0 done, 1 failed (the message says what to do), 2 bad usage, 130 cancelled.
 
 Ctrl+C, SIGTERM and SIGHUP stop the stage after its current step (a cancel checkpoint, a
-final event, the running marker removed); a second one quits at once with 130, after the
-run's log is closed with a final event.
+final event, the running marker removed); a second Ctrl+C or SIGTERM quits at once with 130,
+after the run's log is closed with a final event. A closed terminal (SIGHUP, however many a
+closing window or tmux delivers) is one cancel, and output to it is dropped, never raised.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -50,6 +52,7 @@ from engine.run.events import (
 from engine.run.events import (
     Progress as ProgressEvent,
 )
+from engine.store.checkpoints import check_registry
 from engine.store.config import ConfigError
 from engine.store.workspace import Workspace, find_workspace, init_workspace
 
@@ -69,9 +72,80 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _checkpoint_text(ck: dict[str, Any]) -> str:
+    """A registry entry in a few words; an unfinished retrain names the finished run whose
+    outputs the stage's results still are."""
+    if not ck:
+        return ""
+    text = f"step {ck.get('step')}" + ("" if ck.get("finished") else " (unfinished)")
+    last = ck.get("last_finished")
+    if not ck.get("finished") and isinstance(last, dict):
+        text += f"; results are from the finished run at step {last.get('step')}"
+    return text
+
+
 def _plain(text: str) -> str:
     """Text for rich: control bytes escaped, markup shown literally."""
     return escape(printable(text))
+
+
+class TerminalStream:
+    """stdout or stderr for rich, whose writes never raise: once the terminal is gone (EIO or
+    EPIPE: a closed window, ``tmux kill-session``) output is dropped, and the process's own
+    file descriptors on that terminal are pointed at /dev/null, so nothing else that writes
+    there (a library's warning, the interpreter's last flush) fails either."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+    def _lost(self) -> None:
+        self.gone = True
+        with contextlib.suppress(Exception):
+            _detach_dead_terminal(self._stream.fileno())
+
+
+def _detach_dead_terminal(dead_fd: int) -> None:
+    """Point fd 1 and 2 at /dev/null where they are the same (dead) terminal as ``dead_fd``."""
+    dead = os.fstat(dead_fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in {dead_fd, 1, 2}:
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino, st.st_rdev) == (dead.st_dev, dead.st_ino, dead.st_rdev):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def terminal_console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr) that drops its output once the terminal is gone."""
+    return Console(file=TerminalStream(sys.stderr if stderr else sys.stdout))
 
 
 class CliView:
@@ -154,7 +228,7 @@ async def _run(
             console.print(f"  {_plain(o)}")
         return 0
     msg = final.message if isinstance(final, StageFailed) else "the stage ended without a result"
-    err = Console(stderr=True)
+    err = terminal_console(stderr=True)
     if isinstance(final, StageFailed) and final.cancelled:
         err.print(f"[yellow]{_plain(msg)}[/yellow]")
         return 130
@@ -171,13 +245,18 @@ def install_stop_signals(
     runner: Runner, console: Console, exit_now: Callable[[int], Any] = os._exit
 ) -> Callable[[int], None]:
     """Ctrl+C, SIGTERM and SIGHUP: the first stops the stage after its step (as the app's
-    cancel does); the second quits at once with 130. Quitting uses ``os._exit`` after the
+    cancel does); a second Ctrl+C or SIGTERM quits at once with 130. SIGHUP (the terminal
+    closed: it often comes twice, from the kernel and from the shell or tmux) never counts as
+    a second interrupt: a closed terminal is one cancel. Quitting uses ``os._exit`` after the
     run's log and marker are settled: a normal interpreter exit would wait on (and can abort
     in) the backend's compute thread. Returns the handler (tests call it directly)."""
     count = 0
+    hup = getattr(signal, "SIGHUP", None)
 
     def on_signal(signum: int) -> None:
         nonlocal count
+        if hup is not None and signum == int(hup) and count:
+            return  # already stopping: a hang-up is not a request to quit now
         count += 1
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else ""
         if count == 1:
@@ -249,9 +328,7 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     }
     for r in rows:
         ck = r.checkpoint
-        ck_text = (
-            f"step {ck.get('step')}{'' if ck.get('finished') else ' (unfinished)'}" if ck else ""
-        )
+        ck_text = _checkpoint_text(ck)
         color = colors.get(r.state, "dim")
         table.add_row(
             str(r.number),
@@ -262,10 +339,24 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
             human_bytes(r.disk_bytes) if r.disk_bytes else "",
         )
     console.print(table)
+    registry_problem = check_registry(ws.results_dir)
+    if registry_problem:
+        console.print(f"[yellow]{_plain(registry_problem)}[/yellow]")
     for r in rows:
         if r.state in ("failed", "interrupted") and r.message:
             console.print(f"[red]{r.name}[/red]: {_plain(r.message)}")
     return 0
+
+
+def stage_name(text: str) -> str:
+    """A stage's name for ``persona run``; a typo gets the nearest name."""
+    from engine.stages import STAGES
+
+    if text in STAGES:
+        return text
+    near = difflib.get_close_matches(text, list(STAGES), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise argparse.ArgumentTypeError(f"unknown stage {text!r}{hint} (stages: {', '.join(STAGES)})")
 
 
 def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -274,24 +365,36 @@ def build_parser(extra: dict[str, Any] | None = None) -> argparse.ArgumentParser
     from engine.stages import STAGES
 
     p = argparse.ArgumentParser(
-        prog="persona", description="Personalize a language model to your writing."
+        prog="persona",
+        description="Personalize a language model to your writing. "
+        "With no command, `persona` opens the app on the workspace.",
     )
     p.add_argument(
         "-C", "--workspace", help="workspace folder (default: the nearest one holding persona.toml)"
     )
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", title="commands (none: open the app)")
     pi = sub.add_parser("init", help="create a workspace with the example data")
-    pi.add_argument("dir", nargs="?", default=".")
+    pi.add_argument("dir", nargs="?", default=".", help="the folder to create (default: here)")
     pi.add_argument("--force", action="store_true", help="overwrite existing config and data files")
     pr = sub.add_parser("run", help="run one stage")
-    pr.add_argument("stage", choices=list(STAGES), metavar="STAGE", help=" | ".join(STAGES))
-    pr.add_argument("--backend", choices=("local", "tinker"))
+    pr.add_argument("stage", type=stage_name, metavar="STAGE", help=" | ".join(STAGES))
     pr.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+        "--backend",
+        choices=("local", "tinker"),
+        help="where models run: local (this machine) or tinker (needs TINKER_API_KEY in .env); "
+        "default: persona.toml's [backend] name",
+    )
+    pr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change one persona.toml setting for this run (repeatable), e.g. sft.lr=1e-4",
     )
     pr.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     ps = sub.add_parser("status", help="show each stage's state, outputs and checkpoint")
-    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--json", action="store_true", help="print the states as JSON")
     from engine.serve import command as serve_command
 
     serve_command.add_parser(sub)
@@ -315,7 +418,7 @@ def persona_command() -> str:
 
 
 def _error(message: str) -> None:
-    Console(stderr=True).print(f"[red]{_plain(message)}[/red]")
+    terminal_console(stderr=True).print(f"[red]{_plain(message)}[/red]")
 
 
 def main(
@@ -333,7 +436,7 @@ def main(
     extra = {"crossval": crossval_cli, **(extra or {})}
     parser = build_parser(extra)
     args = parser.parse_args(argv)
-    console = Console()
+    console = terminal_console()
     ws = Workspace(Path(args.workspace)) if args.workspace else find_workspace()
     if args.command == "init":
         root = Path(args.dir) if not args.workspace else Path(args.workspace)

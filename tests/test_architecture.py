@@ -1,4 +1,5 @@
-"""ARCHITECTURE.md kept true: engine's families import one way (down the layers)."""
+"""ARCHITECTURE.md kept true: engine's families import one way (down the layers), and no
+function in engine/ or tui/ grows past what a reader can hold."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from conftest import REPO
 # Bottom to top. A module may import its own family and the families below it, never above.
 LAYERS = ["errors", "store", "backends", "run", "llm", "eval", "stages", "pipeline", "top"]
 TOP = ("cli", "serve", "crossval")  # entry points: the command line, the server, crossval
+MAX_FUNCTION_LINES = 150
 
 
 def _family(module: str) -> str | None:
@@ -58,3 +60,15 @@ def test_imports_flow_down_the_layers():
             if LAYERS.index(theirs) > LAYERS.index(mine):
                 upward.append(f"{p.relative_to(REPO)}:{line} ({mine}) imports {module} ({theirs})")
     assert upward == [], "\n".join(upward)
+
+
+def test_no_function_longer_than_a_reader_can_hold():
+    long = []
+    for folder in ("engine", "tui"):
+        for p in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{p.relative_to(REPO)}: {node.name} is {n} lines")
+    assert long == [], "\n".join(long)

@@ -110,7 +110,7 @@ def test_run_baseline_on_tiny_model(ws: Workspace, capsys):
     assert len(rows) == 10
 
 
-# -- issue 12 #12, #23, #11, issue 13 #16 -------------------------------------------------------
+# -- usage outside a workspace, status details, terminal safety, init's printed command ----------
 
 
 def test_status_outside_a_workspace_is_a_usage_error(tmp_path: Path, capsys, monkeypatch):
@@ -164,3 +164,45 @@ def test_quiet_libraries_silences_transformers_progress(monkeypatch):
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     quiet_libraries()
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_a_misspelt_stage_gets_the_nearest_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "basline"])
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "did you mean 'baseline'?" in err and "unknown stage 'basline'" in err
+
+
+def test_help_says_plain_persona_opens_the_app_and_every_option_has_help(capsys):
+    from engine.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "persona` opens the app" in " ".join(capsys.readouterr().out.split())
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"persona {name}: {action.dest} has no help text"
+
+
+def test_init_writes_env_readable_by_its_owner_only(tmp_path: Path):
+    assert main(["init", str(tmp_path / "w")]) == 0
+    assert (tmp_path / "w" / ".env").stat().st_mode & 0o777 == 0o600
+
+
+def test_loading_the_similarity_model_warns_nothing_with_hub_bars_off(monkeypatch):
+    import importlib
+    import warnings
+
+    from engine.eval.metrics import embedding
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    embedding._load.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embedding._load()
+    assert not [w for w in caught if "progress bars" in str(w.message)]

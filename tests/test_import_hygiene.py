@@ -1,5 +1,4 @@
-"""The engine never imports the app; the app does not load torch until a stage needs it
-(issue 7 §3)."""
+"""The engine never imports the app; the app does not load torch until a stage needs it."""
 
 from __future__ import annotations
 

@@ -408,6 +408,12 @@ async def test_verdict_by_logprobs_is_the_forced_choice(tiny_sampler):
                 scores.append(sum(lps[-len(target) :]))
             want = Verdict.A if scores[0] > scores[1] else Verdict.B
             assert verdict is want
+        # both orders' margins are kept, and the verdict is the calibrated one
+        assert r.combined_by == "calibrated" and r.margin_ab is not None
+        assert r.s == pytest.approx((r.margin_ab - r.margin_ba) / 2)
+        assert r.bias == pytest.approx((r.margin_ab + r.margin_ba) / 2)
+        assert r.preference == J.combine_margins(r.margin_ab, r.margin_ba)
+        assert {"m_ab", "m_ba", "s", "b", "combined_by"} <= set(r.as_dict())
 
 
 async def test_a_judge_whose_every_request_fails_raises():
@@ -418,3 +424,92 @@ async def test_a_judge_whose_every_request_fails_raises():
     judge = Judge(sampler, mode="verdict")
     with pytest.raises(JudgeUnavailable, match="connection refused"):
         await judge.judge([comparison(), comparison()])
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+PAIRS = [("short", "a much longer answer"), ("a longer one", "tiny"), ("same", "also"), ("x", "yy")]
+
+
+@pytest.mark.parametrize("bias", [3.0, -2.5, 0.0])
+async def test_calibration_recovers_the_signal_under_a_constant_slot_bias(bias):
+    """A judge with a slot bias larger than its signal: the calibrated rule recovers the
+    signal exactly (s = ±strength, b = the bias); the agreement rule ties every biased one."""
+    comps = [comparison(a, b) for a, b in PAIRS]
+    want = [PREFER_A, PREFER_B, TIE, PREFER_A]  # the shorter wins; equal lengths tie
+    calibrated = RuleJudge(slot_bias=bias, strength=0.5)
+    records = await calibrated.judge(comps)
+    assert [r.preference for r in records] == want
+    assert [r.s for r in records] == [0.5, -0.5, 0.0, 0.5]
+    assert all(r.bias == bias and r.combined_by == "calibrated" for r in records)
+    assert calibrated.stats.mean_position_bias == bias
+    assert calibrated.stats.decided_share == 3 / 4
+    agree = RuleJudge(slot_bias=bias, strength=0.5, combine="agree")
+    got = [r.preference for r in await agree.judge(comps)]
+    if bias:  # every answer names the first slot: the orders never agree
+        assert got == [TIE] * 4 and agree.stats.decided_share == 0.0
+        assert agree.stats.consistency_rate == 0.0
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("combine", ["calibrated", "agree"])
+async def test_a_judge_without_signal_ties_under_both_rules(combine):
+    judge = RuleJudge(slot_bias=3.0, strength=0.0, combine=combine)
+    records = await judge.judge([comparison(a, b) for a, b in PAIRS])
+    assert [r.preference for r in records] == [TIE] * 4
+    assert judge.stats.decided_share == 0.0 and judge.stats.mean_position_bias == 3.0
+
+
+def test_combine_margins_by_hand():
+    assert J.balanced(-10.8 + 14.2, -11.0 + 14.0) == pytest.approx((0.2, 3.2))
+    assert J.combine_margins(3.4, 3.0) == PREFER_A  # s = 0.2: A, despite "A" in both orders
+    assert J.combine_margins(3.0, 3.4) == PREFER_B
+    assert J.combine_margins(3.0, 3.02) == TIE  # |s| = 0.01 < the default tie margin
+    assert J.combine_margins(3.0, 3.02, tie_margin=0.0) == PREFER_B
+    assert J.combine_margins(1.0, 1.0, tie_margin=0.0) == TIE
+
+
+def test_sampled_verdicts_fall_back_to_agreement_and_say_so():
+    r = J.make_record("[RESULT] A", "[RESULT] A")  # no margins: a sampled verdict
+    assert r.preference == TIE and r.combined_by == "agree" and r.s is None
+    r = J.make_record("[RESULT] A", "[RESULT] B")
+    assert r.preference == PREFER_A and r.combined_by == "agree"
+    r = J.make_record("x", "y", Verdict.A, Verdict.A, margin_ab=3.0, margin_ba=2.0)
+    assert r.preference == PREFER_A and r.combined_by == "calibrated"
+    r = J.make_record("x", "y", Verdict.A, Verdict.A, margin_ab=3.0, margin_ba=2.0, combine="agree")
+    assert r.preference == TIE and r.combined_by == "agree" and r.s == 0.5
+    with pytest.raises(ValueError, match="combine"):
+        J.make_record("x", "y", combine="vote")
+
+
+def test_margin_rewards_by_hand():
+    # 0 beats 1 by 0.5 nats, 2 beats 0 by 3 nats (clipped to 1), 1 and 2 tie
+    rewards = J.margin_rewards(3, [(0, 1, 0.5), (2, 0, 3.0), (1, 2, 0.0)])
+    assert rewards == pytest.approx([(0.5 - 1.0) / 2, (-0.5 + 0.0) / 2, (1.0 + 0.0) / 2])
+    stopped = J.margin_rewards(2, [(0, 1, 0.25)], stopped=[True, False], format_penalty=1.0)
+    assert stopped == pytest.approx([0.25, -1.25])
+
+
+async def test_person_accuracy_and_plain_warnings():
+    from engine.eval import judge_trust as T
+
+    """Known answers: the person's text (short) should beat a model's (long). A judge
+    preferring shorter gets them all right; one with no signal is at chance, and the
+    warnings say in words that it cannot tell the person's writing from the model's."""
+    mine, theirs = "Hi Jo, thanks!", "Dear Jo, I am writing to express my sincere gratitude."
+    cases = {"vs_base": [(CONVO, mine, theirs)] * 6, "vs_few_shot": [], "seen_in_training": []}
+    good, stats = await T.person_accuracy(RuleJudge(slot_bias=2.0), cases, RUBRIC)
+    assert set(good) == {"vs_base"} and good["vs_base"]["value"] == 1.0
+    assert good["vs_base"]["n"] == 6 and good["vs_base"]["ci"][0] > 0.5
+    assert stats["decided_share"] == 1.0 and stats["mean_position_bias"] == 2.0
+    assert T.judge_warnings(stats, good) == []
+    blind, stats = await T.person_accuracy(RuleJudge(slot_bias=2.0, strength=0.0), cases, RUBRIC)
+    assert blind["vs_base"]["value"] == 0.5 and blind["vs_base"]["ties"] == 6
+    words = " ".join(T.judge_warnings(stats, blind))
+    assert "decided 0 of 6 comparisons" in words
+    assert "cannot tell your writing from the base model's samples" in words
+    assert "should not be trusted" in words
+    worse = {"vs_base": {"value": 0.1, "n": 20, "ci": [0.03, 0.3]}}
+    assert "prefers the base model's samples to your own text" in T.judge_warnings({}, worse)[0]

@@ -501,7 +501,7 @@ def test_positions_without_gradient_leave_the_output_layers_backward(same_length
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-# ---- speed work (issue 11): fast decoder, continuous batching, threads, dtype ----------
+# ---- speed work: fast decoder, continuous batching, threads, dtype ----------
 
 
 def _rows(rt, prompt, n, max_tokens, *, temperature=0.0, seed=0, stop_ids=frozenset()):

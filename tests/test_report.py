@@ -56,7 +56,19 @@ def _data(rubric_sha="r1"):
             "model": "tiny",
             "checkpoint": None,
             "mode": "verdict",
-            "stats": {"comparisons": 12, "unparsable_rate": 0.0},
+            "stats": {
+                "comparisons": 12,
+                "unparsable_rate": 0.0,
+                "wins_a": 5,
+                "wins_b": 5,
+                "ties": 2,
+                "decided_share": 10 / 12,
+                "mean_position_bias": 0.4,
+            },
+            "accuracy": {
+                "vs_base": {"value": 0.875, "n": 8, "ci": [0.53, 0.98]},
+                "vs_few_shot": {"value": 0.5, "n": 8, "ci": [0.22, 0.78]},
+            },
         },
         "judge_matrix": {
             "baseline": {"few-shot": _wr(0, 2, 0), "rlaif": _wr(1, 1, 0)},
@@ -140,3 +152,36 @@ def test_write_and_load_report(ws):
 
 def test_load_report_before_evaluate(ws):
     assert load_report(ws) is None
+
+
+def test_a_judge_that_decided_nothing_shows_no_win_rates():
+    """Every comparison a tie: the report says so in words, the judge and dev columns and
+    the matrix are empty, and the analysis states no win rate nor an all-clear on reward
+    hacking."""
+    data = _data()
+    data["judge"]["stats"].update(wins_a=0, wins_b=0, ties=12, decided_share=0.0)
+    data["judge"]["accuracy"] = {"vs_base": {"value": 0.5, "n": 8, "ci": [0.22, 0.78]}}
+    data["dev_win_rates"] = {"rlaif": _wr(0, 0, 4)}
+    data["reward_hacking_candidates"] = []
+    md = render_markdown(data, [], {})
+    assert "**The judge decided 0 of 12 comparisons; the rest are ties." in md
+    assert "The judge cannot tell your writing from the base model's samples" in md
+    assert "No win rates: the judge decided (almost) none of its comparisons" in md
+    row = next(line for line in md.splitlines() if line.startswith("| rlaif |"))
+    assert "%" not in row  # no judge or dev rate in the summary row
+    assert "| row vs column |" not in md
+    assert "prefers RLAIF to the base no result (the judge decided almost nothing)" in md
+    assert "on the dev prompts: no result" in md
+    assert "No sample the judge preferred was rejected" not in md
+    assert "reward hacking cannot be checked" in md
+
+
+def test_judge_statistics_and_accuracy_in_the_report():
+    md = render_markdown(_data(), [], {})
+    assert "83% decided (the rest ties), mean position bias +0.40 nats" in md
+    assert "vs the base 88% [53%–98%] n=8; vs few-shot 50% [22%–78%] n=8" in md
+    # few-shot accuracy's interval includes 0.5: said in plain words; the base's does not
+    assert "cannot tell your writing from the few-shot samples" in md
+    assert "cannot tell your writing from the base" not in md
+    # a decided judge keeps its win rates, formatted by one helper
+    assert "| base | – | 0% [10%–90%] n=2 | 50% [10%–90%] n=2 |" in md

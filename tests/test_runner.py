@@ -185,7 +185,8 @@ def test_status_lists_every_stage_and_interrupted_runs(ws: Workspace):
     (run / RUNNING_MARKER).write_text(json.dumps({"pid": 999999999}))
     sft = {s.name: s for s in stage_status(ws)}["sft"]
     assert sft.state == "interrupted" and "resume" in sft.message
-    assert len(load_run_events(run)) == 1  # the torn last line is skipped
+    started, note = load_run_events(run)  # the torn last line is named, not replayed
+    assert isinstance(started, StageStarted) and "line 2 is cut off" in note.message
 
 
 async def test_one_stage_at_a_time(ws: Workspace):
@@ -210,13 +211,15 @@ def test_last_run_event_reads_from_the_end(tmp_path):
     long_line = json.dumps(event_to_dict(LogLine("x" * 5000)))
     text = "\n".join([*lines, long_line, "", "not json", '{"type": "Metr'])  # torn tail
     (run / "events.jsonl").write_text(text)
+    *_, last, not_json, torn = load_run_events(run)  # the two bad lines become notes
+    assert "line 53 cannot be read" in not_json.message and "line 54 is cut off" in torn.message
     for block in (7, 64, 4096, 65536):  # block edges inside lines, and a line longer than a block
-        assert last_run_event(run, block=block) == load_run_events(run)[-1]
+        assert last_run_event(run, block=block) == last
     (run / "events.jsonl").write_text(lines[0])
     assert last_run_event(run, block=5) == load_run_events(run)[0]
 
 
-# -- the runner's rooms: preflight, recorder, driver (issue 7 §3, issue 13 #6, issue 12 #13) ----
+# -- the runner's rooms: preflight, recorder, driver ----
 
 
 async def test_a_broken_listener_becomes_a_log_line_on_screen(ws: Workspace):

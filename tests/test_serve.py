@@ -1,4 +1,4 @@
-"""`persona serve` driven by the real Tinker SDK over HTTP on 127.0.0.1 (issue 21): the
+"""`persona serve` driven by the real Tinker SDK over HTTP on 127.0.0.1: the
 ServiceClient -> TrainingClient -> SamplingClient flow with the in-process service's numbers,
 seq_id order, long polls, the key, bad bodies, checkpoint paths that stay under the root."""
 

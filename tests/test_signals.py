@@ -1,4 +1,4 @@
-"""Signals on the command line (issue 13 #4-#5, issue 12 #9): SIGTERM and SIGHUP act as
+"""Signals on the command line: SIGTERM and SIGHUP act as
 Ctrl+C; a second interrupt quits at once with 130 and leaves the run's files consistent."""
 
 from __future__ import annotations
@@ -116,3 +116,49 @@ def test_handler_counts_interrupts(ws: Workspace):
     assert runner._cancel.is_set() and exits == []
     handler(int(signal.SIGINT))
     assert exits == [130]
+
+
+def test_a_second_hangup_is_not_a_second_interrupt(ws: Workspace):
+    """A closed terminal delivers SIGHUP twice (kernel, then shell or tmux)."""
+    from rich.console import Console
+
+    from engine.cli import install_stop_signals
+    from engine.pipeline.runner import Runner
+
+    runner = Runner(ws)
+    exits: list[int] = []
+    handler = install_stop_signals(runner, Console(file=open(os.devnull, "w")), exits.append)  # noqa: SIM115
+    handler(int(signal.SIGHUP))
+    handler(int(signal.SIGHUP))
+    assert runner._cancel.is_set() and exits == []
+    handler(int(signal.SIGTERM))  # a real second interrupt still quits
+    assert exits == [130]
+
+
+def test_output_to_a_dead_terminal_is_dropped_not_raised(tmp_path: Path):
+    import errno
+
+    from engine.cli import TerminalStream
+
+    class Dead:
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            raise OSError(errno.EBADF, "no fd")  # nothing of this process is redirected
+
+    dead = Dead()
+    stream = TerminalStream(dead)
+    assert stream.write("stopping after the current step\n") == 32
+    stream.flush()
+    assert stream.write("more") == 4 and dead.writes == 1  # dropped from the first failure on
+    assert stream.gone and not stream.isatty()

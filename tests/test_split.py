@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from engine.store.settings import DataConfig
-from engine.store.split import holdout_count, read_record, set_holdout, split_demos, workspace_split
+from engine.store.split import (
+    HoldoutError,
+    Record,
+    holdout_count,
+    read_record,
+    set_holdout,
+    split_demos,
+    workspace_split,
+)
 from engine.store.workspace import Workspace
 
 
@@ -43,9 +53,12 @@ def test_stable_under_additions_and_edits():
             d["output"] = "edited text"
     again = split_demos(more, -1, 0, record)
     assert [d["input"] for d in again.holdout] == [d["input"] for d in first.holdout]
-    # delete one held-out demo: the gap is filled by the rule, the other stays
+    # delete one held-out demo: an error names it; once it is taken out of the
+    # record as well, the gap is filled by the rule and the other stays
     fewer = [d for d in base if d["input"] != first.holdout[0]["input"]]
-    filled = split_demos(fewer, -1, 0, record)
+    with pytest.raises(HoldoutError, match="Request number"):
+        split_demos(fewer, -1, 0, record)
+    filled = split_demos(fewer, -1, 0, Record(record.inputs[1:]))
     assert first.holdout[1] in filled.holdout and len(filled.holdout) == 2
 
 

@@ -12,7 +12,7 @@ from conftest import needs_backend
 from engine.eval import evaluation as ev
 from engine.eval.metrics.likelihood import Nll
 from engine.pipeline.runner import Runner
-from engine.run.events import Metric, Progress, SampleProduced, StageFailed, StageFinished
+from engine.run.events import LogLine, Metric, Progress, SampleProduced, StageFailed, StageFinished
 from engine.stages.evaluate import JUDGE_CHUNK
 from engine.store.config import load_config
 from engine.store.results import append_preference, preference_record
@@ -261,9 +261,23 @@ async def test_evaluate_after_sft(ws: Workspace):
     ]
     assert sum(j["set"] == "heldout" for j in judgements) == 24
     assert sum(j["set"] == "dev" for j in judgements) == 3
+    for j in judgements:  # both orders' margins, the balanced preference and the bias
+        assert j["combined_by"] == "calibrated"
+        assert j["s"] == pytest.approx((j["m_ab"] - j["m_ba"]) / 2)
+        assert j["b"] == pytest.approx((j["m_ab"] + j["m_ba"]) / 2)
+    stats = data["judge"]["stats"]
+    assert stats["comparisons"] == 27 and stats["mean_position_bias"] is not None
+    assert stats["decided_share"] == (stats["wins_a"] + stats["wins_b"]) / 27
+    # the judge's accuracy: the person's held-out text against the base and few-shot samples
+    acc = data["judge"]["accuracy"]
+    assert acc["vs_base"]["n"] <= 4 and acc["vs_few_shot"]["n"] <= 4 and acc["vs_base"]["n"]
+    assert isinstance(data["judge"]["warnings"], list)
     # judging reports progress batch by batch, not once at the end
     judged = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: judging"]
     assert judged == [0, JUDGE_CHUNK, 27]
+    # the dev samples move per request finished (4 methods x 1 dev prompt), not once at the end
+    dev = [e.done for e in events if isinstance(e, Progress) and e.label == "evaluate: dev samples"]
+    assert dev == [0, 1, 2, 3, 4]
     assert data["judge_matrix"]["sft"]["baseline"]["n"] == 4
     assert set(data["dev_win_rates"]) == {"prompting", "few-shot", "sft"}
     assert data["human"]["n_picks"] == 1 and data["human"]["agreement"]["n"] == 1
@@ -337,3 +351,46 @@ async def test_evaluate_flags_a_checkpoint_trained_with_another_split(ws: Worksp
     assert by["sft"]["split_changed"] is True and "split_changed" not in by["baseline"]
     report = ws.result("report.md").read_text()
     assert f"| SFT {ev.SPLIT_CHANGED_MARK} |" in report
+
+
+@needs_backend
+async def test_evaluate_measures_the_finished_run_while_a_retrain_is_unfinished(
+    ws: Workspace, monkeypatch
+):
+    """A retrain that died (say, a full disk) leaves [sft] at its step-2 checkpoint while the
+    stage's results are still the finished run's: evaluate measures that finished run, says so,
+    and records which one it measured."""
+    import engine.stages.sft as sft_stage
+    from engine.store.checkpoints import latest_checkpoint
+
+    _write_synth(ws)
+    done = await Runner(ws).run("sft", ["sft.steps=2", "sft.sample_after=false"])
+    assert isinstance(done, StageFinished), done
+    finished = latest_checkpoint(ws.results_dir, "sft")
+    real = sft_stage.supervised_step
+    calls = {"n": 0}
+
+    async def dies_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated disk full")
+        return await real(*a, **k)
+
+    monkeypatch.setattr(sft_stage, "supervised_step", dies_at_step_3)
+    retrain = ["sft.steps=4", "sft.lr=0.01", "sft.sample_after=false", "sft.checkpoint_every=2"]
+    assert isinstance(await Runner(ws).run("sft", retrain), StageFailed)
+    monkeypatch.undo()
+    entry = latest_checkpoint(ws.results_dir, "sft")
+    assert entry["finished"] is False and entry["step"] == 2
+    assert entry["last_finished"]["sampler_path"] == finished["sampler_path"]
+
+    quick = ["evaluate.samples=1", "evaluate.max_tokens=4", "evaluate.dev_prompts=0"]
+    quick += ["evaluate.judge=false", "evaluate.embedding=false"]
+    events = [e async for e in Runner(ws).run_stage("evaluate", quick)]
+    assert isinstance(events[-1], StageFinished), events[-1]
+    assert any(
+        isinstance(e, LogLine) and "sft: its latest run is unfinished" in e.message for e in events
+    )
+    data = json.loads(ws.result("evaluation.json").read_text())
+    sft = next(m for m in data["methods"] if m["name"] == "sft")
+    assert sft["sampler_path"] == finished["sampler_path"] and sft["step"] == 2

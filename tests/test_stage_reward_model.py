@@ -95,10 +95,11 @@ async def test_reward_model_trains_validates_and_reuses(ws: Workspace):
     _write_outputs(ws, "baseline_results.json", "baseline")
     _write_outputs(ws, "prompt_engineering_results.json", "prompted")
     _write_outputs(ws, "sft_model_outputs.json", "sft")
+    short = ["sampling.max_tokens=12"]  # the accuracy samples: the tiny model never stops
     first = ws.load_demos()[0]["input"]
     append_preference(ws.results_dir, preference_record(first, "sft", "baseline", "a"))
 
-    final = await Runner(ws).run("reward-model")
+    final = await Runner(ws).run("reward-model", short)
     assert isinstance(final, StageFinished), final
     entry = latest_checkpoint(ws.results_dir, "reward-model")
     assert entry["finished"] and entry["step"] == 3 and entry["mode"] == "verdict"
@@ -113,9 +114,33 @@ async def test_reward_model_trains_validates_and_reuses(ws: Workspace):
     assert summary["baseline_wins"] + summary["sft_wins"] + summary["ties"] == len(records)
     assert summary["human"]["count"] == 1
     assert records[0]["human_pick"] == PREFER_B  # the person picked the SFT output
+    # every record keeps both orders' margins, the calibrated preference and the bias
+    for r in records:
+        assert r["combined_by"] == "calibrated"
+        assert r["s"] == pytest.approx((r["m_ab"] - r["m_ba"]) / 2)
+        assert r["b"] == pytest.approx((r["m_ab"] + r["m_ba"]) / 2)
+    assert 0.0 <= summary["decided_share"] <= 1.0 and summary["mean_position_bias"] is not None
+    # the judge's accuracy on held-out demonstrations, for the base and the trained judge:
+    # 2 held-out requests x 4 samples against the base and against few-shot; the pairs it
+    # trained on (3 stages' samples on the 6 training demonstrations whose pairs are not
+    # kept aside for the live metric) as "seen in training"
+    acc = summary["accuracy"]
+    assert acc["n_heldout_requests"] == 2
+    for judge in ("base", "trained"):
+        assert acc[judge]["vs_base"]["n"] == 8 and acc[judge]["vs_few_shot"]["n"] == 8
+        assert acc[judge]["seen_in_training"]["n"] == 18
+        for cell in (acc[judge][k] for k in ("vs_base", "vs_few_shot", "seen_in_training")):
+            low, high = cell["ci"]
+            assert low <= cell["value"] <= high
+    cached = json.loads(ws.result("judge_accuracy_samples.json").read_text())
+    held = {d["input"] for d in workspace_split(ws, load_config(ws.config_path).data).holdout}
+    assert {r["input"] for r in cached["rows"]} == held  # only held-out requests
+    # the random tiny judge cannot tell anything apart: said in plain words
+    assert any("cannot tell your writing" in w for w in summary["warnings"])
+    assert "do not trust this judge" in final.summary
 
     # a rerun (e.g. after a kill during validation) reuses the finished training
-    final2 = await Runner(ws).run("reward-model")
+    final2 = await Runner(ws).run("reward-model", [*short, "reward_model.validate=false"])
     assert isinstance(final2, StageFinished), final2
     assert (
         latest_checkpoint(ws.results_dir, "reward-model")["sampler_path"] == entry["sampler_path"]
@@ -150,7 +175,7 @@ def _ctx(ws: Workspace):
 async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
     """A trained judge is recorded; a reward-model run with train = false marks the entry
     use_base, so open_judge (rlaif, evaluate) takes the base judge; training again clears it."""
-    from engine.stages.reward_model import _rm_entry
+    from engine.stages.reward_model import trained_judge_entry
     from engine.store.checkpoints import record_checkpoint
 
     ctx = _ctx(ws)
@@ -159,7 +184,7 @@ async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
         backend=ctx.backend, mode="verdict", fingerprint="f",
     )  # fmt: skip
     record_checkpoint(ws.results_dir, "reward-model", **trained)
-    assert _rm_entry(ctx)["sampler_path"] == "/somewhere/final"
+    assert trained_judge_entry(ctx)["sampler_path"] == "/somewhere/final"
 
     final = await Runner(ws).run(
         "reward-model", ["reward_model.train=false", "reward_model.validate=false"]
@@ -168,11 +193,11 @@ async def test_train_false_makes_later_stages_use_the_base_judge(ws: Workspace):
     entry = latest_checkpoint(ws.results_dir, "reward-model")
     assert entry["use_base"] is True
     assert {k: entry[k] for k in trained} == trained  # the other fields stay
-    assert _rm_entry(ctx) is None
+    assert trained_judge_entry(ctx) is None
 
     # a trained run (here: the reuse of a finished training) clears it
     record_checkpoint(ws.results_dir, "reward-model", use_base=False)
-    assert _rm_entry(ctx)["sampler_path"] == "/somewhere/final"
+    assert trained_judge_entry(ctx)["sampler_path"] == "/somewhere/final"
 
 
 async def test_validate_only_checks_the_files_before_loading_the_judge(ws: Workspace, monkeypatch):

@@ -78,7 +78,7 @@ async def test_rule_judge_rl_makes_samples_shorter(ws: Workspace):
     chars = [v for _, v in _metrics(ws, "rl/sample_chars")]
     assert len(chars) == 16
     first, last = sum(chars[:3]) / 3, sum(chars[-3:]) / 3
-    # Seeded. RL at this scale is chaotic in detail: with the sampler of issue 11, rlaif.seed
+    # Seeded. RL at this scale is chaotic in detail: with the current sampler, rlaif.seed
     # 0-3 went from about 80 characters to 0.74 / 0.45 / 0.30 / 0.46 of that, so the bound
     # is loose; a policy that does not learn stays near 80.
     assert last < 0.7 * first, chars
@@ -137,7 +137,17 @@ async def test_judge_path_writes_every_file_and_resumes(ws: Workspace):
     assert entry2["finished"] and entry2["step"] == 3
     steps = [s for s, _ in _metrics(ws, "rl/reward")]
     assert steps == sorted(set(steps)) and steps[-1] == 3  # no step trained twice
-    assert [s for s, _ in _metrics(ws, "dev/win_rate")][-1] in (2, 3)
+    # the dev evaluation ran; the random tiny judge decides (almost) nothing, and then the
+    # log says so instead of showing a win rate of ties
+    dev = [
+        e.message
+        for run in list_runs(ws, "rlaif")
+        for e in load_run_events(run)
+        if getattr(e, "message", "").startswith("dev @ step ")
+    ]
+    assert dev and dev[-1].split()[3].rstrip(":") in ("2", "3"), dev
+    rates = _metrics(ws, "dev/win_rate")
+    assert all("no win rate" in m for m in dev) if not rates else rates[-1][0] in (2, 3)
     rows = read_method_outputs(ws.result("rl_model_outputs.json")).rows
     assert len(rows) == len(ws.load_demos())
     assert set(rows[0]) == {"input", "expected_output", "output"}
@@ -172,3 +182,50 @@ async def test_rerun_after_a_finished_training_only_samples(ws: Workspace):
     assert latest_checkpoint(ws.results_dir, "rlaif")["sampler_path"] == entry["sampler_path"]
     rows = read_method_outputs(ws.result("rl_model_outputs.json")).rows
     assert len(rows) == len(ws.load_demos())
+
+
+async def test_rule_judge_rl_learns_through_a_constant_slot_bias(ws: Workspace, monkeypatch):
+    """The rule judge again, now answering "A" in both orders every time (a slot bias of 3
+    nats above a 1-nat signal, like the small model judges): under the agreement rule every
+    matchup would tie; with calibrated margins the policy still learns to be shorter."""
+    import functools
+
+    from engine.llm.judge import RuleJudge
+    from engine.stages import rlaif
+
+    monkeypatch.setattr(rlaif, "RuleJudge", functools.partial(RuleJudge, slot_bias=3.0))
+    # no format penalty: the judge is the only source of reward (with the agreement rule
+    # every step logs "every group tied; no update" and the length stays put)
+    ws.config_path.write_text(
+        ws.config_path.read_text()
+        + RULE_TOML.format(steps=16, lr=0.05, ckpt=0)
+        + "seed = 1\nformat_penalty = 0.0\n"
+    )
+    _write_prompts(ws)
+    final = await Runner(ws).run("rlaif")
+    assert isinstance(final, StageFinished), final
+    chars = [v for _, v in _metrics(ws, "rl/sample_chars")]
+    assert len(chars) == 16
+    # seeded: 82 -> 57 characters here; under reward_model.combine = "agree" the same run
+    # ties every matchup, trains no step and stays at 78-83
+    assert sum(chars[-3:]) / 3 < 0.8 * sum(chars[:3]) / 3, chars
+    assert {v for _, v in _metrics(ws, "rl/position_bias")} == {3.0}
+    assert {v for _, v in _metrics(ws, "rl/position_consistency")} == {0.0}
+    ties = [v for _, v in _metrics(ws, "rl/tie_rate")]
+    assert sum(ties) / len(ties) <= 0.5, ties  # only equal lengths tie
+
+
+def test_no_dev_win_rate_when_the_judge_decided_nothing():
+    from engine.llm.judge import TIE, make_record
+    from engine.stages.rlaif import _dev_result
+
+    ties = [make_record("[RESULT] A", "[RESULT] A", margin_ab=3.0, margin_ba=3.0)] * 8
+    (line,) = _dev_result(4, ties)
+    assert ties[0].preference == TIE
+    assert "decided 0 of 8" in line.message and "no win rate" in line.message
+    decided = [make_record("x", "y", margin_ab=3.5, margin_ba=2.5)] * 8  # s = 0.5: current
+    events = _dev_result(4, decided)
+    assert [e.name for e in events if isinstance(e, Metric)] == [
+        "dev/win_rate", "dev/win_rate_low", "dev/win_rate_high"
+    ]  # fmt: skip
+    assert events[0].value == 1.0

@@ -1,5 +1,5 @@
 """The Tinker path with an SDK-shaped fake (no network): renderers, hub, errors, retries,
-bounded connection, threads, TTLs, resume checks (issue 7 §4, issue 13 #12). What a real
+bounded connection, threads, TTLs, resume checks. What a real
 server can show (a refused key, metadata, sessions finished, resume, a lost server) runs
 with the real SDK against `persona serve` in test_serve*.py; the fakes here stand for what
 only Tinker's own service does (billing, rate limits, an expired checkpoint)."""

@@ -192,3 +192,16 @@ def test_an_unfinished_retrain_keeps_the_finished_run_recorded(ws: Workspace, tm
     fresh.record("local:///new-final", "local:///new-final-state", "final", True)
     entry = latest_checkpoint(ws.results_dir, "rlaif")
     assert entry and entry["finished"] is True and "last_finished" not in entry
+
+
+def test_status_names_the_finished_run_behind_an_unfinished_retrain(ws: Workspace):
+    from engine.cli import _checkpoint_text
+    from engine.store.checkpoints import latest_checkpoint
+
+    _finish(rlaif.train_run_for(_ctx(ws), ROWS, None, True))
+    assert _checkpoint_text(latest_checkpoint(ws.results_dir, "rlaif")) == "step 8"
+    fresh = rlaif.train_run_for(_ctx(ws, {"rlaif.lr": 0.5}), ROWS, None, True)
+    fresh.step = 2
+    fresh.record("local:///new-2", "local:///new-2-state", "step-000002", False)
+    text = _checkpoint_text(latest_checkpoint(ws.results_dir, "rlaif"))
+    assert text == "step 2 (unfinished); results are from the finished run at step 8"

@@ -197,3 +197,32 @@ async def test_rlaif_cancel_stops_before_the_next_phase(ws: Workspace, monkeypat
     events = [e async for e in runner.run_stage("rlaif", [])]
     assert isinstance(events[-1], StageFailed) and events[-1].cancelled, events[-1]
     assert judged["n"] == 0 and not _steps(events, "rl/reward")
+
+
+async def test_ditto_with_a_torn_replay_buffer_stops_naming_the_file(ws: Workspace, monkeypatch):
+    """A truncated runs/ditto-*/ditto_buffer.json never makes a rerun quietly start over (a
+    finished round's checkpoint thrown away): it stops, names the file and says what to do."""
+    from pathlib import Path
+
+    import engine.stages.ditto as ditto_stage
+
+    real_draw = ditto_stage.draw_pairs
+
+    def dies_in_round_2(demos, buffer, current_round, *a, **k):
+        if current_round == 2:
+            raise RuntimeError("simulated kill")
+        return real_draw(demos, buffer, current_round, *a, **k)
+
+    monkeypatch.setattr(ditto_stage, "draw_pairs", dies_in_round_2)
+    first = [e async for e in Runner(ws).run_stage("ditto", DITTO_ARGS)]
+    assert isinstance(first[-1], StageFailed)
+    monkeypatch.undo()
+    entry = latest_checkpoint(ws.results_dir, "ditto")
+    buffer = Path(entry["buffer_path"])
+    buffer.write_text(buffer.read_text()[:40])  # torn mid-write
+    rerun = [e async for e in Runner(ws).run_stage("ditto", DITTO_ARGS)]
+    assert isinstance(rerun[-1], StageFailed), rerun[-1]
+    message = rerun[-1].message
+    assert "ditto_buffer.json" in message and "ditto.resume=false" in message
+    assert not _steps(rerun, "ditto/dpo_loss") and not _steps(rerun, "ditto/sft_loss")
+    assert latest_checkpoint(ws.results_dir, "ditto")["round"] == 1  # the round-1 work is kept

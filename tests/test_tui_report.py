@@ -15,7 +15,8 @@ from engine.run.events import StageFinished
 from engine.store.results import EVALUATION_SAMPLES_FILE, write_evaluation, write_evaluation_rows
 from engine.store.workspace import Workspace
 from tui.app import create_app
-from tui.common import EngineEvent, focus_now
+from tui.dialogs import focus_now
+from tui.messages import EngineEvent
 
 SIZE = (80, 24)
 METHODS = ("baseline", "prompting", "sft")
@@ -112,6 +113,28 @@ def screen_text(app) -> str:
     )
 
 
+class Summary:
+    """The summary, split into tables that fit the width: a cell looked up in whichever holds
+    its column."""
+
+    def __init__(self, app) -> None:
+        self.tables = list(app.query(".report-summary").results(DataTable))
+
+    @property
+    def row_count(self) -> int:
+        return self.tables[0].row_count
+
+    @property
+    def rows(self):
+        return self.tables[0].rows
+
+    def get_cell(self, row: str, column: str):
+        for t in self.tables:
+            if column in t.columns:
+                return t.get_cell(row, column)
+        raise KeyError(column)
+
+
 async def open_report(app, pilot) -> None:
     await app.wait_ready()
     await pilot.press("f5", "p")
@@ -140,7 +163,7 @@ async def test_report_tables_answers_and_refresh(ws: Workspace):
         rep = load_report(ws)
         assert rep is not None
 
-        summary = app.query_one("#report-summary", DataTable)
+        summary = Summary(app)
         assert summary.row_count == 3
         for m in METHODS:
             assert summary.get_cell(m, "__method__").plain == LABELS[m]
@@ -178,19 +201,26 @@ async def test_report_tables_answers_and_refresh(ws: Workspace):
         # → changes the request (the report scroll has the focus), and the selector follows
         await pilot.press("right")
         await pilot.pause()
-        assert app.compare.report_index == 1
+        assert app.compare.report_view.report_index == 1
         assert app.query_one("#report-request", Select).value == 1
         assert "Jo! That cake." in str(person.render())
         assert "base answer 1 to request 2" in str(answers.render())
         # the selector changes it back
         app.query_one("#report-request", Select).value = 0
-        await until(pilot, lambda: app.compare.report_index == 0)
+        await until(pilot, lambda: app.compare.report_view.report_index == 0)
         assert "Friday instead?" in str(person.render())
         assert "No blind A/B picks" in str(app.query_one("#report-notes", Static).render())
 
-        # at 80x24: the header of the summary is not wrapped, the method column stays
+        # at 80x24: the header of the summary is not wrapped, the method column stays, and
+        # every column of every summary table lies within the screen
         text = screen_text(app)
         assert "Report ·" in text and "method" in text and "NLL ↓" in text
+        assert len(summary.tables) > 1
+        for table in summary.tables:
+            assert table.virtual_size.width <= table.scrollable_content_region.width
+            assert "__method__" in table.columns
+        keys = [k for t in summary.tables for k in t.columns if k != "__method__"]
+        assert sorted(keys) == sorted(k for k, _h, _b in rep.columns)
 
 
 @needs_backend
@@ -224,7 +254,7 @@ async def test_evaluate_launched_from_train_tab_fills_the_report(ws: Workspace):
         assert rep is not None
         await pilot.press("f5")
         await pilot.pause()
-        summary = app.query_one("#report-summary", DataTable)
+        summary = Summary(app)
         assert [str(k.value) for k in summary.rows] == [r["method"] for r in rep.rows]
         assert [r["method"] for r in rep.rows] == ["baseline", "prompting", "few-shot"]
         best = [(r["method"], k) for r in rep.rows for k in r["best"]]
@@ -238,7 +268,7 @@ async def test_evaluate_launched_from_train_tab_fills_the_report(ws: Workspace):
         focus_now(app.compare.default_focus())
         await pilot.press("right")
         await pilot.pause()
-        assert app.compare.report_index == 1
+        assert app.compare.report_view.report_index == 1
         assert rep.requests[1]["input"] in str(app.query_one("#report-input", Static).render())
         person = str(app.query_one("#report-person", Static).render())
         assert rep.requests[1]["person"].split("\n")[0].strip() in person

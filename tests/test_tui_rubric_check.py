@@ -39,7 +39,17 @@ async def test_f10_checks_the_edited_rubric_and_shows_verdicts(ws: Workspace):
         text = str(shown.render())
         assert "Judge check of this rubric" in text, text
         assert "judge:" in text
-    data = json.loads(ws.result("rm_validation.json").read_text(encoding="utf-8"))
+        # the judge's statistics and its accuracy on held-out demonstrations, and in words
+        # that this (random) judge cannot be trusted
+        assert "decided " in text and "mean position bias" in text, text
+        assert "judge prefers your own text: held-out vs base" in text, text
+        assert "cannot tell your writing" in text, text
+    # the check writes only under results/scratch/: no rm_validation.json of the stage's
+    # own, no reward-model run
+    assert not ws.result("rm_validation.json").exists()
+    assert not list(ws.runs_dir.glob("reward-model*"))
+    assert list((ws.results_dir / "scratch" / "runs").glob("reward-model*"))
+    data = json.loads((ws.results_dir / "scratch" / "rm_validation.json").read_text("utf-8"))
     demos = json.loads(ws.demos_path.read_text(encoding="utf-8"))
     assert len(data["records"]) == len(demos)
     assert data["summary"]["rubric_sha"] == hashlib.sha256(b"Shorter is better.").hexdigest()[:12]

@@ -94,3 +94,10 @@ def write_past_run(ws: Workspace, stage: str = "sft", steps: int = 5) -> Path:
         "".join(json.dumps(event_to_dict(e)) + "\n" for e in events), encoding="utf-8"
     )
     return run
+
+
+def screen_text(app) -> str:
+    """Every visible line of the screen as plain text (what a person sees)."""
+    return "\n".join(
+        "".join(seg.text for seg in strip) for strip in app.screen._compositor.render_strips()
+    )

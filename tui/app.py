@@ -24,15 +24,16 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from engine.pipeline.runner import Runner
 from engine.run.events import StageFailed
 from engine.store.workspace import Workspace, find_workspace
-from tui.common import (
-    CancelRequested,
-    ConfirmScreen,
-    EngineEvent,
-    LaunchRequested,
-    focus_now,
-)
 from tui.compare import ComparePane
 from tui.demos import DemosPane
+from tui.dialogs import ConfirmScreen, focus_now
+from tui.messages import (
+    CancelRequested,
+    EngineEvent,
+    FilesChanged,
+    LaunchRequested,
+    RunState,
+)
 from tui.prompts import PromptsPane
 from tui.synthetic import SyntheticPane
 from tui.train import TrainPane
@@ -174,8 +175,9 @@ class PersonaApp(App[None]):
         self.runner = runner or Runner(workspace)
         self.active_runner = self.runner  # the one running now (a scratch try has its own)
         self.compare_seed = compare_seed
-        self.running_stage: str | None = None  # the one place that says what is running
+        self._stage_name: str | None = None  # the one place that says what is running
         self.stopping = False  # cancel asked, the stage has not ended yet
+        self.running_source = ""  # the pane that asked for it
         self.last_final: Any = None
         self._stage_done = asyncio.Event()
         self._preloaded = asyncio.Event()
@@ -194,7 +196,7 @@ class PersonaApp(App[None]):
             with TabPane("Synthetic F3", id="synthetic"):
                 yield SyntheticPane(self.ws, id="synthetic-pane")
             with TabPane("Train F4", id="train"):
-                yield TrainPane(self.ws, id="train-pane")
+                yield TrainPane(self.ws, self.default_overrides, id="train-pane")
             with TabPane("Compare F5", id="compare"):
                 yield ComparePane(self.ws, id="compare-pane", seed=self.compare_seed)
         yield Footer(compact=True)
@@ -217,6 +219,11 @@ class PersonaApp(App[None]):
     def _preload_done(self) -> None:
         self._preloaded.set()
         self.train.refresh_stages()
+        from engine.store.checkpoints import check_registry
+
+        registry_problem = check_registry(self.ws.results_dir)  # every tab reads it
+        if registry_problem:
+            self.notify_plain(registry_problem, severity="warning", timeout=30)
 
     async def wait_ready(self, timeout: float | None = 60) -> None:
         """Wait until the engine's heavy modules are loaded (the Train tab lists stages then)."""
@@ -371,7 +378,32 @@ class PersonaApp(App[None]):
     @on(LaunchRequested)
     def _launch_requested(self, message: LaunchRequested) -> None:
         message.stop()
-        self.launch_stage(message.stage, message.overrides, message.source)
+        self.launch_stage(message.stage, message.overrides, message.source, message.workspace)
+
+    @on(FilesChanged)
+    def _files_changed(self, message: FilesChanged) -> None:
+        """A pane changed or re-read a file others show: pass it down to them."""
+        message.stop()
+        for pane in (self.prompts, self.compare, self.train):
+            down = FilesChanged(*message.what)
+            down.bubble = False  # down only: it must not come back up here
+            pane.post_message(down)
+
+    # -- what runs: state down ---------------------------------------------------
+    @property
+    def running_stage(self) -> str | None:
+        return self._stage_name
+
+    @running_stage.setter
+    def running_stage(self, name: str | None) -> None:
+        self._stage_name = name
+        self.stopping = False
+        self._tell_run_state()
+
+    def _tell_run_state(self) -> None:
+        with contextlib.suppress(Exception):  # the app may be closing
+            for pane in (self.train, self.prompts):
+                pane.post_message(RunState(self._stage_name, self.stopping, self.running_source))
 
     @on(CancelRequested)
     def _cancel_requested(self, message: CancelRequested) -> None:
@@ -383,10 +415,11 @@ class PersonaApp(App[None]):
         name: str,
         overrides: list[str] | None = None,
         source: str = "",
-        runner: Runner | None = None,
+        workspace: Workspace | None = None,
     ) -> bool:
         """Start stage ``name`` in a worker; its events come back as EngineEvent messages.
-        ``runner``: another view of the workspace (the Prompts tab's scratch "try it")."""
+        ``workspace``: another view of the workspace (the Prompts tab's scratch "try it"),
+        run with the same stages and service."""
         if self.running_stage:
             self.notify_plain(
                 f"{self.running_stage} is running; cancel it (x in Train) or wait.",
@@ -396,12 +429,12 @@ class PersonaApp(App[None]):
         if name == "demos" and self.demos.dirty:
             self.demos.save()
         self.synthetic.save()
+        self.running_source = source
         self.running_stage = name
-        self.stopping = False
-        self.active_runner = runner or self.runner
+        self.active_runner = self.runner
         self._stage_done.clear()
         self.run_worker(
-            self._drive(self.active_runner, name, [*self.default_overrides, *(overrides or [])]),
+            self._drive(name, [*self.default_overrides, *(overrides or [])], workspace),
             name=f"stage-{name}",
             group="stage",
             exit_on_error=False,
@@ -410,23 +443,29 @@ class PersonaApp(App[None]):
             self.notify_plain(f"running {name} (see the Train tab)", timeout=3)
         return True
 
-    async def _drive(self, runner: Runner, name: str, overrides: list[str]) -> None:
+    async def _drive(self, name: str, overrides: list[str], workspace: Workspace | None) -> None:
         final = None
         try:
             await self._preloaded.wait()  # heavy imports happen off the event loop
-            async for ev in runner.run_stage(name, overrides):
+            if workspace is not None:  # the same stages and service, another view
+                self.active_runner = Runner(
+                    workspace,
+                    listeners=self.runner.listeners,
+                    service_factory=self.runner.service_factory,
+                    stages=self.runner.stages,
+                )
+                if self.stopping:
+                    self.active_runner.cancel()
+            async for ev in self.active_runner.run_stage(name, overrides):
                 final = ev
                 self.dispatch_event(ev)
         except Exception as e:  # never let a stage take the app down
             final = StageFailed(stage=name, message=f"{name} failed: {type(e).__name__}: {e}")
             self.dispatch_event(final)
         finally:
-            self.running_stage = None
-            self.stopping = False
             self.last_final = final
+            self.running_stage = None  # the panes hear it (RunState) and read the rows again
             self._stage_done.set()
-            with contextlib.suppress(Exception):  # the app may be closing
-                self.train.refresh_stages()
 
     def dispatch_event(self, ev: Any, replay: bool = False) -> None:
         for pane in (self.train, self.synthetic, self.prompts, self.compare):
@@ -442,7 +481,7 @@ class PersonaApp(App[None]):
         if self.running_stage:
             self.active_runner.cancel()
             self.stopping = True
-            self.train.show_stopping()  # "stopping…" on the stage's row at once
+            self._tell_run_state()  # "stopping…" on the stage's row at once
             if not quiet:
                 self.notify_plain(
                     f"stopping {self.running_stage}: it keeps what it has done…", timeout=3

@@ -11,14 +11,16 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
 from engine.store.workspace import Workspace, WorkspaceError, validate_demos
-from tui.common import ConfirmScreen, PairEditScreen, cell, focus_now, plain, read_demos
+from tui.dialogs import ConfirmScreen, PairEditScreen, focus_now
+from tui.messages import FilesChanged
+from tui.text import cell, plain, read_demos
 
 HELD = "held out"
 
 
 def holdout_for(ws: Workspace, demos: list[dict[str, str]]) -> tuple[frozenset[int], str]:
     """Which rows of ``demos`` (as shown, maybe unsaved) are held out, by the engine's rule
-    (engine/store/split.py: split_demos with the recorded choice), and a problem if it can't say."""
+    (engine/split.py: split_demos with the recorded choice), and a problem if it can't say."""
     try:
         from engine.store.split import read_record, split_demos
 
@@ -47,10 +49,10 @@ class DemosPane(Vertical):
         Binding(
             "u",
             "undo",
-            "Undo delete",
+            "Undo",
             id="demos.undo",
             show=False,
-            tooltip="Bring back the demonstration deleted last",
+            tooltip="Undo the last add, edit, delete or move",
         ),
         Binding(
             "h",
@@ -93,7 +95,8 @@ class DemosPane(Vertical):
         self.load_error = ""
         self.held: frozenset[int] = frozenset()
         self.holdout_note = ""
-        self.deleted: list[tuple[int, dict[str, str]]] = []  # for undo, last one last
+        self.saved: list[dict[str, str]] = []  # as on disk: "unsaved" means different from it
+        self.history: list[tuple[list[dict[str, str]], int]] = []  # (demos, cursor) for undo
 
     def compose(self) -> ComposeResult:
         yield Static(id="demos-status", classes="status-line")
@@ -111,16 +114,19 @@ class DemosPane(Vertical):
         yield Static(id="demos-problems", classes="problems")
 
     def on_mount(self) -> None:
-        self.load()
+        self.load(announce=False)
 
     # -- data ----------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, announce: bool = True) -> None:
         """Read data/data.json as it is (even when invalid, so the problems can be fixed here)."""
         demos, self.load_error = read_demos(self.ws)
         self.demos = demos
+        self.saved = [dict(d) for d in demos]
         self.dirty = False
-        self.deleted = []
+        self.history = []
         self.refresh_table()
+        if announce:
+            self.post_message(FilesChanged("demos"))  # Compare and Prompts read it again
 
     def problems(self) -> tuple[list[str], set[int]]:
         """Every validation problem, and the rows they are about."""
@@ -145,8 +151,10 @@ class DemosPane(Vertical):
             self.app.notify_plain("\n".join(e.problems[:4]), title="Not saved", severity="error")
             self.refresh_table()
             return False
+        self.saved = [dict(d) for d in self.demos]
         self.dirty = False
         self.refresh_table()
+        self.post_message(FilesChanged("demos"))
         self.app.notify_plain(f"Saved {self.ws.rel(self.ws.demos_path)}", timeout=2)
         return True
 
@@ -221,8 +229,12 @@ class DemosPane(Vertical):
         focus_now(self.default_focus())
 
     # -- actions -------------------------------------------------------------
+    def _remember(self) -> None:
+        """Keep the demonstrations as they are now, for u (before every change)."""
+        self.history.append(([dict(d) for d in self.demos], self._cursor()))
+
     def _changed(self, cursor: int | None = None) -> None:
-        self.dirty = True
+        self.dirty = self.demos != self.saved  # typed back to what is saved: not unsaved
         self.refresh_table(cursor)
 
     def _cursor(self) -> int:
@@ -245,6 +257,7 @@ class DemosPane(Vertical):
 
         def done(result: tuple[str, str] | None) -> None:
             if result:
+                self._remember()
                 self.demos.append({"input": result[0], "output": result[1]})
                 self._changed(len(self.demos) - 1)
 
@@ -261,6 +274,7 @@ class DemosPane(Vertical):
                 self.demos[i]["input"],
                 self.demos[i]["output"],
             ):
+                self._remember()
                 self.demos[i] = {"input": result[0], "output": result[1]}
                 self._changed(i)
 
@@ -276,7 +290,8 @@ class DemosPane(Vertical):
 
         def answer(choice: str | None) -> None:
             if choice == "delete" and i < len(self.demos):
-                self.deleted.append((i, self.demos.pop(i)))
+                self._remember()
+                self.demos.pop(i)
                 self._changed(i)
                 self.app.notify_plain(
                     f"Deleted demonstration {i + 1} (u brings it back).", timeout=3
@@ -288,18 +303,17 @@ class DemosPane(Vertical):
         )
 
     def action_undo(self) -> None:
-        if not self.deleted:
-            self.app.notify_plain("Nothing to undo.", timeout=2)
+        if not self.history:
+            self.notify("Nothing to undo.", timeout=2)
             return
-        i, demo = self.deleted.pop()
-        i = min(i, len(self.demos))
-        self.demos.insert(i, demo)
-        self._changed(i)
+        self.demos, cursor = self.history.pop()
+        self._changed(cursor)
 
     def action_move(self, delta: int) -> None:
         i = self._cursor()
         j = i + delta
         if 0 <= i < len(self.demos) and 0 <= j < len(self.demos):
+            self._remember()
             self.demos[i], self.demos[j] = self.demos[j], self.demos[i]
             self._changed(j)
 

@@ -14,10 +14,17 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Select, Static, TabbedContent, TabPane, TextArea
 
 from engine.run.events import StageFailed, StageFinished
-from engine.store.results import read_method_outputs, read_rm_validation
+from engine.store.results import (
+    JUDGE_ACCURACY_FILE,
+    RM_VALIDATION_FILE,
+    read_method_outputs,
+    read_rm_validation,
+)
 from engine.store.templates import write_prompts
 from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
-from tui.common import EngineEvent, focus_now, one_line, plain, read_demos
+from tui.dialogs import focus_now
+from tui.messages import EngineEvent, FilesChanged, LaunchRequested, RunState
+from tui.text import one_line, plain, read_demos
 
 PROMPTING_FILE = RESULT_FILES["prompting"]
 SCRATCH = "scratch"  # results/scratch/: "try it" runs, never read as a stage's results
@@ -43,6 +50,37 @@ class ScratchWorkspace(Workspace):
     @property
     def runs_dir(self) -> Path:
         return self.scratch_dir / "runs"
+
+
+def judge_stats_line(summary: dict[str, Any]) -> str:
+    """Decided share, mean position bias and consistency of a rubric check, in words."""
+    decided, bias = summary.get("decided_share"), summary.get("mean_position_bias")
+    cons = summary.get("position_consistency")
+    return (
+        f"decided {'–' if decided is None else f'{decided:.0%}'} · mean position bias "
+        f"{'–' if bias is None else f'{bias:+.2f} nats'} · position consistency "
+        f"{'–' if cons is None else f'{cons:.0%}'}"
+    )
+
+
+class RubricCheckWorkspace(Workspace):
+    """The workspace as f10's rubric check sees it: every result and checkpoint of the real
+    workspace is read, but what the check writes (its verdicts, its accuracy samples, its run
+    folder) goes under results/scratch/: it neither replaces results/rm_validation.json nor
+    adds a reward-model run."""
+
+    WRITES = (RM_VALIDATION_FILE, JUDGE_ACCURACY_FILE)
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.root / "results" / SCRATCH
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.scratch_dir / "runs"
+
+    def result(self, name: str) -> Path:
+        return self.scratch_dir / name if name in self.WRITES else super().result(name)
 
 
 class PromptsPane(Vertical):
@@ -177,6 +215,10 @@ class PromptsPane(Vertical):
     def scratch(self) -> ScratchWorkspace:
         return ScratchWorkspace(self.ws.root)
 
+    @property
+    def rubric_ws(self) -> RubricCheckWorkspace:
+        return RubricCheckWorkspace(self.ws.root)
+
     def action_try_it(self) -> None:
         """Run the prompting stage on a scratch view of the workspace: the prompts as edited
         (saved or not) go to results/scratch/prompts.toml, the output to results/scratch/."""
@@ -192,21 +234,7 @@ class PromptsPane(Vertical):
             return
         sel = self.query_one("#try-demo", Select)
         only = [f"prompting.only=[{sel.value}]"] if isinstance(sel.value, int) else []
-        from engine.pipeline.runner import Runner
-
-        base = self.app.runner  # same stages and service, another view of the workspace
-        runner = Runner(
-            scratch,
-            listeners=base.listeners,
-            service_factory=base.service_factory,
-            stages=getattr(base, "_stages", None),
-        )
-        if self.app.launch_stage("prompting", only, source="prompts", runner=runner):
-            self.trying = True
-            self.show_status()
-            self.query_one("#try-result", Static).update(
-                Text("running the prompting stage…", style="dim")
-            )
+        self.post_message(LaunchRequested("prompting", only, source="prompts", workspace=scratch))
 
     # -- check the rubric (the reward-model stage's validation) --------------------
     def action_check_rubric(self) -> None:
@@ -219,15 +247,27 @@ class PromptsPane(Vertical):
         # a TOML string (json.dumps would write emoji as surrogate pairs TOML refuses)
         value = tomli_w.dumps({"v": rubric}, multiline_strings=False)[len("v = ") :].strip()
         overrides = ["reward_model.validate_only=true", f"reward_model.rubric={value}"]
-        if self.app.launch_stage("reward-model", overrides, source="prompts"):
+        self.post_message(
+            LaunchRequested("reward-model", overrides, source="prompts", workspace=self.rubric_ws)
+        )
+
+    def on_run_state(self, message: RunState) -> None:
+        """The app started what this tab asked for: say so here."""
+        if message.source != "prompts" or message.running is None:
+            return
+        box = self.query_one("#try-result", Static)
+        if message.running == "prompting" and not self.trying:
+            self.trying = True
+            box.update(Text("running the prompting stage…", style="dim"))
+        elif message.running == "reward-model" and not self.checking:
             self.checking = True
-            self.show_status()
-            self.query_one("#try-result", Static).update(
-                Text("the judge is comparing baseline and SFT outputs…", style="dim")
-            )
+            box.update(Text("the judge is comparing baseline and SFT outputs…", style="dim"))
+        self.show_status()
 
     def show_rubric_check(self) -> None:
-        records, summary = read_rm_validation(self.ws.result(RESULT_FILES["reward-model"]))
+        from engine.eval.judge_trust import accuracy_lines  # not at import: it loads tinker
+
+        records, summary = read_rm_validation(self.rubric_ws.result(RM_VALIDATION_FILE))
         t = Text()
         t.append("Judge check of this rubric\n", style="bold")
         if summary:
@@ -237,6 +277,11 @@ class PromptsPane(Vertical):
                 f"{summary.get('unparsable', 0)}\n",
                 style="dim",
             )
+            t.append(judge_stats_line(summary) + "\n", style="dim")
+            for line in accuracy_lines(summary.get("accuracy") or {}):
+                t.append(line + "\n", style="dim")
+            for line in summary.get("warnings") or []:
+                t.append(line + "\n", style="bold red")
             human = summary.get("human")
             human = human if isinstance(human, dict) else {}
             if human.get("count"):
@@ -293,6 +338,12 @@ class PromptsPane(Vertical):
         else:
             t.append_text(plain(str(row.get("output", ""))))
         box.update(t)
+
+    def on_files_changed(self, message: FilesChanged) -> None:
+        message.stop()
+        if "demos" in message.what:
+            self.reload_demos()
+            self.show_try()
 
     def on_engine_event(self, message: EngineEvent) -> None:
         ev = message.event

@@ -19,7 +19,9 @@ from textual.widgets import DataTable, Static
 from engine.run.events import StageFinished
 from engine.store.results import read_jsonl_checked, save_review
 from engine.store.workspace import RESULT_FILES, Workspace
-from tui.common import EngineEvent, PairEditScreen, cell, focus_now, plain
+from tui.dialogs import PairEditScreen, focus_now
+from tui.messages import EngineEvent, FilesChanged
+from tui.text import cell, plain
 
 DATA_FILE = RESULT_FILES["synth-outputs"]
 STATUSES = ("pending", "accepted", "rejected", "edited")
@@ -188,6 +190,7 @@ class SyntheticPane(Vertical):
         self._loaded_signature = self._disk_signature()
         self._touched = set()
         self.show_status()
+        self.post_message(FilesChanged("synthetic"))  # what sft trains on changed
         return True
 
     def _mark_dirty(self, *indices: int) -> None:

@@ -1,20 +1,20 @@
 """Train tab: every stage with its state; enter launches, x cancels, r replays the last run.
 
-A live log, live curves (loss on one chart, rewards / win rates / other metrics on another),
-and a progress bar with ETA (from the run's real rate). Replayed runs
-(runs/<stage>-<time>/events.jsonl) go through the very same handler as live events.
+A live log, live curves (tui/train_charts.py: losses; rewards and win rates; the rest, with
+legends, one at a time where they do not fit), a progress bar with ETA (from the run's real
+rate), and the selected stage's estimated time before launch (tui/train_estimate.py).
+Replayed runs (runs/<stage>-<time>/events.jsonl) go through the very same handler as live
+events.
 
-Before a launch, the selected stage's estimated time at the current settings (overrides
-included) is shown under its description: engine.pipeline.estimate computes it from this machine's
-speed profile, in a thread worker. When no profile is cached for this machine, the first
-time the tab is shown with nothing running it is measured once in the background (a few
-seconds; engine/backends/local/speed_profile.py), never while a stage runs.
+State comes down, requests go up: the app tells the tab what runs (RunState) and that files
+changed (FilesChanged); the tab asks the app to launch or cancel (LaunchRequested,
+CancelRequested). A stage run from another process shows as running from its marker: the
+rows are read again every few seconds while the tab is on screen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from pathlib import Path
 
@@ -23,18 +23,9 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.timer import Timer
 from textual.widgets import DataTable, Input, Label, ProgressBar, RichLog, Static
-from textual.worker import get_current_worker
-from textual_plotext import PlotextPlot
 
-from engine.pipeline.estimate import (
-    EstimateError,
-    cached_profiles,
-    estimate_stage,
-    measure_profiles,
-)
-from engine.pipeline.runner import list_runs, load_run_events, stage_status
+from engine.pipeline.runner import list_runs, load_run_events
 from engine.run.events import (
     CheckpointSaved,
     LogLine,
@@ -46,7 +37,14 @@ from engine.run.events import (
     StageStarted,
 )
 from engine.store.workspace import Workspace
-from tui.common import CancelRequested, EngineEvent, LaunchRequested, focus_now, one_line, plain
+from tui.dialogs import focus_now
+from tui.messages import CancelRequested, EngineEvent, FilesChanged, LaunchRequested, RunState
+from tui.stage_rows import StageRow, stage_rows
+from tui.text import one_line, plain
+from tui.train_charts import ChartPanel, MetricChart, earlier_loss_points, is_loss
+from tui.train_estimate import StageEstimate, split_overrides
+
+__all__ = ["MetricChart", "TrainPane", "split_overrides"]
 
 STATE_STYLE = {
     "done": "green",
@@ -57,74 +55,8 @@ STATE_STYLE = {
     "not run": "dim",
     "not implemented": "dim italic",
 }
-LOSS = ("train/loss", "val/loss")
-REDRAW_EVERY = 0.25  # seconds: charts redraw at most this often
 MAX_REPLAY_LOG = 400
-# Models whose speed is not measured automatically: the tests' random model (a test that
-# shows the tab must not measure the machine; `persona speed` measures it on demand).
-NO_AUTO_MEASURE = frozenset({"persona/tiny-random"})
-MEASURING = "measuring this machine's speed (once, a few seconds)…"
-ESTIMATE_AFTER = 0.15  # seconds without a key or cursor move before the estimate starts
-
-
-def split_overrides(text: str) -> list[str]:
-    """``section.key=value`` items as typed in one line: a new item starts only where a
-    ``name.name=`` follows a space, so values may hold spaces (``signoff="— Maya"``,
-    ``only=[0, 3]``)."""
-    text = text.strip()
-    return re.split(r"\s+(?=[A-Za-z_][\w]*\.[\w.]*=)", text) if text else []
-
-
-class MetricChart(PlotextPlot):
-    """A plotext chart fed point by point; redraws on a timer, only when something changed."""
-
-    def __init__(self, title: str, **kw) -> None:
-        super().__init__(**kw)
-        self.title = title
-        self.series: dict[str, list[tuple[float, float]]] = {}
-        self._dirty = True
-
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.set_interval(REDRAW_EVERY, self._maybe_redraw)
-        self._draw()
-
-    def clear_series(self) -> None:
-        self.series.clear()
-        self._dirty = True
-
-    def add_point(self, name: str, step: float, value: float) -> None:
-        self.series.setdefault(name, []).append((step, value))
-        self._dirty = True
-
-    def prepend(self, points: dict[str, list[tuple[float, float]]]) -> None:
-        for name, pts in points.items():
-            self.series[name] = [*pts, *self.series.get(name, [])]
-        self._dirty = True
-
-    @property
-    def points(self) -> int:
-        return sum(len(v) for v in self.series.values())
-
-    def _maybe_redraw(self) -> None:
-        if self._dirty:
-            self._draw()
-
-    def _draw(self) -> None:
-        self._dirty = False
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title(self.title)
-        for name, pts in self.series.items():
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            ys = [p[1] for p in pts]
-            plt.plot(xs, ys, label=name, marker="braille")
-        if not self.series:
-            plt.xlabel("no points yet")
-        self.refresh()
+POLL_EVERY = 2.0  # seconds: how often the rows are read again while the tab is on screen
 
 
 class LiveLog(RichLog):
@@ -152,47 +84,11 @@ class LiveLog(RichLog):
         return len(self._deferred_renders)
 
 
-def earlier_loss_points(ws: Workspace, stage: str, run_dir: str, before_step: float) -> dict:
-    """Loss points of the runs this one resumed from (the same stage's earlier runs, newest
-    first, each contributing the steps before the ones already shown), so the chart shows the
-    whole curve of a checkpoint built across several runs."""
-    out: dict[str, list[tuple[float, float]]] = {}
-    current = Path(run_dir).name if run_dir else ""
-    limit = before_step
-    for run in reversed(list_runs(ws, stage)):
-        if current and run.name >= current:
-            continue
-        pts = [
-            e
-            for e in load_run_events(run)
-            if isinstance(e, Metric) and _is_loss(e.name) and e.step < limit
-        ]
-        if not pts:
-            continue
-        for e in pts:
-            out.setdefault(e.name, []).append((e.step, e.value))
-        limit = min(e.step for e in pts)
-        if limit <= 1:
-            break
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def _is_loss(name: str) -> bool:
-    return name in LOSS or name.endswith("/loss")
-
-
 class StageTable(DataTable):
     BINDINGS = [Binding("enter", "select_cursor", "Launch", id="train.launch")]
 
 
 class TrainPane(Vertical):
-    DEFAULT_CSS = """
-    TrainPane #stage-estimate {
-        height: 1;
-        padding: 0 1;
-        color: $text-muted;
-    }
-    """
     BINDINGS = [
         Binding(
             "x",
@@ -215,20 +111,26 @@ class TrainPane(Vertical):
             id="train.overrides",
             tooltip="Type settings for the next launch, e.g. sft.steps=20",
         ),
+        Binding(
+            "c",
+            "cycle_chart",
+            "Chart",
+            id="train.chart",
+            tooltip="Show the next chart (loss, reward / win rate, other metrics)",
+        ),
     ]
 
-    def __init__(self, workspace: Workspace, **kw) -> None:
+    def __init__(self, workspace: Workspace, default_overrides: list[str] | None = None, **kw):
         super().__init__(**kw)
         self.ws = workspace
-        self.statuses = []
+        self.default_overrides = list(default_overrides or [])
+        self.rows: list[StageRow] = []
+        self.running: str | None = None  # what the app runs (RunState)
+        self.stopping = False  # cancel asked, the stage has not ended yet
         self.current: str | None = None  # stage whose events are on screen
         self.current_run = ""  # its run folder
         self._earlier_loaded = False  # the resumed-from runs' loss points are on the chart
-        self._shown = False  # the tab has been shown (the speed is measured only then)
-        self.speed_state = ""  # "" | "measuring" | "measured" | "failed: ..."
-        self.estimate_text = ""  # what the estimate line says now
-        self.estimate_for: tuple[str, str] | None = None  # (stage, overrides) it is for
-        self._estimate_timer: Timer | None = None
+        self._on_screen = False
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="train-top"):
@@ -238,38 +140,54 @@ class TrainPane(Vertical):
                 table.add_column("stage", key="stage", width=13)
                 table.add_column("state", key="state", width=15)
                 yield table
-                yield Input(
-                    placeholder="overrides: sft.steps=20 sft.lr=1e-4",
-                    id="overrides",
-                )
-            with Vertical(id="chart-col"):
-                yield MetricChart("loss", id="loss-chart")
-                yield MetricChart("reward / win rate", id="metric-chart")
+                yield Input(placeholder="overrides: sft.steps=20 sft.lr=1e-4", id="overrides")
+            yield ChartPanel(id="chart-col")
         with Horizontal(id="progress-row"):
             yield Label("idle", id="progress-label")
             yield ProgressBar(id="progress", show_eta=True)
         yield Static(id="stage-info", classes="status-line")
-        yield Static(id="stage-estimate")
+        yield StageEstimate(self.ws, self.default_overrides, id="stage-estimate")
         yield LiveLog(id="log", max_lines=2000, wrap=True, markup=False, highlight=False)
 
     def on_mount(self) -> None:
-        self.query_one("#metric-chart").display = False
-        self.query_one("#stage-estimate").display = False
+        self.set_interval(POLL_EVERY, self._poll)
         if "engine.stages" in sys.modules:
             self.refresh_stages()
         else:  # the app loads the engine in a thread, then calls refresh_stages
             self.query_one("#stage-info", Static).update(Text("loading the engine…", style="dim"))
 
     @property
-    def running(self) -> str | None:
-        """What runs: the app holds it (one place)."""
-        return getattr(self.app, "running_stage", None)
+    def estimate(self) -> StageEstimate:
+        return self.query_one(StageEstimate)
+
+    @property
+    def charts(self) -> ChartPanel:
+        return self.query_one(ChartPanel)
+
+    @property
+    def statuses(self):
+        return [r.status for r in self.rows]
 
     def default_focus(self):
         return self.query_one("#stage-table", DataTable)
 
     def focus_default(self) -> None:
         focus_now(self.default_focus())
+
+    # -- state down ----------------------------------------------------------
+    def on_run_state(self, message: RunState) -> None:
+        was = self.running
+        self.running, self.stopping = message.running, message.stopping
+        self.estimate.running = message.running
+        if message.stopping and message.running:
+            self.show_stopping()
+        elif was != message.running:
+            self.refresh_stages()
+
+    def on_files_changed(self, message: FilesChanged) -> None:
+        message.stop()
+        self.estimate.request()  # accepted rows or demonstrations change what a stage does
+        self.refresh_stages()
 
     def show_stopping(self) -> None:
         """Cancel was asked: say so on the stage's row at once."""
@@ -282,45 +200,71 @@ class TrainPane(Vertical):
         )
 
     # -- stages table --------------------------------------------------------
+    def on_show(self) -> None:
+        self._on_screen = True
+        if not self.estimate.allowed:
+            self.estimate.allowed = True
+            self.estimate.request(self.selected())
+
+    def on_hide(self) -> None:
+        self._on_screen = False
+
+    def _poll(self) -> None:
+        if self._on_screen and "engine.stages" in sys.modules:
+            self._read_rows()
+
+    @work(thread=True, exclusive=True, group="stage-rows", exit_on_error=False)
+    def _read_rows(self) -> None:
+        try:
+            rows = stage_rows(self.ws)
+        except Exception:  # refresh_stages on the event loop says what is wrong
+            return
+        self.app.call_from_thread(self._rows_read, rows)
+
+    def _rows_read(self, rows: list[StageRow]) -> None:
+        if [r.key() for r in rows] != [r.key() for r in self.rows]:
+            self.show_rows(rows)
+
     def refresh_stages(self) -> None:
         try:
-            self.statuses = stage_status(self.ws)
+            rows = stage_rows(self.ws)
         except Exception as e:  # e.g. results/checkpoints.toml not UTF-8: say so, stay usable
             self.query_one("#stage-info", Static).update(
                 plain(f"Could not read the stages' state: {e}", "red")
             )
             return
+        self.show_rows(rows)
+
+    def show_rows(self, rows: list[StageRow]) -> None:
+        self.rows = rows
         table = self.query_one("#stage-table", DataTable)
-        row = table.cursor_row
+        cursor = table.cursor_row
         table.clear()
-        stopping = getattr(self.app, "stopping", False)
-        for st in self.statuses:
-            state = st.state
-            if st.name == self.running:
-                state = "stopping…" if stopping else "running"
-            table.add_row(
-                str(st.number),
-                st.name,
-                Text(state, style=STATE_STYLE.get(state, "bold yellow")),
-                key=st.name,
-            )
-        if self.statuses:
-            table.move_cursor(row=max(0, min(row, len(self.statuses) - 1)))
+        for row in rows:
+            state = row.state
+            if row.name == self.running:
+                state = "stopping…" if self.stopping else "running"
+            text = Text(state, style=STATE_STYLE.get(state, "bold yellow"))
+            if row.note and state == "done":
+                text.append(" !", style="bold yellow")  # a later attempt did not complete
+            table.add_row(str(row.status.number), row.name, text, key=row.name)
+        if rows:
+            table.move_cursor(row=max(0, min(cursor, len(rows) - 1)))
         self.show_info()
 
     def selected(self) -> str | None:
-        table = self.query_one("#stage-table", DataTable)
-        i = table.cursor_row
-        return self.statuses[i].name if 0 <= i < len(self.statuses) else None
+        i = self.query_one("#stage-table", DataTable).cursor_row
+        return self.rows[i].name if 0 <= i < len(self.rows) else None
 
     @on(DataTable.RowHighlighted, "#stage-table")
     def show_info(self) -> None:
         name = self.selected()
-        st = next((s for s in self.statuses if s.name == name), None)
+        row = next((r for r in self.rows if r.name == name), None)
         info = self.query_one("#stage-info", Static)
-        if st is None:
+        if row is None:
             info.update("")
             return
+        st = row.status
         t = Text()
         t.append(f"{st.number}. {st.title}", style="bold")
         if st.outputs:
@@ -329,131 +273,20 @@ class TrainPane(Vertical):
         if ck.get("sampler_path"):
             t.append(f"  checkpoint step {ck.get('step', '?')}: ", style="dim")
             t.append(one_line(str(ck["sampler_path"]), 60), style="dim")
-        if st.message and st.state in ("failed", "interrupted", "cancelled"):
+        if row.state == "running" and name != self.running:
+            t.append("\nrunning in another process (from the command line?)", style="cyan")
+        if row.note:
             t.append("\n")
-            t.append_text(plain(st.message, STATE_STYLE.get(st.state, "")))
+            t.append_text(plain(row.note, "yellow" if row.state == "done" else "red"))
         info.update(t)
-        self.request_estimate()
-
-    # -- the estimate before launch -------------------------------------------
-    def on_show(self) -> None:
-        if not self._shown:
-            self._shown = True
-            self.request_estimate()
+        self.estimate.request(name, self.query_one("#overrides", Input).value)
 
     @on(Input.Changed, "#overrides")
     def _overrides_changed(self) -> None:
-        self.request_estimate()
-
-    def request_estimate(self) -> None:
-        """Estimate the selected stage at the current settings, off the event loop, once
-        the keys and cursor moves of a burst have stopped: typing an override starts one
-        estimate, not one per key (a thread worker runs to its end even when replaced)."""
-        if self._estimate_timer is not None:
-            self._estimate_timer.stop()
-        self._estimate_timer = self.set_timer(ESTIMATE_AFTER, self._request_estimate_now)
-
-    def _request_estimate_now(self) -> None:
-        self._estimate_timer = None
-        name = self.selected()
-        if name is None or "engine.stages" not in sys.modules:
-            return
-        overrides = self.query_one("#overrides", Input).value
-        may_measure = (
-            self._shown
-            and self.running is None
-            and self.speed_state != "measuring"
-            and not self.speed_state.startswith("failed")
-        )
-        self._estimate(name, overrides, may_measure)
-
-    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
-    def _estimate(self, name: str, overrides: str, may_measure: bool) -> None:
-        try:
-            text, measure, why = self._estimate_line(name, overrides, may_measure)
-        except Exception as e:  # an estimate must never take the tab down
-            text, measure, why = f"no estimate: {type(e).__name__}: {e}", [], ""
-        if get_current_worker().is_cancelled:
-            return
-        self.app.call_from_thread(self._show_estimate, name, overrides, text, measure, why)
-
-    def _estimate_line(
-        self, name: str, overrides: str, may_measure: bool
-    ) -> tuple[str, list[str], str]:
-        """(the line to show, the models to measure, what the estimate assumes). Runs in a
-        worker thread."""
-        from engine.store.config import ConfigError
-
-        try:
-            cfg = self.ws.config(self.launch_overrides(overrides))
-        except ConfigError as e:
-            return f"no estimate: {e}", [], ""
-        if cfg.backend.name != "local":
-            return "runs on Tinker: its time depends on the service", [], ""
-        profiles, missing = cached_profiles(cfg)
-        # measured here once per machine: a profile of another thread count is used as it
-        # is (`persona speed` measures the current count)
-        wanted = [m for m in missing if m not in profiles and m not in NO_AUTO_MEASURE]
-        measure = wanted if may_measure else []
-        if cfg.model("policy") not in profiles:
-            if not wanted:
-                return "", [], ""  # the tests' model, never measured automatically: no line
-            if measure or self.speed_state == "measuring":
-                return MEASURING, measure, ""
-            if self.speed_state.startswith("failed"):
-                return f"no estimate: measuring this machine's speed {self.speed_state}", [], ""
-            return "no estimate yet: this machine's speed is measured once nothing runs", [], ""
-        try:  # another role's model without a profile is priced at the policy's speed
-            est = estimate_stage(name, cfg, self.ws, profiles)
-        except EstimateError as e:
-            return f"no estimate: {e}", measure, ""
-        if est is None:
-            return "runs on Tinker: its time depends on the service", [], ""
-        assumed = list(est.assumptions)
-        if est.upper_bound:
-            assumed.append("every answer taken to run to max_tokens: an upper bound")
-        return est.line(), measure, "\n".join(assumed)
-
-    def _show_estimate(
-        self, name: str, overrides: str, text: str, measure: list[str], why: str
-    ) -> None:
-        if measure and self.speed_state != "measuring" and self.running is None:
-            self.speed_state = "measuring"
-            self._measure(overrides, measure)
-        if name != self.selected():
-            return  # the cursor moved on; its own estimate is on the way
-        self.estimate_text = text
-        self.estimate_for = (name, overrides)
-        line = self.query_one("#stage-estimate", Static)
-        style = "italic" if text == MEASURING else ""
-        line.update(Text(one_line(text, 300), style=style, no_wrap=True, overflow="ellipsis"))
-        line.tooltip = why or None
-        line.display = bool(text)
-
-    @work(thread=True, exclusive=True, group="speed", exit_on_error=False)
-    def _measure(self, overrides: str, models: list[str]) -> None:
-        from engine.backends.local.speed_profile import MeasureStopped
-
-        try:
-            cfg = self.ws.config(self.launch_overrides(overrides))
-            measure_profiles(cfg, models, should_stop=lambda: self.running is not None)
-            state = "measured"
-        except MeasureStopped:
-            state = ""  # a stage started: measured again once nothing runs
-        except Exception as e:
-            state = f"failed: {type(e).__name__}: {one_line(str(e), 120)}"
-        self.app.call_from_thread(self._measured, state)
-
-    def _measured(self, state: str) -> None:
-        self.speed_state = state
-        self.request_estimate()
+        self.estimate.request(typed=self.query_one("#overrides", Input).value)
 
     def overrides(self) -> list[str]:
         return split_overrides(self.query_one("#overrides", Input).value)
-
-    def launch_overrides(self, typed: str) -> list[str]:
-        """What a launch would run with: the app's own overrides, then the typed ones."""
-        return [*getattr(self.app, "default_overrides", []), *split_overrides(typed)]
 
     # -- actions -------------------------------------------------------------
     def action_launch(self) -> None:
@@ -475,16 +308,19 @@ class TrainPane(Vertical):
     def action_cancel_stage(self) -> None:
         self.post_message(CancelRequested())
 
+    def action_cycle_chart(self) -> None:
+        self.charts.cycle()
+
     def action_replay(self) -> None:
         name = self.selected()
         if name is None:
             return
         if self.running:
-            self.app.notify_plain("A stage is running; replay when it ends.", severity="warning")
+            self.notify("A stage is running; replay when it ends.", severity="warning")
             return
         runs = list_runs(self.ws, name)
         if not runs:
-            self.app.notify_plain(f"{name} has no past runs.", severity="warning")
+            self.notify(f"{name} has no past runs.", severity="warning", markup=False)
             return
         self.replay(runs[-1])
 
@@ -508,12 +344,11 @@ class TrainPane(Vertical):
     # -- events --------------------------------------------------------------
     def reset_view(self) -> None:
         self._earlier_loaded = False
-        for chart in self.query(MetricChart):
-            chart.clear_series()
-        self.query_one("#metric-chart").display = False
+        self.charts.clear()
         self.query_one("#log", RichLog).clear()
         bar = self.query_one("#progress", ProgressBar)
         bar.update(total=None, progress=0)
+        bar.display = False
         self.query_one("#progress-label", Label).update("idle")
 
     def on_engine_event(self, message: EngineEvent) -> None:
@@ -527,28 +362,13 @@ class TrainPane(Vertical):
                 self.refresh_stages()
             self.current = ev.stage
             self.current_run = ev.run_dir
-            log.write(
-                Text(
-                    f"▶ {ev.stage}  {self.ws.rel(ev.run_dir) if ev.run_dir else ''}",
-                    style="bold cyan",
-                )
-            )
+            run = self.ws.rel(ev.run_dir) if ev.run_dir else ""
+            log.write(Text(f"▶ {ev.stage}  {run}", style="bold cyan"))
         elif isinstance(ev, Metric):
-            if _is_loss(ev.name):
-                chart = self.query_one("#loss-chart", MetricChart)
-                if not self._earlier_loaded and not chart.points and ev.step > 1 and self.current:
-                    self._earlier_loaded = True  # a resumed run: show the steps before it too
-                    with contextlib.suppress(OSError, ValueError):
-                        chart.prepend(
-                            earlier_loss_points(self.ws, self.current, self.current_run, ev.step)
-                        )
-                chart.add_point(ev.name, ev.step, ev.value)
-            else:
-                chart = self.query_one("#metric-chart", MetricChart)
-                chart.display = True
-                chart.add_point(ev.name, ev.step, ev.value)
+            self._metric(ev)
         elif isinstance(ev, Progress):
             bar = self.query_one("#progress", ProgressBar)
+            bar.display = True
             bar.update(total=ev.total or None, progress=ev.done)
             self.query_one("#progress-label", Label).update(
                 Text(f"{one_line(ev.label or self.current or '', 28)} {ev.done}/{ev.total}")
@@ -565,24 +385,41 @@ class TrainPane(Vertical):
             log.write(t)
         elif isinstance(ev, CheckpointSaved):
             log.write(Text(f"✓ checkpoint {ev.name} at step {ev.step}", style="green"))
-        elif isinstance(ev, StageFinished):
+        elif isinstance(ev, StageFinished | StageFailed):
+            self._ended(ev, replay)
+
+    def _metric(self, ev: Metric) -> None:
+        charts = self.charts
+        if is_loss(ev.name) and not self._earlier_loaded and ev.step > 1 and self.current:
+            chart = charts.chart("loss")
+            if not chart.points:
+                self._earlier_loaded = True  # a resumed run: show the steps before it too
+                with contextlib.suppress(OSError, ValueError):
+                    chart.prepend(
+                        earlier_loss_points(self.ws, self.current, self.current_run, ev.step)
+                    )
+        charts.add(ev.name, ev.step, ev.value)
+
+    def _ended(self, ev: StageFinished | StageFailed, replay: bool) -> None:
+        """The run ended: say how, and take its progress bar (and ETA) off the screen."""
+        log = self.query_one("#log", RichLog)
+        bar = self.query_one("#progress", ProgressBar)
+        label = self.query_one("#progress-label", Label)
+        if isinstance(ev, StageFinished):
             t = Text(f"✓ {ev.stage} done", style="bold green")
             if ev.summary:
                 t.append("  ")
                 t.append_text(plain(ev.summary))
             log.write(t)
-            self.query_one("#progress-label", Label).update(Text(f"{ev.stage} done", style="green"))
-            self._finish(replay)
-        elif isinstance(ev, StageFailed):
+            label.update(Text(f"{ev.stage} done", style="green"))
+        else:
+            word = "cancelled" if ev.cancelled else "failed"
             style = "yellow" if ev.cancelled else "bold red"
-            t = Text(f"✗ {ev.stage} {'cancelled' if ev.cancelled else 'failed'}: ", style=style)
+            t = Text(f"✗ {ev.stage} {word}: ", style=style)
             t.append_text(plain(ev.message))
             log.write(t)
-            self.query_one("#progress-label", Label).update(
-                Text(f"{ev.stage} {'cancelled' if ev.cancelled else 'failed'}", style=style)
-            )
-            self._finish(replay)
-
-    def _finish(self, replay: bool) -> None:
+            at = f" at {bar.percentage:.0%}" if bar.total and bar.percentage is not None else ""
+            label.update(Text(f"{ev.stage} {word}{at}", style=style))
+        bar.display = False
         if not replay:
             self.call_after_refresh(self.refresh_stages)  # after the app marks it ended

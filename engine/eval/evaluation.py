@@ -111,10 +111,6 @@ def nll_summary(per_request: Sequence[Nll]) -> dict[str, Any]:
     }
 
 
-def win_rate_dict(wr: WinRate) -> dict[str, Any]:
-    return wr.as_dict()
-
-
 # --------------------------------------------------------------------------- judge
 
 
@@ -359,11 +355,41 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 SPLIT_CHANGED_MARK = "(held-out set changed since training: may have trained on it)"
 
 
+def judge_decided_nothing(evaluation: Mapping[str, Any]) -> bool:
+    """The judge ran and decided (almost) none of its comparisons: its win rates are ties,
+    not results (engine.judge.ALMOST_NOTHING)."""
+    from engine.llm.judge import ALMOST_NOTHING
+
+    judge = evaluation.get("judge") or {}
+    stats = judge.get("stats") or {}
+    n = stats.get("comparisons") or 0
+    if not judge.get("used") or not n:
+        return False
+    share = stats.get("decided_share")
+    if share is None:  # written before the share was recorded
+        share = ((stats.get("wins_a") or 0) + (stats.get("wins_b") or 0)) / n
+    return share < ALMOST_NOTHING
+
+
+def judge_trust_notes(evaluation: Mapping[str, Any]) -> list[str]:
+    """Why not to trust the judge's numbers in an evaluation, in plain sentences (empty:
+    no reason found). For the report and the Compare tab."""
+    from engine.eval.judge_trust import judge_warnings
+
+    judge = evaluation.get("judge") or {}
+    if not judge.get("used"):
+        return []
+    if "warnings" in judge:
+        return list(judge["warnings"])
+    return judge_warnings(judge.get("stats"), judge.get("accuracy"))
+
+
 def summary_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One plain row per method for the report table and the Compare tab: each column's
     value, interval and n, plus ``best`` (the column keys where this method is best) and
     ``split_changed`` (a checkpoint trained with another held-out set; its label says so)."""
     rows = []
+    no_decisions = judge_decided_nothing(evaluation)
     for m in evaluation.get("methods", []):
         name = m["name"]
         met = evaluation.get("metrics", {}).get(name, {})
@@ -381,6 +407,9 @@ def summary_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "n": None,
             },
         }
+        if no_decisions:  # ties only: no win rate to show as a result
+            for key in ("judge", "dev"):
+                cells[key] = {**_cell(None), "n": cells[key]["n"]}
         label = m.get("label", name)
         if m.get("split_changed"):  # trained with another held-out set: may have seen these
             label += f" {SPLIT_CHANGED_MARK}"

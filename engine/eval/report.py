@@ -12,6 +12,7 @@ the NLL of the person's held-out texts per method with 95% intervals.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,10 +219,44 @@ def training_panels(curves: dict[str, list[tuple[int, float]]]) -> list[list[str
     return panels[:MAX_PANELS]
 
 
+RUN_NAME = re.compile(r"^(?P<stage>.+)-\d{8}-\d{6}(?:-\d+)?$")
+
+
+def resumed_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's curves with the steps of the runs it resumed from (the same stage's earlier
+    run folders, newest first, each giving the steps before those already there), as the
+    app's Train tab draws them: a checkpoint built across runs shows its whole curve."""
+    curves = {k: list(v) for k, v in ev.training_curves(run_dir).items()}
+    m = RUN_NAME.match(run_dir.name)
+    steps = [s for v in curves.values() for s, _ in v]
+    limit = min(steps) if steps else 0
+    if m is None or limit <= 1 or not run_dir.parent.is_dir():
+        return curves
+    earlier = sorted(
+        (p for p in run_dir.parent.iterdir() if p.is_dir() and p.name < run_dir.name),
+        key=lambda p: p.name,
+        reverse=True,
+    )
+    for run in earlier:
+        other = RUN_NAME.match(run.name)
+        if other is None or other["stage"] != m["stage"]:
+            continue
+        before = {
+            k: [(s, x) for s, x in v if s < limit] for k, v in ev.training_curves(run).items()
+        }
+        before = {k: v for k, v in before.items() if v}
+        if not before:
+            continue
+        for k, v in before.items():
+            curves[k] = sorted(v + curves.get(k, []))
+        limit = min(s for v in before.values() for s, _ in v)
+        if limit <= 1:
+            break
+    return curves
+
+
 def plot_training(method: str, run_dir: Path, path: Path) -> Path | None:
-    curves = {
-        k: v for k, v in ev.training_curves(run_dir).items() if not k.startswith("eval/") and v
-    }
+    curves = {k: v for k, v in resumed_curves(run_dir).items() if not k.startswith("eval/") and v}
     if not curves:
         return None
     panels = training_panels(curves)
@@ -316,44 +351,95 @@ def render_markdown(
     previous: dict[str, Any] | None = None,
 ) -> str:
     methods = [m["name"] for m in data.get("methods", [])]
-    metrics = data.get("metrics", {})
+    out: list[str] = ["# Persona report: which method writes most like you\n"]
+    out += _intro(data)
+    out += _judge_intro(data)
+    out += _summary_table(data)
+    out += _plots_section(plots)
+    out += _matrix_section(data, methods)
+    out += _human_section(data)
+    out += _one_request(data, samples, methods)
+    out += _cost_section(data, methods)
+    out.append("## Analysis\n")
+    out += analysis(data, previous)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _rate(cell: dict[str, Any], with_n: bool = True) -> str:
+    """A win-rate dict (``rate``, ``low``, ``high``, ``n``) as "rate [low–high] n=" by _ci."""
+    return _ci(
+        {
+            "value": cell.get("rate"),
+            "low": cell.get("low"),
+            "high": cell.get("high"),
+            "n": cell.get("n") if with_n else None,
+        },
+        pct=True,
+    )
+
+
+def _intro(data: dict[str, Any]) -> list[str]:
     hold = data.get("holdout", {})
-    judge = data.get("judge", {})
-    out: list[str] = []
-    w = out.append
-    w("# Persona report: which method writes most like you\n")
-    w(
+    return [
         f"Generated {data.get('created', '')} by `persona run evaluate` on the {data.get('backend')} backend, "
         f"policy `{data.get('policy_model')}`. Every method answered the **{hold.get('n', 0)} held-out "
         f"requests** (demonstrations {', '.join(str(i + 1) for i in hold.get('indices', []))}; no stage trained on them), "
         f"{data.get('samples_per_request')} sample(s) each; {data.get('train_demos')} demonstrations were for training. "
         "Per-sample texts behind every number: `evaluation_samples.jsonl`, the judge's answers: "
         "`evaluation_judgements.jsonl`, all numbers: `evaluation.json`.\n"
-    )
-    if judge.get("used"):
-        st = judge.get("stats", {})
-        w(
-            f"Judge: `{judge.get('model')}` "
-            + (
-                f"(reward-model checkpoint `{judge.get('checkpoint')}`)"
-                if judge.get("checkpoint")
-                else "(the base model, untrained)"
-            )
-            + f", {judge.get('mode')} mode, both orders; {st.get('comparisons', 0)} comparisons, "
-            f"{_pct(st.get('unparsable_rate'))} answers unparsable, position consistency {_pct(st.get('consistency_rate'))}.\n"
-        )
-        if (st.get("unparsable_rate") or 0) > 0.5:
-            w(
-                "**Most of the judge's answers were unparsable, so its win rates are mostly ties, not "
-                "evidence.** Train the judge (reward-model stage) or use a stronger judge model.\n"
-            )
+    ]
 
-    # summary table
-    rows = ev.summary_rows(data)
-    w("## Summary\n")
+
+def _judge_intro(data: dict[str, Any]) -> list[str]:
+    """Which judge, how it combined both orders, how much it decided, its bias, whether it
+    can tell the person's text from a model's, and in words when not to trust it."""
+    judge = data.get("judge", {})
+    if not judge.get("used"):
+        return []
+    st = judge.get("stats", {})
+    bias = st.get("mean_position_bias")
+    out = [
+        f"Judge: `{judge.get('model')}` "
+        + (
+            f"(reward-model checkpoint `{judge.get('checkpoint')}`)"
+            if judge.get("checkpoint")
+            else "(the base model, untrained)"
+        )
+        + f", {judge.get('mode')} mode, both orders; {st.get('comparisons', 0)} comparisons, "
+        f"{_pct(st.get('decided_share'))} decided (the rest ties), mean position bias "
+        + (f"{bias:+.2f} nats" if bias is not None else "not measured (sampled verdicts)")
+        + f", position consistency {_pct(st.get('consistency_rate'))}, "
+        f"{_pct(st.get('unparsable_rate'))} answers unparsable.\n"
+    ]
+    acc = judge.get("accuracy") or {}
+    if acc:
+        out.append(
+            "Judge accuracy on the held-out demonstrations (how often it prefers your own text "
+            "to a model's sample for the same request; 50% is chance): "
+            + "; ".join(
+                f"vs {'the base' if k == 'vs_base' else 'few-shot'} "
+                + _ci({"value": c.get("value"), "low": c["ci"][0], "high": c["ci"][1], "n": c.get("n")}, pct=True)
+                for k, c in acc.items()
+                if c.get("n")
+            )
+            + ".\n"
+        )  # fmt: skip
+    for line in ev.judge_trust_notes(data):
+        out.append(f"**{line}**\n")
+    if (st.get("unparsable_rate") or 0) > 0.5:
+        out.append(
+            "**Most of the judge's answers were unparsable, so its win rates are mostly ties, not "
+            "evidence.** Train the judge (reward-model stage) or use a stronger judge model.\n"
+        )
+    return out
+
+
+def _summary_table(data: dict[str, Any]) -> list[str]:
+    out = ["## Summary\n"]
+    w = out.append
     w("| method | " + " | ".join(h for _, h, _ in ev.COLUMNS) + " |")
     w("|---|" + "---|" * len(ev.COLUMNS))
-    for r in rows:
+    for r in ev.summary_rows(data):
         cells = []
         for key, _h, _b in ev.COLUMNS:
             c = r["cells"][key]
@@ -377,109 +463,125 @@ def render_markdown(
         "half. Brackets are 95% intervals (t for means, Wilson for rates); n is the count behind each "
         "number (requests for NLL, samples for style, comparisons or picks for rates). Best per column in bold.\n"
     )
+    if ev.judge_decided_nothing(data):
+        w(
+            "The judge and dev columns are empty: the judge decided (almost) none of its "
+            "comparisons, so there is no win rate to show.\n"
+        )
+    return out
 
-    # plots
-    if plots:
-        w("## Plots\n")
-        for key, title in (("nll", "NLL per method"), ("win_rates", "Judge win-rate matrix")):
-            if key in plots:
-                w(f"![{title}]({plots[key]})\n")
-        for key, rel in plots.items():
-            if key.startswith("training_"):
-                w(f"![Training curves of {ev.method_label(key[len('training_') :])}]({rel})\n")
 
-    # matrix
-    w("## Judge win-rate matrix (held-out requests, your text as the reference)\n")
-    cells = data.get("judge_matrix", {})
-    if judge.get("used"):
-        labels = [ev.method_label(m) for m in methods]
-        w("| row vs column | " + " | ".join(labels) + " |")
-        w("|---|" + "---|" * len(labels))
-        for a in methods:
-            row = []
-            for b in methods:
-                c = cells.get(a, {}).get(b)
-                row.append(
-                    "–"
-                    if a == b or not c or not c.get("n")
-                    else f"{100 * c['rate']:.0f}% [{100 * c['low']:.0f}–{100 * c['high']:.0f}] n={c['n']}"
-                )
-            w(f"| {ev.method_label(a)} | " + " | ".join(row) + " |")
-        dev = data.get("dev_win_rates", {})
-        if dev:
-            w(
-                "\nOn the RL dev prompts (no reference), against the base: "
-                + "; ".join(
-                    f"{ev.method_label(m)} {100 * d['rate']:.0f}% [{100 * d['low']:.0f}–{100 * d['high']:.0f}] n={d['n']}"
-                    for m, d in dev.items()
-                    if d.get("n")
-                )
-                + "."
-            )
-        w("")
-    else:
+def _plots_section(plots: dict[str, str]) -> list[str]:
+    if not plots:
+        return []
+    out = ["## Plots\n"]
+    for key, title in (("nll", "NLL per method"), ("win_rates", "Judge win-rate matrix")):
+        if key in plots:
+            out.append(f"![{title}]({plots[key]})\n")
+    for key, rel in plots.items():
+        if key.startswith("training_"):
+            out.append(f"![Training curves of {ev.method_label(key[len('training_') :])}]({rel})\n")
+    return out
+
+
+def _matrix_section(data: dict[str, Any], methods: list[str]) -> list[str]:
+    out = ["## Judge win-rate matrix (held-out requests, your text as the reference)\n"]
+    w = out.append
+    if not data.get("judge", {}).get("used"):
         w(
             "The judge did not run (`evaluate.judge = false`, or the rubric in data/prompts.toml is empty).\n"
         )
+        return out
+    if ev.judge_decided_nothing(data):
+        w(
+            "No win rates: the judge decided (almost) none of its comparisons (every one a tie), "
+            "so a matrix would read 50% everywhere without meaning it. See the judge's statistics "
+            "above.\n"
+        )
+        return out
+    cells = data.get("judge_matrix", {})
+    labels = [ev.method_label(m) for m in methods]
+    w("| row vs column | " + " | ".join(labels) + " |")
+    w("|---|" + "---|" * len(labels))
+    for a in methods:
+        row = []
+        for b in methods:
+            c = cells.get(a, {}).get(b)
+            row.append("–" if a == b or not c or not c.get("n") else _rate(c))
+        w(f"| {ev.method_label(a)} | " + " | ".join(row) + " |")
+    dev = data.get("dev_win_rates", {})
+    if dev:
+        w(
+            "\nOn the RL dev prompts (no reference), against the base: "
+            + "; ".join(f"{ev.method_label(m)} {_rate(d)}" for m, d in dev.items() if d.get("n"))
+            + "."
+        )
+    w("")
+    return out
 
-    # human picks
+
+def _human_section(data: dict[str, Any]) -> list[str]:
     human = data.get("human", {})
-    w("## Your blind A/B picks\n")
-    if human.get("n_picks"):
-        w("| A | B | A's win rate | wins / losses / ties |")
-        w("|---|---|---|---|")
-        for p in human.get("pairs", []):
-            w(
-                f"| {ev.method_label(p['a'])} | {ev.method_label(p['b'])} | {100 * p['rate']:.0f}% [{100 * p['low']:.0f}–{100 * p['high']:.0f}] n={p['n']} | {p['wins']} / {p['losses']} / {p['ties']} |"
-            )
-        ag = human.get("agreement", {})
-        if ag.get("n"):
-            w(
-                f"\nThe judge agrees with you on {ag['agree']} of {ag['n']} picks ({100 * ag['rate']:.0f}% "
-                f"[{100 * ag['low']:.0f}–{100 * ag['high']:.0f}]; {ag.get('by_request', 0)} compared on the same request, "
-                f"{ag.get('by_pair', 0)} on the judge's overall verdict for the pair).\n"
-            )
-        else:
-            w(
-                "\nThe judge compared none of the pairs you picked, so its agreement with you is unknown.\n"
-            )
-    else:
+    out = ["## Your blind A/B picks\n"]
+    w = out.append
+    if not human.get("n_picks"):
         w(
             "No picks yet, so this report cannot say which method *you* prefer, nor whether the judge agrees "
             "with you. Open the Compare tab's blind A/B mode, pick between answers, then rerun `evaluate`.\n"
         )
+        return out
+    w("| A | B | A's win rate | wins / losses / ties |")
+    w("|---|---|---|---|")
+    for p in human.get("pairs", []):
+        w(
+            f"| {ev.method_label(p['a'])} | {ev.method_label(p['b'])} | {_rate(p)} | "
+            f"{p['wins']} / {p['losses']} / {p['ties']} |"
+        )
+    ag = human.get("agreement", {})
+    if ag.get("n"):
+        w(
+            f"\nThe judge agrees with you on {ag['agree']} of {ag['n']} picks ({_rate(ag, with_n=False)}; "
+            f"{ag.get('by_request', 0)} compared on the same request, "
+            f"{ag.get('by_pair', 0)} on the judge's overall verdict for the pair).\n"
+        )
+    else:
+        w(
+            "\nThe judge compared none of the pairs you picked, so its agreement with you is unknown.\n"
+        )
+    return out
 
-    # one request
+
+def _one_request(
+    data: dict[str, Any], samples: list[dict[str, Any]], methods: list[str]
+) -> list[str]:
     reqs = per_request_answers(data, samples)
-    if reqs:
-        r = reqs[0]
-        w("## One held-out request, every method\n")
-        w(f"**Request:** {_cell_md(r['input'])}\n")
-        w("**Your text:**\n")
-        w(_quote(r["person"]) + "\n")
-        for m in methods:
-            answers = r["answers"].get(m) or [""]
-            w(f"**{ev.method_label(m)}:**\n")
-            w(_quote(answers[0]) + "\n")
+    if not reqs:
+        return []
+    r = reqs[0]
+    out = ["## One held-out request, every method\n", f"**Request:** {_cell_md(r['input'])}\n"]
+    out += ["**Your text:**\n", _quote(r["person"]) + "\n"]
+    for m in methods:
+        answers = r["answers"].get(m) or [""]
+        out += [f"**{ev.method_label(m)}:**\n", _quote(answers[0]) + "\n"]
+    return out
 
-    # cost
-    w("## Cost\n")
-    w(
-        "| method | data needed | sampling (s, overlapped) | tokens sampled | training (s) | steps | tokens trained |"
-    )
-    w("|---|---|---|---|---|---|---|")
+
+def _cost_section(data: dict[str, Any], methods: list[str]) -> list[str]:
+    metrics = data.get("metrics", {})
+    out = [
+        "## Cost\n",
+        "| method | data needed | sampling (s, overlapped) | tokens sampled | training (s) | steps | tokens trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         c = metrics.get(m, {}).get("cost", {})
         t = c.get("training") or {}
-        w(
+        out.append(
             f"| {ev.method_label(m)} | {c.get('data', '')} | {_num(c.get('sampling_seconds'), 1)} | {_num(c.get('sampled_tokens'))} | "
             f"{_num(t.get('seconds'), 0)} | {_num(t.get('steps'))} | {_num(t.get('tokens'), 0) if t.get('tokens') is not None else 'not logged'} |"
         )
-    w(f"\nThe whole evaluation took {_num(data.get('wall_seconds'), 0)} s.\n")
-
-    w("## Analysis\n")
-    out.extend(analysis(data, previous))
-    return "\n".join(out).rstrip() + "\n"
+    out.append(f"\nThe whole evaluation took {_num(data.get('wall_seconds'), 0)} s.\n")
+    return out
 
 
 def _pct(x: Any) -> str:
@@ -514,11 +616,16 @@ def _cmp(data: dict[str, Any], a: str, b: str, key: str, lower_better: bool) -> 
     return f"{word} ({va:.3f} vs {vb:.3f}){note}"
 
 
+NO_DECISION = "no result (the judge decided almost nothing)"
+
+
 def _judge_rate(data: dict[str, Any], a: str, b: str) -> str:
     c = data.get("judge_matrix", {}).get(a, {}).get(b)
     if not c or not c.get("n"):
         return "not judged"
-    return f"{100 * c['rate']:.0f}% [{100 * c['low']:.0f}–{100 * c['high']:.0f}], n={c['n']}"
+    if ev.judge_decided_nothing(data):
+        return NO_DECISION
+    return _rate(c)
 
 
 def analysis(data: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
@@ -589,6 +696,11 @@ def analysis(data: dict[str, Any], previous: dict[str, Any] | None = None) -> li
                 w(
                     f"  - `{h['id']}` ({h['judge_wins']} wins, {h['judge_losses']} losses): {'; '.join(h['reasons'])}"
                 )
+        elif ev.judge_decided_nothing(data):
+            w(
+                "- The judge decided (almost) nothing, so it preferred no sample: reward hacking "
+                "cannot be checked with it."
+            )
         else:
             w("- No sample the judge preferred was rejected by you or drifted in length or style.")
         if not data.get("human", {}).get("n_picks"):
@@ -666,7 +778,9 @@ def _dev(data: dict[str, Any], m: str) -> str:
     d = data.get("dev_win_rates", {}).get(m)
     if not d or not d.get("n"):
         return "not measured (no results/rl_dev_data.jsonl)"
-    return f"{100 * d['rate']:.0f}% [{100 * d['low']:.0f}–{100 * d['high']:.0f}], n={d['n']}"
+    if ev.judge_decided_nothing(data):
+        return NO_DECISION
+    return _rate(d)
 
 
 def _ranks(data: dict[str, Any]) -> dict[str, int]:

@@ -25,10 +25,20 @@ the same comparison is the same tokens on both backends. Two output modes:
 
 Position bias
 -------------
-Each comparison is judged in both orders (A,B) and (B,A); the order-corrected verdicts
-are combined by :func:`combine_orders`: agreement gives that preference, anything else
-(disagreement, or an unparsable side) is a tie. :class:`JudgeStats` counts the
-position-consistency and unparsable rates to report wherever the judge is used.
+Each comparison is judged in both orders (A,B) and (B,A). Where the judge scores the two
+verdicts by log-probability, m_AB = log p("[RESULT] A") - log p("[RESULT] B") with the pair
+shown as (A, B), and m_BA the same margin with the pair swapped. The **position-balanced
+preference** is s = (m_AB - m_BA) / 2 (positive: A, the first completion of the original
+order, is preferred, the same sign as ``preference``); the **position bias** is
+b = (m_AB + m_BA) / 2 (positive: the judge favours whichever answer is shown first). A
+constant preference for a slot cancels exactly in s (the balanced position calibration of
+Wang et al., 2023). :func:`combine_margins` turns s into a preference (a tie only when
+|s| < ``tie_margin`` nats): ``combine = "calibrated"``. Where there are no margins (a sampled
+verdict), or with ``combine = "agree"``, :func:`combine_orders` applies MT-Bench's rule:
+both orders must name the same completion, anything else is a tie. Every record says which
+rule decided it (``combined_by``). :class:`JudgeStats` counts the share decided, the mean
+position bias, position consistency and the unparsable rate, to report wherever the judge
+is used.
 """
 
 from __future__ import annotations
@@ -54,6 +64,12 @@ TIE = 0
 
 JudgeMode = Literal["feedback", "verdict"]
 JUDGE_MODES: tuple[str, ...] = ("feedback", "verdict")
+COMBINE_RULES: tuple[str, ...] = ("calibrated", "agree")
+# |s| below this many nats is a tie under the calibrated rule. A judge with no signal gives
+# |s| of a few hundredths to a few tenths (measured: -0.25..+0.09 nats on the example data),
+# a float32 forward pass differs by ~1e-4 between batch shapes; 0.05 keeps exact and
+# near-exact indifference a tie without hiding a real lean (reward_model.tie_margin).
+DEFAULT_TIE_MARGIN = 0.05
 
 # prometheus-eval's REL_SYSTEM_PROMPT.
 SYSTEM_PROMPT = (
@@ -357,6 +373,22 @@ def combine_orders(verdict_ab: Verdict, verdict_ba: Verdict) -> int:
     return first if first == second else TIE
 
 
+def balanced(margin_ab: float, margin_ba: float) -> tuple[float, float]:
+    """``(s, b)``: the position-balanced preference and the position bias, in nats."""
+    return (margin_ab - margin_ba) / 2.0, (margin_ab + margin_ba) / 2.0
+
+
+def combine_margins(
+    margin_ab: float, margin_ba: float, tie_margin: float = DEFAULT_TIE_MARGIN
+) -> int:
+    """The preference for (A, B) from both orders' margins: the sign of s, a tie when
+    |s| < ``tie_margin``. A constant slot bias cancels."""
+    s, _b = balanced(margin_ab, margin_ba)
+    if abs(s) < tie_margin or s == 0:
+        return TIE
+    return PREFER_A if s > 0 else PREFER_B
+
+
 def is_consistent(verdict_ab: Verdict, verdict_ba: Verdict) -> bool:
     """Both orders parsed and named the same completion."""
     return verdict_ab.preference != TIE and verdict_ab.preference == -verdict_ba.preference
@@ -366,6 +398,9 @@ def is_consistent(verdict_ab: Verdict, verdict_ba: Verdict) -> bool:
 class JudgeStats:
     """Running counts over judged comparisons.
 
+    - ``decided_share``: comparisons with a preference (not a tie) / comparisons;
+    - ``mean_position_bias``: mean b (nats) over comparisons with both margins; positive:
+      the first-shown answer is favoured (None without margins);
     - ``unparsable_rate``: unparsable answers / answers requested;
     - ``consistency_rate``: comparisons whose two orders agree / comparisons with both
       orders parsed (None until one exists), so it is independent of the unparsable rate;
@@ -382,6 +417,8 @@ class JudgeStats:
     wins_a: int = 0
     wins_b: int = 0
     ties: int = 0
+    with_margins: int = 0
+    bias_total: float = 0.0
 
     def add_answer(self, verdict: Verdict) -> None:
         self.answers += 1
@@ -390,8 +427,14 @@ class JudgeStats:
         elif verdict is Verdict.A:
             self.first_position += 1
 
-    def add(self, preference: int, verdict_ab: Verdict, verdict_ba: Verdict | None) -> None:
-        """Count one comparison (its answers included)."""
+    def add(
+        self,
+        preference: int,
+        verdict_ab: Verdict,
+        verdict_ba: Verdict | None,
+        bias: float | None = None,
+    ) -> None:
+        """Count one comparison (its answers included); ``bias``: its b, when it has margins."""
         self.comparisons += 1
         self.add_answer(verdict_ab)
         if verdict_ba is not None:
@@ -399,12 +442,18 @@ class JudgeStats:
             if verdict_ab is not Verdict.UNPARSABLE and verdict_ba is not Verdict.UNPARSABLE:
                 self.both_parsed += 1
                 self.consistent += int(is_consistent(verdict_ab, verdict_ba))
+        if bias is not None:
+            self.with_margins += 1
+            self.bias_total += bias
         if preference == PREFER_A:
             self.wins_a += 1
         elif preference == PREFER_B:
             self.wins_b += 1
         else:
             self.ties += 1
+
+    def add_record(self, record: JudgeRecord) -> None:
+        self.add(record.preference, record.verdict_ab, record.verdict_ba, record.bias)
 
     @property
     def unparsable_rate(self) -> float:
@@ -419,6 +468,14 @@ class JudgeStats:
         parsed = self.answers - self.unparsable
         return self.first_position / parsed if parsed else None
 
+    @property
+    def decided_share(self) -> float | None:
+        return (self.wins_a + self.wins_b) / self.comparisons if self.comparisons else None
+
+    @property
+    def mean_position_bias(self) -> float | None:
+        return self.bias_total / self.with_margins if self.with_margins else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "comparisons": self.comparisons,
@@ -432,6 +489,9 @@ class JudgeStats:
             "wins_a": self.wins_a,
             "wins_b": self.wins_b,
             "ties": self.ties,
+            "decided_share": self.decided_share,
+            "with_margins": self.with_margins,
+            "mean_position_bias": self.mean_position_bias,
         }
 
 
@@ -459,6 +519,7 @@ def tournament_rewards(
     results: Sequence[tuple[int, int, int]],
     stopped: Sequence[bool] | None = None,
     format_penalty: float = 1.0,
+    graded: bool = False,
 ) -> list[float]:
     """Reward of each of ``n`` completions from its matchups.
 
@@ -470,7 +531,10 @@ def tournament_rewards(
     score = [0.0] * n
     matches = [0] * n
     for i, j, preference in results:
-        sign = PREFER_A if preference > 0 else PREFER_B if preference < 0 else TIE
+        if graded:  # an outcome in [-1, 1] (margin_rewards), not a verdict
+            sign = float(preference)
+        else:
+            sign = PREFER_A if preference > 0 else PREFER_B if preference < 0 else TIE
         score[i] += sign
         score[j] -= sign
         matches[i] += 1
@@ -483,6 +547,26 @@ def tournament_rewards(
             r - (0.0 if ok else format_penalty) for r, ok in zip(rewards, stopped, strict=True)
         ]
     return rewards
+
+
+# Calibrated margins are clipped to this many nats before averaging into a reward, so one
+# confident matchup cannot outweigh the rest and the scale matches the wins reward ([-1, 1]).
+MARGIN_CLIP = 1.0
+
+
+def margin_rewards(
+    n: int,
+    results: Sequence[tuple[int, int, float]],
+    stopped: Sequence[bool] | None = None,
+    format_penalty: float = 1.0,
+    clip: float = MARGIN_CLIP,
+) -> list[float]:
+    """Like :func:`tournament_rewards` with a graded outcome: ``results`` holds
+    ``(i, j, s)`` with s the calibrated preference for ``i`` over ``j`` in nats; reward_k is
+    the mean of s (clipped to ±``clip``) over k's matches, from k's side. A group ties only
+    where the judge is really indifferent."""
+    graded = [(i, j, max(-clip, min(clip, s)) / clip) for i, j, s in results]
+    return tournament_rewards(n, graded, stopped, format_penalty, graded=True)
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
@@ -504,7 +588,9 @@ def has_zero_variance(rewards: Sequence[float], tol: float = 1e-9) -> bool:
 @dataclass
 class JudgeRecord:
     """One judged comparison. ``text_ba``/``verdict_ba`` are for the swapped order (None if
-    only one order was judged); ``verdict_ba`` names positions in that swapped order."""
+    only one order was judged); ``verdict_ba`` names positions in that swapped order.
+    ``margin_ab``/``margin_ba`` are log p(A) - log p(B) in each shown order (None when the
+    verdicts were sampled); ``combined_by`` is the rule that made ``preference``."""
 
     preference: int
     text_ab: str
@@ -512,11 +598,28 @@ class JudgeRecord:
     text_ba: str | None = None
     verdict_ba: Verdict | None = None
     consistent: bool = False
+    margin_ab: float | None = None
+    margin_ba: float | None = None
+    combined_by: str = "agree"
 
     @property
     def unparsable(self) -> int:
         """How many of this record's answers were unparsable."""
         return sum(v is Verdict.UNPARSABLE for v in (self.verdict_ab, self.verdict_ba))
+
+    @property
+    def s(self) -> float | None:
+        """The position-balanced preference (nats; > 0: A preferred), None without margins."""
+        if self.margin_ab is None or self.margin_ba is None:
+            return None
+        return balanced(self.margin_ab, self.margin_ba)[0]
+
+    @property
+    def bias(self) -> float | None:
+        """b, the position bias (nats; > 0: the first-shown answer favoured)."""
+        if self.margin_ab is None or self.margin_ba is None:
+            return None
+        return balanced(self.margin_ab, self.margin_ba)[1]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -526,6 +629,11 @@ class JudgeRecord:
             "text_ba": self.text_ba,
             "verdict_ba": None if self.verdict_ba is None else str(self.verdict_ba),
             "consistent": self.consistent,
+            "m_ab": self.margin_ab,
+            "m_ba": self.margin_ba,
+            "s": self.s,
+            "b": self.bias,
+            "combined_by": self.combined_by,
         }
 
 
@@ -534,19 +642,37 @@ def make_record(
     text_ba: str | None,
     verdict_ab: Verdict | None = None,
     verdict_ba: Verdict | None = None,
+    *,
+    margin_ab: float | None = None,
+    margin_ba: float | None = None,
+    combine: str = "calibrated",
+    tie_margin: float = DEFAULT_TIE_MARGIN,
 ) -> JudgeRecord:
-    """A record from raw answer texts (parsed here unless verdicts are given)."""
+    """A record from raw answer texts (parsed here unless verdicts are given). With both
+    margins and ``combine = "calibrated"`` the preference is :func:`combine_margins`'s;
+    otherwise :func:`combine_orders`'s agreement rule."""
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {', '.join(COMBINE_RULES)}, not {combine!r}")
     v_ab = verdict_ab if verdict_ab is not None else parse_verdict(text_ab)
     if text_ba is None and verdict_ba is None:
-        return JudgeRecord(v_ab.preference, text_ab, v_ab)
+        return JudgeRecord(v_ab.preference, text_ab, v_ab, margin_ab=margin_ab)
     v_ba = verdict_ba if verdict_ba is not None else parse_verdict(text_ba)
+    calibrated = combine == "calibrated" and margin_ab is not None and margin_ba is not None
+    preference = (
+        combine_margins(margin_ab, margin_ba, tie_margin)  # type: ignore[arg-type]
+        if calibrated
+        else combine_orders(v_ab, v_ba)
+    )
     return JudgeRecord(
-        preference=combine_orders(v_ab, v_ba),
+        preference=preference,
         text_ab=text_ab,
         verdict_ab=v_ab,
         text_ba=text_ba,
         verdict_ba=v_ba,
         consistent=is_consistent(v_ab, v_ba),
+        margin_ab=margin_ab,
+        margin_ba=margin_ba,
+        combined_by="calibrated" if calibrated else "agree",
     )
 
 
@@ -598,7 +724,11 @@ class Judge(_JudgeBase):
         concurrency: int = 64,
         seed: int | None = 0,
         verdict_by: str = "auto",
+        combine: str = "calibrated",
+        tie_margin: float = DEFAULT_TIE_MARGIN,
     ) -> None:
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE_RULES)}, not {combine!r}")
         if verdict_by not in ("auto", "logprobs", "sample"):
             raise ValueError(f"verdict_by must be auto, logprobs or sample, not {verdict_by!r}")
         if mode not in JUDGE_MODES:
@@ -612,6 +742,8 @@ class Judge(_JudgeBase):
         self.temperature = float(temperature)
         self.concurrency = max(1, int(concurrency))
         self.seed = seed
+        self.combine = combine
+        self.tie_margin = float(tie_margin)
         self.stats = JudgeStats()
         self._failure: Exception | None = None  # the first failed request of a batch
         # In verdict mode the answer is a forced choice between "[RESULT] A" and "[RESULT] B"
@@ -639,7 +771,12 @@ class Judge(_JudgeBase):
         logprobs = await _resolve(self.sampler.client.compute_logprobs(full))
         return float(sum(lp for lp in logprobs[-len(target) :] if lp is not None))
 
-    async def _answer(self, comparison: Comparison, sem: asyncio.Semaphore) -> str:
+    async def _answer(
+        self, comparison: Comparison, sem: asyncio.Semaphore
+    ) -> tuple[str, float | None]:
+        """The answer text, and the margin log p(A) - log p(B) where the verdict is scored
+        (None where it is sampled: Tinker returns the sampled token's logprob only, not the
+        other letter's, so a sampled verdict has no margin and falls back to agreement)."""
         prompt = build_judge_prompt(self.sampler.renderer, comparison, self.mode)
         if self.verdict_by == "logprobs":
             async with sem:
@@ -652,23 +789,24 @@ class Judge(_JudgeBase):
                 except Exception as exc:  # a failed request is an unparsable answer
                     logger.warning("judge request failed: %s", exc)
                     self._failure = self._failure or exc
-                    return ""
+                    return "", None
             if a == b:
-                return f"no preference (log p of A and B both {a:.3f})"
-            return f"{verdict_text(PREFER_A if a > b else PREFER_B)} (log p A {a:.3f}, B {b:.3f})"
+                return f"no preference (log p of A and B both {a:.3f})", 0.0
+            verdict = verdict_text(PREFER_A if a > b else PREFER_B)
+            return f"{verdict} (log p A {a:.3f}, B {b:.3f})", a - b
         async with sem:
             try:
                 future = self.sampler.client.sample(
                     prompt=prompt, num_samples=1, sampling_params=self._params()
                 )
                 result = await _resolve(future)
-                return self.sampler.decode(result.sequences[0].tokens)
+                return self.sampler.decode(result.sequences[0].tokens), None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # one failed request is an unparsable answer, not a crash
                 logger.warning("judge request failed: %s", exc)
                 self._failure = self._failure or exc
-                return ""
+                return "", None
 
     async def judge(self, comparisons: Sequence[Comparison]) -> list[JudgeRecord]:
         """One record per comparison, in order. A failed request counts as an unparsable
@@ -682,25 +820,32 @@ class Judge(_JudgeBase):
             if self.both_orders:
                 tasks.append(asyncio.ensure_future(self._answer(c.swap(), sem)))
         try:
-            texts = await asyncio.gather(*tasks)
+            answers = await asyncio.gather(*tasks)
         finally:  # on cancellation, nothing is left running behind the caller
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if texts and self._failure is not None and not any(t for t in texts):
+        if answers and self._failure is not None and not any(t for t, _m in answers):
             raise JudgeUnavailable(
                 f"every judge request failed; the first: {self._failure}"
             ) from self._failure
         step = 2 if self.both_orders else 1
         records = []
         for k in range(len(comparisons)):
-            text_ab = texts[k * step]
-            text_ba = texts[k * step + 1] if self.both_orders else None
-            record = make_record(text_ab, text_ba)
+            text_ab, margin_ab = answers[k * step]
+            text_ba, margin_ba = answers[k * step + 1] if self.both_orders else (None, None)
+            record = make_record(
+                text_ab,
+                text_ba,
+                margin_ab=margin_ab,
+                margin_ba=margin_ba,
+                combine=self.combine,
+                tie_margin=self.tie_margin,
+            )
             for text, verdict in ((text_ab, record.verdict_ab), (text_ba, record.verdict_ba)):
                 if verdict is Verdict.UNPARSABLE:
                     logger.info("unparsable judge answer: %r", (text or "")[:300])
-            self.stats.add(record.preference, record.verdict_ab, record.verdict_ba)
+            self.stats.add_record(record)
             records.append(record)
         return records
 
@@ -710,23 +855,51 @@ class RuleJudge(_JudgeBase):
     """Same interface as :class:`Judge`, no model: prefers the shorter completion (in
     characters). tinker-cookbook's own demo of pairwise RL; for tests.
 
-    Equal lengths answer "A" in both orders, so they combine to a tie the way a
-    position-biased model's answers would (and count as position-inconsistent).
+    It answers like a scoring judge: the margin for the shown order is ``strength`` nats
+    toward the shorter answer (0 for equal lengths) plus ``slot_bias`` toward the first
+    shown, and the verdict text is the margin's sign ("A" when it is 0). With ``slot_bias``
+    above ``strength`` every answer is "A": the agreement rule then ties everything, the
+    calibrated rule recovers the lengths exactly.
     """
 
     both_orders: bool = True
     key: Callable[[str], float] = field(default=lambda text: len(text.strip()))
     stats: JudgeStats = field(default_factory=JudgeStats)
+    slot_bias: float = 0.0
+    strength: float = 1.0
+    combine: str = "calibrated"
+    tie_margin: float = DEFAULT_TIE_MARGIN
 
-    def _answer(self, comparison: Comparison) -> str:
+    def _margin(self, comparison: Comparison) -> float:
         a, b = self.key(comparison.completion_a), self.key(comparison.completion_b)
-        return "[RESULT] A" if a <= b else "[RESULT] B"
+        signal = self.strength if a < b else -self.strength if a > b else 0.0
+        return signal + self.slot_bias
+
+    def _answer(self, comparison: Comparison) -> tuple[str, float]:
+        m = self._margin(comparison)
+        return ("[RESULT] A" if m >= 0 else "[RESULT] B"), m
 
     async def judge(self, comparisons: Sequence[Comparison]) -> list[JudgeRecord]:
         records = []
         for c in comparisons:
-            text_ba = self._answer(c.swap()) if self.both_orders else None
-            record = make_record(self._answer(c), text_ba)
-            self.stats.add(record.preference, record.verdict_ab, record.verdict_ba)
+            text_ab, m_ab = self._answer(c)
+            text_ba, m_ba = self._answer(c.swap()) if self.both_orders else (None, None)
+            record = make_record(
+                text_ab,
+                text_ba,
+                margin_ab=m_ab,
+                margin_ba=m_ba,
+                combine=self.combine,
+                tie_margin=self.tie_margin,
+            )
+            self.stats.add_record(record)
             records.append(record)
         return records
+
+
+# --------------------------------------------------------------------------- trust
+
+
+# A judge that decided fewer than this share of its comparisons decided "(almost) nothing":
+# its win rates are ties, not results, and are not shown as if they were.
+ALMOST_NOTHING = 0.1

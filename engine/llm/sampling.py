@@ -64,6 +64,29 @@ class Sampler:
         num_samples: int = 1,
         trim_repeats: bool = True,
     ) -> list[str]:
+        counted = await self.generate_counted(
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            num_samples=num_samples,
+            trim_repeats=trim_repeats,
+        )
+        return [text for text, _tokens in counted]
+
+    async def generate_counted(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int = 160,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        num_samples: int = 1,
+        trim_repeats: bool = True,
+    ) -> list[tuple[str, int]]:
+        """Like :meth:`generate`, each text with the number of tokens the model sampled."""
         prompt = self.renderer.build_generation_prompt(messages)
         params = tinker.SamplingParams(
             max_tokens=int(max_tokens),
@@ -75,8 +98,11 @@ class Sampler:
         result = await resolve(
             self.client.sample(prompt=prompt, num_samples=num_samples, sampling_params=params)
         )
-        texts = [self.decode(seq.tokens) for seq in result.sequences]
-        return [trim_repetition(t) if trim_repeats else t for t in texts]
+        out = []
+        for seq in result.sequences:
+            text = self.decode(seq.tokens)
+            out.append((trim_repetition(text) if trim_repeats else text, len(seq.tokens)))
+        return out
 
 
 async def open_sampler(

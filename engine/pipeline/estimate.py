@@ -545,7 +545,12 @@ def _validation(cost: _Cost, ws: Workspace) -> bool:
 
 def _reward_model(cost: _Cost, ws: Workspace) -> None:
     from engine.llm.judge import training_messages
-    from engine.stages.reward_model import OWN_SOURCES, _canonical, _split_own, build_own_pairs
+    from engine.stages.reward_model import (
+        OWN_SOURCES,
+        build_own_pairs,
+        canonical_examples,
+        split_own_pairs,
+    )
 
     cfg = cost.config.reward_model
     mode = cost.judge_mode()
@@ -560,7 +565,7 @@ def _reward_model(cost: _Cost, ws: Workspace) -> None:
             own = build_own_pairs(
                 _split(cost, ws).train, {k: v for k, v in rows.items() if v}, rubric
             )
-            own_train, own_held = _split_own(own, cfg.seed)
+            own_train, own_held = split_own_pairs(own, cfg.seed)
             train += own_train
             held += own_held
         lengths = [
@@ -584,7 +589,7 @@ def _reward_model(cost: _Cost, ws: Workspace) -> None:
         steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(len(lengths) / batch))
         cost.train("judge", steps, batch * _mean(lengths))
         cost.checkpoints("judge", _checkpoint_count(steps, cfg.checkpoint_every))
-        canon = _canonical(held)
+        canon = canonical_examples(held)
         if canon:
             evals = 2 + (
                 (steps - 1) // cfg.checkpoint_every if cfg.checkpoint_every and steps > 0 else 0
@@ -598,8 +603,42 @@ def _reward_model(cost: _Cost, ws: Workspace) -> None:
         )
     elif not cfg.train:
         cost.note("reward_model.train = false: no training")
-    if (cfg.validate or cfg.validate_only) and not _validation(cost, ws):
-        cost.note("no baseline and SFT outputs yet: validation skipped")
+    if cfg.validate or cfg.validate_only:
+        _judge_accuracy(cost, ws, judges=2 if cfg.train and not cfg.validate_only else 1)
+        if not _validation(cost, ws):
+            cost.note("no baseline and SFT outputs yet: validation skipped")
+
+
+def _judge_accuracy(cost: _Cost, ws: Workspace, judges: int) -> None:
+    """The judge's accuracy check (engine.llm.judge_accuracy): base and few-shot samples for
+    each held-out request (drawn once, then kept), and every judge's verdicts on the person's
+    text against each of them."""
+    from engine.llm.judge import Comparison
+    from engine.llm.judge_accuracy import ACCURACY_FILE, ACCURACY_SAMPLES
+
+    held = _split(cost, ws).holdout
+    if not held:
+        return
+    if not ws.result(ACCURACY_FILE).exists():
+        cost.load("policy")
+        counter = cost.counter("policy")
+        prompts = [int(counter.prompt(_user(d["input"]))) for d in held]
+        for _ in ("base", "few-shot"):
+            cost.sample(
+                "policy",
+                prompts,
+                rows=ACCURACY_SAMPLES,
+                max_tokens=cost.config.sampling.max_tokens,
+                in_flight=cost.config.reward_model.concurrency,
+                part="judge accuracy",
+            )
+    rubric = str(ws.load_prompts().get("rubric", "")).strip()
+    n = len(held) * 2 * ACCURACY_SAMPLES
+    tokens = _judge_prompt_tokens(
+        cost, Comparison(_user(held[0]["input"]), held[0]["output"], held[0]["output"], rubric)
+    )
+    cost.judge(judges * n, tokens, part="judge accuracy")
+    cost.note(f"judge accuracy: {judges} × {_plural(n, 'comparison')} on held-out requests")
 
 
 def _rl_prompts(cost: _Cost, ws: Workspace) -> None:
@@ -850,9 +889,9 @@ def _evaluate(cost: _Cost, ws: Workspace) -> None:
         dev_rows = _rl_rows(ws, RL_DEV_FILE) if cfg.dev_prompts else None
         n_dev = len(dev_rows[: cfg.dev_prompts]) if dev_rows else 0
         if n_dev and any(name == "baseline" for name, _, _ in methods):
-            from engine.stages.evaluate import _dev_turns  # the stage's own reading
+            from engine.stages.evaluate import dev_turns  # the stage's own reading
 
-            turns = [t for t in (_dev_turns(r) for r in dev_rows[:n_dev]) if t]
+            turns = [t for t in (dev_turns(r) for r in dev_rows[:n_dev]) if t]
             dev_prompt = _mean([counter.prompt(t) for t in turns])
             for group in groups:
                 size = sum(1 for _, g, _ in methods if g == group)

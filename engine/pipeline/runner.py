@@ -39,9 +39,9 @@ from engine.run.events import (
     event_from_dict,
     event_to_dict,
 )
-from engine.store.atomic import atomic_write_json, atomic_write_toml, pid_alive
+from engine.store.atomic import atomic_write_json, atomic_write_toml, check_writable, pid_alive
 from engine.store.checkpoint_retention import disk_usage, prune_checkpoints
-from engine.store.checkpoints import read_registry
+from engine.store.checkpoints import load_registry, read_registry, require_registry
 from engine.store.config import ConfigError, redact, snapshot
 from engine.store.settings import PersonaConfig
 from engine.store.workspace import RESULT_FILES, Workspace, WorkspaceError
@@ -77,7 +77,7 @@ def _marker_is_live(marker: dict[str, Any]) -> bool:
             cmdline = " ".join(psutil.Process(pid).cmdline())
         except Exception:
             return True
-        return any(k in cmdline for k in ("persona", "engine.cli", "tui", "pytest"))
+        return any(k in cmdline for k in ("persona", "engine.cli", "tui"))
     now = _process_started(pid)
     return now is None or abs(now - float(recorded)) < 2.0
 
@@ -116,7 +116,25 @@ def _failure_message(stage: str, exc: BaseException, run_dir: Path, ws: Workspac
 DEFAULT_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "synth-outputs": ((f"results/{RESULT_FILES['synth-inputs']}", "synth-inputs"),),
     "sft": ((f"results/{RESULT_FILES['synth-outputs']}", "synth-outputs"),),
+    "rlaif": ((f"results/{RESULT_FILES['rl-prompts']}", "rl-prompts"),),
 }
+
+# The entries of results/checkpoints.toml each stage reads (None: every entry). An unreadable
+# registry, or one of these entries with a wrong type, stops the stage before it starts: a
+# stage that cannot see a checkpoint would train again from scratch, fall back to the base
+# judge or evaluate fewer methods, and then write over what was there.
+REGISTRY_READS: dict[str, tuple[str, ...] | None] = {
+    "sft": ("sft",),
+    "reward-model": ("reward-model",),
+    "rlaif": ("rlaif", "sft", "reward-model"),
+    "ditto": ("ditto", "sft-demos"),
+    "evaluate": None,
+}
+
+# The stages that ask for the held-out split (data/holdout.json checked against the demos).
+SPLIT_STAGES = frozenset(
+    {"synth-inputs", "sft", "reward-model", "rl-prompts", "rlaif", "ditto", "evaluate"}
+)
 
 
 @dataclass
@@ -127,6 +145,7 @@ class Plan:
     spec: Any
     config: PersonaConfig
     secrets: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # logged once the run has started
 
 
 def preflight(
@@ -154,19 +173,71 @@ def preflight(
             stage=name,
             message=f"{name} is already running ({ws.rel(busy)}). Wait for it or stop it first.",
         )
-    spec_inputs = getattr(spec, "inputs", None)
-    inputs = tuple((p, "") for p in spec_inputs) if spec_inputs else DEFAULT_INPUTS.get(name, ())
-    for rel, producer in inputs:
+    for rel, producer in DEFAULT_INPUTS.get(name, ()):
         if not (ws.root / rel).exists():
             hint = f": run `persona run {producer}` first" if producer else ""
             return StageFailed(stage=name, message=f"{rel} not found{hint}.")
-    hook = getattr(spec, "preflight", None)
-    if hook is not None:
-        try:
-            hook(ws, cfg)
-        except PersonaError as e:
-            return StageFailed(stage=name, message=str(e))
-    return Plan(name=name, spec=spec, config=cfg, secrets=ws.secrets())
+    try:
+        for folder in (ws.results_dir, ws.runs_dir):  # full or read-only: now, not at the end
+            check_writable(folder)
+        _check_setting_inputs(ws, cfg, name)
+        _check_split(ws, cfg, name)
+        warnings = _check_registry(ws, name)
+    except PersonaError as e:
+        return StageFailed(stage=name, message=str(e))
+    return Plan(name=name, spec=spec, config=cfg, secrets=ws.secrets(), warnings=warnings)
+
+
+def _check_registry(ws: Workspace, name: str) -> list[str]:
+    """Raise RegistryError when the stage reads an entry it cannot use; return the problems
+    of the entries it does not read (they are kept as written, and named in its log)."""
+    if name not in REGISTRY_READS:
+        return []
+    read = require_registry(ws.results_dir, REGISTRY_READS[name])
+    return [f"{msg} (kept as written)" for msg in read.problems.values()]
+
+
+def _check_setting_inputs(ws: Workspace, cfg: PersonaConfig, name: str) -> None:
+    """The inputs that depend on settings (DEFAULT_INPUTS has the fixed ones): reward-model's
+    judge needs training pairs, or outputs to be checked on."""
+    if name != "reward-model":
+        return
+    rm = cfg.reward_model
+
+    def have(stage: str) -> bool:
+        return ws.result(RESULT_FILES[stage]).exists()
+
+    if rm.validate_only:
+        for stage in ("baseline", "sft"):
+            if not have(stage):
+                raise PersonaError(
+                    f"results/{RESULT_FILES[stage]} not found: run `persona run {stage}` first "
+                    "(reward_model.validate_only checks the judge on baseline vs SFT outputs)."
+                )
+    elif (
+        rm.train
+        and not rm.dataset.strip()
+        and not (rm.own_pairs and (have("baseline") or have("prompting")))
+    ):
+        raise PersonaError(
+            "No judge training data: run `persona run baseline` and `persona run prompting` "
+            "(your own pairs), or point reward_model.dataset at a Preference-Collection file, "
+            "or set reward_model.train = false to use the base judge."
+        )
+
+
+def _check_split(ws: Workspace, cfg: PersonaConfig, name: str) -> None:
+    """A data/holdout.json entry that matches no demonstration stops the stages that use the
+    split (engine/store/split.py raises, naming it); unreadable demos are left to the stage."""
+    if name not in SPLIT_STAGES:
+        return
+    from engine.store.split import workspace_split
+
+    try:
+        ws.load_demos()
+    except (WorkspaceError, OSError):
+        return
+    workspace_split(ws, cfg.data, record=False)
 
 
 # -- the recorder: owns the run folder ---------------------------------------------------
@@ -223,9 +294,11 @@ class RunRecorder:
         """Keep the last ``runs.keep_checkpoints`` periodic checkpoints and the final one."""
         if self.run_dir is None:
             return
-        registry = read_registry(self.ws.results_dir)
+        read = load_registry(self.ws.results_dir)
+        if read.error or read.problems:  # what it protects is unknown: remove nothing
+            return
         protect = [
-            v for entry in registry.values() for k, v in entry.items() if k.endswith("_path")
+            v for entry in read.entries.values() for k, v in entry.items() if k.endswith("_path")
         ]
         prune_checkpoints(self.run_dir / "checkpoints", self.config.runs.keep_checkpoints, protect)
 
@@ -433,6 +506,8 @@ class Runner:
             final: Event | None = None
             try:
                 await emit(StageStarted(stage=name, run_dir=str(run_dir)))
+                for warning in plan.warnings:
+                    await emit(LogLine(warning, "warning"))
                 if wandb_listener is not None and wandb_listener.error:
                     await emit(LogLine(wandb_listener.error, "warning"))
                 agen = spec.run(ctx)
@@ -530,17 +605,45 @@ def _parse_event(line: bytes | str) -> Event | None:
 
 
 def load_run_events(run_dir: str | Path) -> list[Event]:
-    """Every event of a run, in order; a half-written last line (a crash) is skipped."""
+    """Every event of a run, in order. A line that cannot be read (half written by a crash, a
+    log cut short by a full disk or a truncation) is replaced by a warning naming the line,
+    so a replay says where its log is cut instead of silently missing the rest."""
     path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    parsed = (_parse_event(line) for line in path.read_text(encoding="utf-8").splitlines())
-    return [e for e in parsed if e is not None]
+    lines = data.split(b"\n")
+    terminated = lines[-1] == b""
+    if terminated:
+        lines.pop()
+    out: list[Event] = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        event = _parse_event(raw)
+        if event is None:
+            cut = n == len(lines) and not terminated
+            ts = getattr(out[-1], "ts", 0.0) if out else path.stat().st_mtime
+            event = LogLine(_cut_note(path, n, cut), "warning", ts=ts)
+        out.append(event)
+    return out
+
+
+def _cut_note(path: Path, line: int, cut: bool) -> str:
+    where = f"{path.parent.name}/{path.name}: line {line}"
+    if cut:
+        return (
+            f"{where} is cut off (the log ends mid-write: the process was killed, the disk "
+            "filled or the file was truncated); what came after it is not recorded"
+        )
+    return f"{where} cannot be read; replayed without it"
 
 
 def last_run_event(run_dir: str | Path, block: int = 65536) -> Event | None:
-    """The last event ``load_run_events`` would give, read from the end of the file: status
-    checks stay cheap however long a run's log grows."""
+    """The last readable event of a run's log (``load_run_events`` without its notes about
+    unreadable lines), read from the end of the file: status checks stay cheap however long
+    a run's log grows."""
     try:
         f = open(Path(run_dir) / "events.jsonl", "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
@@ -587,12 +690,6 @@ def _read_marker(run: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def marker_is_live(run: Path) -> bool:
-    """The run's marker was written by a process that still runs (not a dead or reused pid)."""
-    marker = _read_marker(run)
-    return marker is not None and _marker_is_live(marker)
-
-
 def _live_run(ws: Workspace, stage: str) -> Path | None:
     for run in list_runs(ws, stage):
         marker = _read_marker(run)
@@ -628,6 +725,16 @@ def run_state(run_dir: Path) -> tuple[str, str, float | None]:
     marker = _read_marker(run_dir)
     if marker is not None and (marker.get("pid") == os.getpid() or _marker_is_live(marker)):
         return "running", "", None
+    if not (run_dir / RUNNING_MARKER).exists() and last is not None:
+        # the process ended on its own (it removed its marker) but its log lacks the end:
+        # cut short (a full disk, a truncation), so say that rather than "killed"
+        return (
+            "interrupted",
+            f"The end of its log {run_dir.name}/events.jsonl is missing (cut short: a full "
+            "disk or a truncated file), so how the run ended is not recorded; run it again "
+            "to be sure.",
+            None,
+        )
     return (
         "interrupted",
         "The run stopped without finishing (killed or crashed); run it again to resume.",

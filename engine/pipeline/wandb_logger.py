@@ -29,6 +29,9 @@ class WandbListener:
             mode = "online" if key else "offline"
             if key:
                 os.environ["WANDB_API_KEY"] = key
+            # bounded like the Tinker connection: with a key and no network, wandb would
+            # otherwise retry for minutes before the stage starts
+            limit = cfg.backend.connect_timeout
             self._run = wandb.init(
                 project=w.project,
                 entity=w.entity or None,
@@ -38,9 +41,20 @@ class WandbListener:
                 mode=os.environ.get("WANDB_MODE", mode),
                 config=snapshot(cfg, secrets),
                 reinit="finish_previous",
+                settings=wandb.Settings(
+                    init_timeout=limit,
+                    login_timeout=limit,
+                    x_graphql_timeout_seconds=limit,
+                    x_graphql_retry_max=1,
+                ),
             )
         except Exception as e:  # wandb is optional: never fail the stage for it
-            self.error = f"wandb disabled: {e}"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            self.error = (
+                f"wandb disabled: {first}; the metrics stay in {run_dir.name}/metrics.jsonl "
+                f"(wandb waits at most backend.connect_timeout = {cfg.backend.connect_timeout:g}"
+                " s; WANDB_MODE=offline logs them offline)"
+            )
 
     def __call__(self, event: Event) -> Any:
         if self._run is None:

@@ -45,6 +45,8 @@ NOT_FINGERPRINTED = (
     "validate_only",
     "rubric",  # reward-model: the rubric of that check
     "train",  # reward-model: whether to train at all (false uses the base judge)
+    "combine",  # reward-model: how a verdict is read from both orders (rlaif fingerprints it)
+    "tie_margin",  # reward-model: the same
 )
 
 Action = Literal["reuse", "resume", "fresh"]

@@ -1,4 +1,4 @@
-"""The stage registry: DESIGN.md's table, in order."""
+"""The stage registry: the study's stages in order (README's stage table)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ async def sample_demo_inputs(
     todo = [i for i in range(len(demos)) if i not in failed]
     guarded = _Guarded(sampler, cfg.seed)
     outputs: list[str | None] = [None] * len(demos)
-    yield Progress(0, len(demos), f"{source}: sampling")
+    yield Progress(0, len(todo), f"{source}: sampling")  # the same total as every step
     done = 0
     async for j, text in generate_many(
         ctx,

@@ -3,9 +3,8 @@
 Training data (any mix):
   - the person's own pairs (``reward_model.own_pairs``), built offline: for each TRAINING
     demonstration (ctx.split().train; held-out ones never), the person's text preferred over
-    the baseline sample and over the prompted sample for the same request
-    (results/baseline_results.json, results/prompt_engineering_results.json), with the
-    rubric of data/prompts.toml, in both orders;
+    every stage's sample for the same request (baseline, prompting, sft, ditto: OWN_SOURCES),
+    with the rubric of data/prompts.toml, in both orders;
   - a Preference-Collection file (``reward_model.dataset``, parquet or jsonl; see
     engine.llm.preference_data), ``max_examples`` rows, its first ``heldout_examples`` kept aside.
 
@@ -20,6 +19,11 @@ the same data is reused, so a rerun after a kill during validation only validate
 Live metrics: train/loss, rm/heldout_accuracy, rm/position_consistency, rm/unparsable_rate
 (held-out: the dataset's held-out rows and the own pairs of a few training demonstrations).
 
+Accuracy (:func:`accuracy_block`, engine.judge_accuracy): the base and the trained judge on
+the person's held-out texts against base and few-shot samples for the same requests, and on
+the pairs it trained on ("seen in training"), with Wilson intervals -> the summary's
+``accuracy`` block, with plain ``warnings`` when the judge cannot be trusted.
+
 Validation (:func:`validate_rubric`, also for the TUI): the judge compares baseline vs SFT
 outputs on every demonstration request with the current rubric, both orders ->
 results/rm_validation.json ({"summary", "records"}; records in the seed's shape, preference 1 =
@@ -33,12 +37,14 @@ import asyncio
 import hashlib
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import tinker
 
+from engine.eval.judge_trust import accuracy_lines, judge_warnings, person_accuracy
 from engine.llm.judge import (
     PREFER_A,
     PREFER_B,
@@ -48,6 +54,7 @@ from engine.llm.judge import (
     JudgeStats,
     training_messages,
 )
+from engine.llm.judge_accuracy import ACCURACY_FILE, Case, heldout_cases
 from engine.llm.preference_data import JudgeExample, load_preference_collection
 from engine.llm.sampling import Sampler, resolve
 from engine.run.context import StageContext, StageError
@@ -58,15 +65,19 @@ from engine.store.checkpoints import latest_checkpoint, record_checkpoint, regis
 from engine.store.results import (
     RESULT_FILES,
     RM_VALIDATION_FILE,
+    preference_problems,
     read_method_outputs,
     read_preferences,
+    read_rm_validation,
     write_rm_validation,
 )
 from engine.store.split import split_fingerprint
 
 OUTPUT = RM_VALIDATION_FILE
 STAGE = "reward-model"
-OWN_SOURCES = ("baseline", "prompting")
+# Every stage that samples the policy on the demonstrations: the judge trains on the person's
+# text preferred over each of them (for the training demonstrations only).
+OWN_SOURCES = ("baseline", "prompting", "sft", "ditto")
 
 
 def judge_mode(ctx: StageContext) -> str:
@@ -120,7 +131,7 @@ def build_own_pairs(
     return out
 
 
-def _split_own(
+def split_own_pairs(
     examples: list[JudgeExample], seed: int
 ) -> tuple[list[JudgeExample], list[JudgeExample]]:
     """Hold out the own pairs of about a fifth of the demonstrations (at least one when there
@@ -133,7 +144,7 @@ def _split_own(
     return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
 
 
-def _canonical(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
+def canonical_examples(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
     """One orientation per comparison (the other is judged by the both-orders judge)."""
     seen: set[tuple[str, str, str]] = set()
     out = []
@@ -149,7 +160,7 @@ def _canonical(examples: Sequence[JudgeExample]) -> list[JudgeExample]:
 # --------------------------------------------------------------------------- judges
 
 
-def _rm_entry(ctx: StageContext) -> dict[str, Any] | None:
+def trained_judge_entry(ctx: StageContext) -> dict[str, Any] | None:
     """The trained judge to use, or None for the base judge (none trained for this judge model
     and backend, or the last reward-model run said ``reward_model.train = false``: use_base)."""
     entry = latest_checkpoint(ctx.workspace.results_dir, STAGE)
@@ -176,7 +187,7 @@ async def open_judge(
 
     model = ctx.model("judge")
     svc = ctx.service_client()
-    entry = _rm_entry(ctx) if use_trained else None
+    entry = trained_judge_entry(ctx) if use_trained else None
     if entry:
         client = await resolve(
             svc.create_sampling_client(model_path=entry["sampler_path"], base_model=model)
@@ -191,9 +202,15 @@ async def open_judge(
     sampler = Sampler(
         client=client, renderer=get_renderer_for(model, tok), tokenizer=tok, model=model
     )
-    judge = Judge(sampler, mode=mode, concurrency=concurrency)
+    judge = Judge(sampler, mode=mode, concurrency=concurrency, **combine_settings(ctx))
     judge.checkpoint = entry["sampler_path"] if entry else None  # type: ignore[attr-defined]
     return judge, what
+
+
+def combine_settings(ctx: StageContext) -> dict[str, Any]:
+    """How every judge of this workspace turns both orders into a verdict."""
+    cfg = ctx.config.reward_model
+    return {"combine": cfg.combine, "tie_margin": cfg.tie_margin}
 
 
 def judge_checkpoint(judge: Any) -> str | None:
@@ -203,7 +220,7 @@ def judge_checkpoint(judge: Any) -> str | None:
 
 async def heldout_metrics(judge: Any, examples: Sequence[JudgeExample]) -> dict[str, float]:
     """Verdict accuracy (each answer, both orders), position consistency, unparsable rate."""
-    canon = _canonical(examples)
+    canon = canonical_examples(examples)
     if not canon:
         return {}
     old = judge.reset_stats()
@@ -238,13 +255,17 @@ class RmValidation:
     def lines(self) -> list[str]:
         """The summary as a few log lines."""
         s = self.summary
-        cons = s.get("position_consistency")
+        cons, bias = s.get("position_consistency"), s.get("mean_position_bias")
+        decided = s.get("decided_share")
         out = [
             f"judge ({s.get('judge', '?')}) on {s.get('n', 0)} requests: baseline preferred "
             f"{s.get('baseline_wins', 0)}, SFT preferred {s.get('sft_wins', 0)}, ties "
-            f"{s.get('ties', 0)}; unparsable answers {s.get('unparsable', 0)}; position "
-            f"consistency {'n/a' if cons is None else f'{cons:.0%}'}"
+            f"{s.get('ties', 0)}; decided {'n/a' if decided is None else f'{decided:.0%}'}; "
+            f"mean position bias {'n/a' if bias is None else f'{bias:+.2f} nats'}; unparsable "
+            f"answers {s.get('unparsable', 0)}; position consistency "
+            f"{'n/a' if cons is None else f'{cons:.0%}'}"
         ]
+        out += accuracy_lines(s.get("accuracy") or {})
         h = s.get("human", {})
         if h.get("count"):
             out.append(
@@ -257,7 +278,7 @@ class RmValidation:
             )
         else:
             out.append(h.get("note", "no blind picks yet"))
-        return out
+        return out + list(h.get("skipped", []))
 
 
 def human_picks_baseline_vs_sft(results_dir: Any) -> dict[str, int]:
@@ -307,6 +328,7 @@ async def validate_rubric(
     judge_name: str | None = None,
     write: bool = True,
     outputs: ValidationOutputs | None = None,
+    accuracy: dict[str, Any] | None = None,
 ) -> RmValidation:
     """Judge baseline vs SFT outputs on every demonstration request with ``rubric`` (default:
     the one in data/prompts.toml), both orders; write results/rm_validation.json (``write``).
@@ -314,7 +336,8 @@ async def validate_rubric(
     ``judge`` defaults to :func:`open_judge` (the trained reward model, else the base judge).
     Needs results/baseline_results.json and results/sft_model_outputs.json (``outputs``: what
     :func:`load_validation_outputs` read, else read here before any judge is opened). For the
-    TUI's Prompts & Rubric key: call it with the rubric being edited.
+    TUI's Prompts & Rubric key: call it with the rubric being edited. ``accuracy``
+    (:func:`accuracy_block`) goes into the summary with the warnings it gives.
     """
     ws = ctx.workspace
     if rubric is None:
@@ -353,6 +376,7 @@ async def validate_rubric(
             "verdicts": [str(r.verdict_ab), None if r.verdict_ba is None else str(r.verdict_ba)],
             "consistent": r.consistent,
             "human_pick": picks.get(k),
+            **{x: r.as_dict()[x] for x in ("m_ab", "m_ba", "s", "b", "combined_by")},
         }
         records.append(rec)
         if k in picks:
@@ -362,6 +386,9 @@ async def validate_rubric(
                 disagree.append(rec["input"])
     n_picks = sum(1 for k in inputs if k in picks)
     human: dict[str, Any] = {"count": n_picks}
+    skipped = preference_problems(ws.results_dir)
+    if skipped:
+        human["skipped"] = skipped
     if n_picks:
         human.update(agree=agree, percent=100.0 * agree / n_picks, disagree=disagree)
     else:
@@ -380,12 +407,82 @@ async def validate_rubric(
         "unparsable": stats.unparsable,
         "unparsable_rate": stats.unparsable_rate,
         "position_consistency": stats.consistency_rate,
+        "decided_share": stats.decided_share,
+        "mean_position_bias": stats.mean_position_bias,
+        "combine": getattr(judge, "combine", None),
         "human": human,
     }
+    if accuracy is not None:
+        summary["accuracy"] = accuracy
+        in_use = accuracy.get("trained") or accuracy.get("base") or {}
+        summary["warnings"] = judge_warnings(stats.as_dict(), in_use)
     result = RmValidation(records, summary)
     if write:
         write_rm_validation(ws.result(OUTPUT), records, summary)
     return result
+
+
+# --------------------------------------------------------------------------- judge accuracy
+
+
+def seen_in_training_cases(ctx: StageContext, rubric: str) -> list[Case]:
+    """The person's text against every stage's sample on the training demonstrations: the
+    pairs the judge trains on (the person's text shown first; the judge swaps the order),
+    less those :func:`split_own_pairs` keeps aside for the live held-out metric."""
+    rows = {}
+    for src in OWN_SOURCES:
+        got = read_method_outputs(ctx.workspace.result(RESULT_FILES[src]))
+        if got.rows:
+            rows[src] = got.rows
+    trained, _aside = split_own_pairs(
+        build_own_pairs(ctx.split().train, rows, rubric), ctx.config.reward_model.seed
+    )
+    return [
+        (list(e.comparison.prompt_conversation), e.comparison.completion_a,
+         e.comparison.completion_b)
+        for e in trained
+        if e.preference == PREFER_A
+    ]  # fmt: skip
+
+
+async def accuracy_block(
+    ctx: StageContext, judges: dict[str, Any], rubric: str
+) -> tuple[dict[str, Any], list[str]]:
+    """``{"base"|"trained": {"vs_base", "vs_few_shot", "seen_in_training": {value, n, ci},
+    "position_bias_nats", "decided_share"}, "n_heldout_requests"}`` for each judge given, and
+    log lines."""
+    cases, sampled = await heldout_cases(ctx)
+    seen = seen_in_training_cases(ctx, rubric)
+    lines = [
+        ("sampled" if sampled else "read")
+        + f" {sum(len(v) for v in cases.values())} base and few-shot samples on the held-out "
+        f"requests for the judge's accuracy ({ACCURACY_FILE})"
+    ]
+    out: dict[str, Any] = {"n_heldout_requests": len(ctx.split().holdout)}
+    for name, judge in judges.items():
+        t0 = time.perf_counter()
+        cells, stats = await person_accuracy(judge, {**cases, "seen_in_training": seen}, rubric)
+        n = stats["comparisons"]
+        out[name] = {
+            **cells,
+            "position_bias_nats": stats["mean_position_bias"],
+            "decided_share": stats["decided_share"],
+            # what the agreement rule would have decided: the comparisons whose orders agree
+            "decided_share_agreement": stats["consistent"] / n if n else None,
+            "seconds_per_comparison": (time.perf_counter() - t0) / n if n else None,
+        }
+    lines += accuracy_lines(out)
+    return out, lines
+
+
+def known_warnings(ctx: StageContext, judge: Any) -> list[str]:
+    """The warnings the last reward-model check (results/rm_validation.json) gave about this
+    very judge (the same trained checkpoint, or the base judge): for stages that use it."""
+    _records, summary = read_rm_validation(ctx.workspace.result(OUTPUT))
+    checked = str(summary.get("judge", ""))
+    ckpt = judge_checkpoint(judge)
+    same = ckpt in checked if ckpt else checked.startswith("base judge")
+    return [str(w) for w in summary.get("warnings") or []] if same else []
 
 
 # --------------------------------------------------------------------------- the stage
@@ -409,7 +506,7 @@ def _gather_examples(
             else:
                 notes.append(f"no {RESULT_FILES[src]} (run `persona run {src}` for more pairs)")
         own = build_own_pairs(ctx.split().train, rows, rubric)
-        own_train, own_held = _split_own(own, cfg.seed)
+        own_train, own_held = split_own_pairs(own, cfg.seed)
         train += own_train
         held += own_held
         notes.append(f"{len(own)} own pairs ({len(own_held)} held out for accuracy)")
@@ -452,40 +549,71 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         record_checkpoint(ws.results_dir, STAGE, use_base=True)
         yield LogLine(f"reward_model.train = false: using the base judge {model} as is")
     outputs.append(ws.rel(registry_path(ws.results_dir)))
-    summary = "judge ready"
+    summary = ["judge ready"]
     if cfg.validate or cfg.validate_only:
-        try:
-            # the outputs first: a missing file fails before a judge model is loaded
-            compared = load_validation_outputs(ctx)
-            judge, what = await open_judge(
-                ctx,
-                concurrency=ctx.config.reward_model.concurrency,
-                use_trained=cfg.train or cfg.validate_only,
-            )
-            yield LogLine(f"validating {what} on baseline vs SFT outputs")
-            v = await validate_rubric(
-                ctx,
-                rubric=cfg.rubric.strip() or None,
-                judge=judge,
-                judge_name=what,
-                outputs=compared,
-            )
-        except StageError as e:
-            if cfg.validate_only:
-                raise
-            yield LogLine(f"validation skipped: {e}", "warning")
-        else:
-            for line in v.lines():
-                yield LogLine(line)
-            s = v.summary
-            if s["position_consistency"] is not None:
-                yield Metric("rm/validation_consistency", 0, s["position_consistency"])
-            outputs.insert(0, ws.rel(ws.result(OUTPUT)))
-            summary = (
-                f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
-                f"on {s['n']} requests"
-            )
-    yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary)
+        async for ev in _validate(ctx, outputs, summary):
+            yield ev
+    yield StageFinished(stage=ctx.stage, outputs=tuple(outputs), summary=summary[-1])
+
+
+async def _validate(
+    ctx: StageContext, outputs: list[str], summary: list[str]
+) -> AsyncIterator[Event]:
+    """The judge's accuracy on held-out demonstrations (the base judge and the trained one),
+    then baseline vs SFT with the rubric -> rm_validation.json; plain warnings when the judge
+    decided (almost) nothing or cannot tell the person's writing from a model's. Appends the
+    stage's summary line to ``summary`` and the file to ``outputs``. Without SFT outputs
+    (outside validate_only) the accuracy is still measured and written."""
+    cfg = ctx.config.reward_model
+    ws = ctx.workspace
+    rubric = cfg.rubric.strip() or str(ws.load_prompts().get("rubric", "")).strip()
+    compared: ValidationOutputs | None = None
+    try:
+        # the outputs first: a missing file fails before a judge model is loaded
+        compared = load_validation_outputs(ctx)
+    except StageError as e:
+        if cfg.validate_only:
+            raise
+        yield LogLine(f"baseline vs SFT validation skipped: {e}", "warning")
+    judge, what = await open_judge(
+        ctx, concurrency=cfg.concurrency, use_trained=cfg.train or cfg.validate_only
+    )
+    judges = {"trained" if judge_checkpoint(judge) else "base": judge}
+    if judge_checkpoint(judge) and not cfg.validate_only:  # did training help?
+        base, _ = await open_judge(ctx, concurrency=cfg.concurrency, use_trained=False)
+        judges = {"base": base, **judges}
+    yield LogLine(f"measuring the judge's accuracy on held-out demonstrations ({what})")
+    accuracy, lines = await accuracy_block(ctx, judges, rubric)
+    for line in lines:
+        yield LogLine(line)
+    for name, cells in accuracy.items():
+        for key in ("vs_base", "vs_few_shot", "seen_in_training"):
+            if isinstance(cells, dict) and key in cells:
+                yield Metric(f"rm/accuracy/{name}/{key}", 0, cells[key]["value"])
+    if compared is None:
+        in_use = accuracy.get("trained") or accuracy.get("base") or {}
+        s: dict[str, Any] = {"judge": what, "mode": judge.mode, "n": 0, "accuracy": accuracy}
+        s["warnings"] = judge_warnings(None, in_use)
+        write_rm_validation(ws.result(OUTPUT), [], s)
+    else:
+        yield LogLine(f"validating {what} on baseline vs SFT outputs")
+        v = await validate_rubric(
+            ctx, rubric=rubric, judge=judge, judge_name=what, outputs=compared, accuracy=accuracy
+        )
+        for line in v.lines():
+            yield LogLine(line)
+        s = v.summary
+        if s["position_consistency"] is not None:
+            yield Metric("rm/validation_consistency", 0, s["position_consistency"])
+        summary.append(
+            f"baseline {s['baseline_wins']} / SFT {s['sft_wins']} / ties {s['ties']} "
+            f"on {s['n']} requests"
+        )
+    for line in s.get("warnings", []):
+        yield LogLine(line, "warning")
+    if s.get("warnings"):
+        summary.append(summary[-1] + "; do not trust this judge (see the warnings)")
+    outputs.insert(0, ws.rel(ws.result(OUTPUT)))
 
 
 def train_run_for(ctx: StageContext, convs: list[list[dict[str, str]]], mode: str) -> TrainRun:
@@ -573,7 +701,12 @@ async def _train(
             return
         client = await resolve(tc.save_weights_and_get_sampling_client(f"eval-{step:06d}"))
         sampler = Sampler(client=client, renderer=renderer, tokenizer=tokenizer, model=model)
-        judge = Judge(sampler, mode=mode, concurrency=ctx.config.reward_model.concurrency)
+        judge = Judge(
+            sampler,
+            mode=mode,
+            concurrency=ctx.config.reward_model.concurrency,
+            **combine_settings(ctx),
+        )
         m = await heldout_metrics(judge, held)
         yield Metric("rm/heldout_accuracy", step, m["accuracy"])
         yield Metric("rm/unparsable_rate", step, m["unparsable_rate"])

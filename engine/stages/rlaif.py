@@ -45,9 +45,14 @@ import tinker
 
 from engine.eval.metrics.stats import win_rate
 from engine.llm.judge import (
+    ALMOST_NOTHING,
+    MARGIN_CLIP,
     Comparison,
+    JudgeRecord,
+    JudgeStats,
     RuleJudge,
     has_zero_variance,
+    margin_rewards,
     matchups,
     tournament_rewards,
 )
@@ -57,7 +62,12 @@ from engine.run.events import CheckpointSaved, Event, LogLine, Metric, StageFini
 from engine.run.supervised import batch_indices
 from engine.run.train_run import Decision, TrainRun, adam, digest, section_settings
 from engine.stages._policy_samples import sample_demo_inputs
-from engine.stages.reward_model import _rm_entry, open_judge
+from engine.stages.reward_model import (
+    combine_settings,
+    known_warnings,
+    open_judge,
+    trained_judge_entry,
+)
 from engine.store.checkpoints import latest_checkpoint, record_checkpoint, registry_path
 from engine.store.results import RESULT_FILES, RL_DEV_FILE, RL_TRAIN_FILE, read_rl_prompts
 from engine.store.split import split_fingerprint
@@ -152,8 +162,61 @@ def _judge_identity(ctx: StageContext) -> str:
     """Which judge the rewards come from: the rule, a trained checkpoint, or the base model."""
     if ctx.config.rlaif.judge == "shorter":
         return "rule: shorter"
-    entry = _rm_entry(ctx)
+    entry = trained_judge_entry(ctx)
     return str(entry["sampler_path"]) if entry else f"base: {ctx.model('judge')}"
+
+
+def _verdict_rule(ctx: StageContext) -> str:
+    """How the judge's two orders become a verdict (reward_model.combine, .tie_margin): it
+    changes every reward, so it is an input of the run."""
+    rm = ctx.config.reward_model
+    return f"{rm.combine}, tie margin {rm.tie_margin}"
+
+
+def step_rewards(
+    cfg: Any, groups: Sequence[Sequence[Any]], pairs: Sequence[tuple[int, int]],
+    records: Sequence[JudgeRecord],
+) -> list[list[float]]:  # fmt: skip
+    """Each group's rewards from its matchups' records (``len(pairs)`` per group, in order):
+    ``rlaif.reward = "margin"``: the mean calibrated margin s (clipped), a record not decided
+    by the calibrated rule (a sampled verdict, or ``reward_model.combine = "agree"``)
+    counting as its verdict at full strength; ``"wins"``: wins minus losses over matches.
+    Minus ``format_penalty`` for a sample that ran out of tokens."""
+    rewards = []
+    for g, group in enumerate(groups):
+        recs = records[g * len(pairs) : (g + 1) * len(pairs)]
+        stopped = [s.stop_reason == "stop" for s in group]
+        if cfg.reward == "margin":
+            graded = [
+                (i, j, _graded(r)) for (i, j), r in zip(pairs, recs, strict=True)
+            ]  # fmt: skip
+            rewards.append(margin_rewards(len(group), graded, stopped, cfg.format_penalty))
+        else:
+            res = [(i, j, r.preference) for (i, j), r in zip(pairs, recs, strict=True)]
+            rewards.append(tournament_rewards(len(group), res, stopped, cfg.format_penalty))
+    return rewards
+
+
+def _graded(r: JudgeRecord) -> float:
+    if r.combined_by == "calibrated" and r.s is not None:
+        return r.s
+    return float(r.preference) * MARGIN_CLIP
+
+
+def judge_step_metrics(stats: JudgeStats) -> dict[str, float]:
+    """The judge's statistics for one step: decided and tied shares of the matchups, mean
+    position bias (nats), unparsable rate, position consistency."""
+    n_match = max(1, stats.comparisons)
+    out = {
+        "rl/decided_rate": (stats.wins_a + stats.wins_b) / n_match,
+        "rl/tie_rate": stats.ties / n_match,
+        "rl/unparsable_rate": stats.unparsable_rate,
+    }
+    if stats.consistency_rate is not None:
+        out["rl/position_consistency"] = stats.consistency_rate
+    if stats.mean_position_bias is not None:
+        out["rl/position_bias"] = stats.mean_position_bias
+    return out
 
 
 def train_run_for(
@@ -177,6 +240,7 @@ def train_run_for(
             "base_model": model,
             "init checkpoint": start,
             "judge": _judge_identity(ctx),
+            "verdict rule": _verdict_rule(ctx),
             "split": holdout,
         },
         total=ctx.config.rlaif.steps,
@@ -302,9 +366,12 @@ class _RlLoop:
             else svc.create_sampling_client(base_model=model)
         )
         if cfg.judge == "shorter":
-            self.judge, what = RuleJudge(), "rule judge (prefers shorter samples)"
+            self.judge = RuleJudge(**combine_settings(ctx))
+            what = "rule judge (prefers shorter samples)"
         else:
             self.judge, what = await open_judge(ctx, concurrency=cfg.concurrency)
+            for line in known_warnings(ctx, self.judge):
+                yield LogLine(f"reward-model's check of this judge: {line}", "warning")
         yield LogLine(
             f"{cfg.steps} steps of {self.batch_size} prompts x {cfg.group_size} samples on "
             f"{model} ({ctx.backend}); {len(self.pairs)} matchups per group, both orders; "
@@ -389,14 +456,7 @@ class _RlLoop:
         stats = self.judge.stats
         ctx.check_cancel()
         t2 = time.perf_counter()
-        rewards = []
-        for g in range(len(groups)):
-            res = [
-                (i, j, records[g * len(self.pairs) + m].preference)
-                for m, (i, j) in enumerate(self.pairs)
-            ]
-            stopped = [s.stop_reason == "stop" for s in groups[g]]
-            rewards.append(tournament_rewards(len(groups[g]), res, stopped, cfg.format_penalty))
+        rewards = step_rewards(cfg, groups, self.pairs, records)
         data, skipped = build_training_data(prompts, groups, rewards)
         if data:
             fb = self.tc.forward_backward(data, cfg.loss)  # submit both before awaiting
@@ -438,15 +498,8 @@ class _RlLoop:
             records = await self.judge.judge(comps)
         finally:
             self.judge.stats = old
-        wr = win_rate([r.preference for r in records])
-        low, high = wr.interval
-        yield Metric("dev/win_rate", step, wr.rate)
-        yield Metric("dev/win_rate_low", step, low)
-        yield Metric("dev/win_rate_high", step, high)
-        yield LogLine(
-            f"dev @ step {step}: win rate vs initial policy {wr.rate:.0%} "
-            f"[{low:.0%}, {high:.0%}] ({wr.wins} W / {wr.losses} L / {wr.ties} T of {wr.n})"
-        )
+        for ev in _dev_result(step, records):
+            yield ev
         for c, a, b, r in list(zip(convs, mine, theirs, records, strict=True))[:2]:
             verdict = {1: "current wins", -1: "initial wins"}.get(r.preference, "tie")
             yield LogLine(
@@ -455,6 +508,30 @@ class _RlLoop:
             )
         if step == self.run.last_saved:  # a resume at this checkpoint need not evaluate again
             record_checkpoint(self.ctx.workspace.results_dir, STAGE, dev_evaluated=step)
+
+
+def _dev_result(step: int, records: Sequence[JudgeRecord]) -> list[Event]:
+    """The dev win rate against the initial policy with its interval; where the judge decided
+    (almost) none of the comparisons, a warning instead of a rate of ties."""
+    wr = win_rate([r.preference for r in records])
+    if wr.n and (wr.wins + wr.losses) / wr.n < ALMOST_NOTHING:
+        return [
+            LogLine(
+                f"dev @ step {step}: the judge decided {wr.wins + wr.losses} of {wr.n} "
+                "comparisons (the rest are ties): no win rate against the initial policy",
+                "warning",
+            )
+        ]
+    low, high = wr.interval
+    return [
+        Metric("dev/win_rate", step, wr.rate),
+        Metric("dev/win_rate_low", step, low),
+        Metric("dev/win_rate_high", step, high),
+        LogLine(
+            f"dev @ step {step}: win rate vs initial policy {wr.rate:.0%} "
+            f"[{low:.0%}, {high:.0%}] ({wr.wins} W / {wr.losses} L / {wr.ties} T of {wr.n})"
+        ),
+    ]
 
 
 def _step_metrics(step: int, s: _Step) -> list[Event]:
@@ -472,16 +549,20 @@ def _step_metrics(step: int, s: _Step) -> list[Event]:
     flat = [r for g in s.rewards for r in g]
     n_tokens = [len(seq.tokens) for g in s.groups for seq in g]
     stats = s.stats
-    n_match = max(1, stats.comparisons)
     chars = [len(t.strip()) for g in s.texts for t in g]
     out: list[Event] = [
         Metric("rl/reward", step, sum(flat) / len(flat)),
-        Metric("rl/decided_rate", step, (stats.wins_a + stats.wins_b) / n_match),
-        Metric("rl/tie_rate", step, stats.ties / n_match),
-        Metric("rl/unparsable_rate", step, stats.unparsable_rate),
+        *(Metric(name, step, v) for name, v in judge_step_metrics(stats).items()),
     ]
-    if stats.consistency_rate is not None:
-        out.append(Metric("rl/position_consistency", step, stats.consistency_rate))
+    if stats.comparisons and (stats.decided_share or 0.0) < ALMOST_NOTHING:
+        out.append(
+            LogLine(
+                f"step {step}: the judge decided {stats.wins_a + stats.wins_b} of "
+                f"{stats.comparisons} matchups (the rest are ties): its rewards carry almost "
+                "no signal this step",
+                "warning",
+            )
+        )
     out += [
         Metric("rl/sample_tokens", step, sum(n_tokens) / len(n_tokens)),
         Metric("rl/sample_chars", step, sum(chars) / len(chars)),

@@ -57,8 +57,11 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
         "top_p": ctx.config.sampling.top_p,
     }
     examples_per_seed = [rng.sample(demos, n_examples) for _ in seeds]
+    updates: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    planned = len(seeds)  # teacher requests: one per seed, one more per retry once asked
 
     async def one_seed(si: int, seed: str) -> tuple[int, list[str], int]:
+        nonlocal planned
         got: list[str] = []
         attempts = 0
         for attempt in range(1 + retries):
@@ -67,6 +70,8 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             if need <= 0:
                 break
             attempts += 1
+            if attempt:
+                planned += 1
             examples = "\n".join(
                 f"{k + 1}. {d['input']}" for k, d in enumerate(examples_per_seed[si])
             )
@@ -82,15 +87,35 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
             reply = texts[0] if texts else ""
             results.append_teacher_reply(ctx.run_dir, seed, attempt, reply)
             got.extend(request_filter.take(reply, need))
+            updates.put_nowait(("reply", None))
         return si, got, attempts
 
     rows: list[dict[str, str]] = []
     per_seed_results: dict[int, list[str]] = {}
-    seed_jobs = as_completed_tasks(one_seed(i, s) for i, s in enumerate(seeds))
-    yield Progress(0, len(seeds), "synth-inputs: seeds")
-    valid = done = 0
-    async with aclosing(seed_jobs) as finished:
-        async for si, got, attempts in finished:
+
+    async def drive() -> None:  # seeds as they finish, beside the replies, into one queue
+        try:
+            seed_jobs = as_completed_tasks(one_seed(i, s) for i, s in enumerate(seeds))
+            async with aclosing(seed_jobs) as finished:
+                async for result in finished:
+                    updates.put_nowait(("seed", result))
+        except BaseException as e:
+            updates.put_nowait(("error", e))
+            raise
+
+    driver = asyncio.ensure_future(drive())
+    valid = done = replies = 0
+    yield Progress(0, planned, "synth-inputs: teacher replies")
+    try:
+        while done < len(seeds):
+            kind, item = await updates.get()
+            if kind == "error":
+                raise item
+            if kind == "reply":  # progress moves per request finished, not per seed
+                replies += 1
+                yield Progress(replies, planned, "synth-inputs: teacher replies")
+                continue
+            si, got, attempts = item
             done += 1
             per_seed_results[si] = got
             valid += len(got)
@@ -98,7 +123,9 @@ async def run(ctx: StageContext) -> AsyncIterator[Event]:
                 f"seed {seeds[si]!r}: {len(got)}/{per_seed} requests in {attempts} attempt(s)"
             )
             yield Metric("synth_inputs/yield", done, valid / (per_seed * done))
-            yield Progress(done, len(seeds), "synth-inputs: seeds")
+    finally:
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)
 
     for si, seed in enumerate(seeds):
         for text in per_seed_results.get(si, []):

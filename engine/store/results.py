@@ -597,6 +597,13 @@ def read_preferences(
     return loaded.rows
 
 
+def preference_problems(results_dir: str | Path) -> list[str]:
+    """Each line of human_preferences.jsonl that is not a pick (torn by a crash, not JSON,
+    the wrong shape), named with its line number: the readers skip it, the file keeps it."""
+    loaded = read_preferences_checked(results_dir)
+    return [f"{p}: skipped (the line stays in the file)" for p in loaded.problems]
+
+
 def remove_preference(results_dir: str | Path, record: Mapping[str, Any]) -> bool:
     """Drop the last line equal to ``record`` (an undone pick); every other line is kept
     byte for byte. False when it is not there."""
@@ -609,10 +616,22 @@ def remove_preference(results_dir: str | Path, record: Mapping[str, Any]) -> boo
         try:
             if json.loads(lines[k]) == dict(record):
                 del lines[k]
+                if k == len(lines) and k > 0 and _torn_before_append(lines[k - 1]):
+                    lines[k - 1] = lines[k - 1][:-1]  # the newline the append put after it
                 atomic_write_bytes(path, b"".join(lines))
                 return True
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
+    return False
+
+
+def _torn_before_append(line: bytes) -> bool:
+    """A last line that is not JSON: ``append_jsonl`` ended it with a newline to start the
+    pick on a fresh line, so removing that pick takes the newline too (undo restores it)."""
+    try:
+        json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return line.endswith(b"\n")
     return False
 
 
@@ -643,6 +662,7 @@ def append_teacher_reply(run_dir: str | Path, seed: str, attempt: int, reply: st
 
 RL_TRAIN_FILE = RESULT_FILES["rl-prompts"]
 RM_VALIDATION_FILE = RESULT_FILES["reward-model"]
+JUDGE_ACCURACY_FILE = "judge_accuracy_samples.json"  # the samples the judge accuracy check keeps
 
 
 def rl_prompt_row(conversation: Iterable[Mapping[str, Any]], rubric: str) -> dict[str, Any]:
@@ -736,6 +756,25 @@ def read_evaluation(results_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def methods_dropped(results_dir: str | Path, names: Iterable[str]) -> list[str]:
+    """The methods of the current evaluation.json that ``names`` leaves out: an evaluation of
+    ``names`` would write a narrower result over a wider one (evaluate says so first)."""
+    old = read_evaluation(results_dir) or {}
+    had = [m.get("name") for m in old.get("methods", []) if isinstance(m, dict)]
+    keep = set(names)
+    return [str(m) for m in had if m and m not in keep]
+
+
+def narrower_warning(dropped: Iterable[str]) -> str:
+    """What evaluate says before it writes fewer methods than the evaluation it replaces."""
+    return (
+        f"the last evaluation also measured {', '.join(dropped)}; this one does not, so "
+        f"{EVALUATION_FILE} and report.md will leave them out (the earlier "
+        f"{EVALUATION_FILE} stays in its runs/evaluate-* folder). Rerun or fix those stages, "
+        "or cancel now, to keep them."
+    )
 
 
 def write_evaluation_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:

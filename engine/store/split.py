@@ -7,10 +7,12 @@ stage asks it for ``train`` and never looks at ``data/data.json`` for training o
 
 The rule: each demonstration's rank is a seeded hash of its normalised request, and the
 lowest ranks are held out. The choice is recorded in ``data/holdout.json`` (the requests as
-written), so it stays put when demonstrations are added or edited: a held-out demonstration
-stays held out while its request is unchanged, and a gap (one deleted, or the count raised)
-is filled by the same rule from the others. The Demonstrations tab can set the record by
-hand (``set_holdout``).
+written), so it stays put when demonstrations are added: a held-out demonstration stays held
+out while its request is unchanged, and a gap (the count raised) is filled by the same rule
+from the others. A recorded request that matches no demonstration (a typo in a hand edit, a
+held-out request edited or deleted) is an error naming it: the held-out set never silently
+shrinks, and an edited held-out text never silently becomes training data. The
+Demonstrations tab can set the record by hand (``set_holdout``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ def holdout_path(data_dir: str | Path) -> Path:
 class Record:
     inputs: list[str]
     manual: bool = False  # chosen by hand in the Demonstrations tab: its count wins
+    path: str = f"data/{HOLDOUT_FILE}"  # how messages name the file
+
+
+class HoldoutError(PersonaError, ValueError):
+    """data/holdout.json names a request that no demonstration has."""
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def read_record(data_dir: str | Path) -> Record | None:
@@ -82,7 +94,7 @@ def read_record(data_dir: str | Path) -> Record | None:
         raise PersonaError(
             f'{path}: expected {{"holdout": ["request", ...]}}; delete it to choose again'
         )
-    return Record(inputs, bool(raw.get("manual", False)))
+    return Record(inputs, bool(raw.get("manual", False)), f"{path.parent.name}/{path.name}")
 
 
 def write_record(data_dir: str | Path, inputs: list[str], *, manual: bool = False) -> Path:
@@ -106,6 +118,15 @@ def split_demos(
     n = len(demos)
     norms = [_norm(d["input"]) for d in demos]
     recorded = record.inputs if record else []
+    unmatched = [t for t in recorded if _norm(t) not in norms]
+    if record is not None and unmatched:
+        shown = ", ".join(f'"{_short(t)}"' for t in unmatched)
+        raise HoldoutError(
+            f"{record.path}: held-out request {shown} matches no demonstration in "
+            "data/data.json (edited, deleted or mistyped?). Write it as the demonstration's "
+            "request, or remove it from the list (the rule then picks another), or delete "
+            f"{record.path} to choose again; stages trained since should then be rerun."
+        )
     if record is not None and record.manual:
         want = max(0, min(sum(_norm(t) in norms for t in recorded), n - MIN_TRAIN))
     else:

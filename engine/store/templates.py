@@ -8,6 +8,7 @@ types stay as they are.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +161,54 @@ def header_of(text: str) -> str:
     return "\n".join(lines)
 
 
+_ESCAPES = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_text(value: str) -> str:
+    """A TOML string as a person writes it: quotes stay quotes, line breaks stay line breaks.
+    Only what TOML needs is escaped (backslashes, control characters, a third quote in a row)."""
+    if "\n" not in value:
+        return tomli_w.dumps({"v": value}, multiline_strings=False)[len("v = ") :].strip()
+    out = []
+    for ch in value:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == '"' and len(out) >= 2 and out[-1] == out[-2] == '"':
+            out.append('\\"')  # """ would end the string
+        elif (ord(ch) < 0x20 and ch not in "\n\t") or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    body = "".join(out)
+    if body.endswith('"'):
+        body = body[:-1] + '\\"'  # a quote right before the closing """
+    return '"""\n' + body + '"""'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return toml_text(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "[\n" + "".join(f"    {toml_text(v)},\n" for v in value) + "]"
+    return tomli_w.dumps({"v": value})[len("v = ") :].strip()
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_text(key)
+
+
 def prompts_text(prompts: dict[str, Any], old_text: str = "") -> str:
-    """data/prompts.toml as a person would write it: the file's header comments, multi-line
-    strings as multi-line strings, one seed per line."""
+    """data/prompts.toml as a person would write it: the file's header comments, a blank line
+    between entries, multi-line strings as multi-line strings with their quotes unescaped,
+    one seed per line."""
     header = header_of(old_text) or header_of(PROMPTS_TOML_TEMPLATE)
-    body = tomli_w.dumps(prompts, multiline_strings=True)
-    return (header + "\n\n" if header else "") + body
+    tables = {k: v for k, v in prompts.items() if isinstance(v, dict)}
+    parts = [header] if header else []
+    parts += [f"{_key(k)} = {_toml_value(v)}" for k, v in prompts.items() if k not in tables]
+    for name, table in tables.items():
+        entries = [f"{_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+        parts.append(f"[{_key(name)}]\n" + "\n\n".join(entries))
+    return "\n\n".join(parts) + "\n"
 
 
 def write_prompts(path: Path, prompts: dict[str, Any]) -> Path:

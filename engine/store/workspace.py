@@ -301,6 +301,7 @@ def init_workspace(root: str | Path, *, force: bool = False) -> Workspace:
             "# Secrets for Persona. Never committed, never written to logs or results.\n"
             "# TINKER_API_KEY=\n# WANDB_API_KEY=\n",
         )
+        ws.env_path.chmod(0o600)  # API keys go here: readable by its owner only
     gi = ws.root / ".gitignore"
     if not gi.exists():
         atomic_write_text(gi, ".env\nruns/\nwandb/\n")

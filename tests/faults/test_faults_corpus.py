@@ -1,4 +1,4 @@
-"""Issue 13 "keep it proven": every loader against a corpus of malformed files
+"""Every loader against a corpus of malformed files
 (tests/data/malformed/<kind>/...). Each gives a clear message that names the file (and the
 line or entry where there is one), never a traceback, and changes no file."""
 
@@ -26,6 +26,7 @@ PLACE = {
     "inputs": ("results/synthetic_inputs.jsonl", "synthetic_inputs.jsonl"),
     "preferences": ("results/human_preferences.jsonl", "human_preferences.jsonl"),
     "checkpoints": ("results/checkpoints.toml", "checkpoints.toml"),
+    "holdout": ("data/holdout.json", "data/holdout.json"),
     "outputs": ("results/baseline_results.json", "baseline_results.json"),
 }
 
@@ -73,11 +74,20 @@ def _messages(kind: str, ws: Workspace) -> list[str]:
         said += loaded.problems
         results.read_preferences(ws.results_dir)  # the plain reader skips, never raises
     elif kind == "checkpoints":
-        assert results.read_registry(ws.results_dir) == {}  # unreadable reads as empty
-        assert results.latest_checkpoint(ws.results_dir, "sft") is None
-        from engine.store.checkpoints import check_registry
+        from engine.store.checkpoints import check_registry, load_registry, require_registry
 
+        assert results.read_registry(ws.results_dir) == {}  # views: the bad entry left out
+        read = load_registry(ws.results_dir)
+        for stage in read.problems or ["sft"]:  # every stage reading it gets the checked error
+            expect_error(lambda s=stage: results.latest_checkpoint(ws.results_dir, s))
+        expect_error(lambda: require_registry(ws.results_dir))  # evaluate reads every entry
+        expect_error(lambda: results.read_registry(ws.results_dir, strict=True))
         said.append(check_registry(ws.results_dir))
+    elif kind == "holdout":
+        from engine.store.settings import DataConfig
+        from engine.store.split import workspace_split
+
+        expect_error(lambda: workspace_split(ws, DataConfig()))  # checked before it writes
     elif kind == "outputs":
         loaded = results.read_method_outputs(ws.result("baseline_results.json"))
         assert loaded.problems and not loaded.rows

@@ -1,4 +1,4 @@
-"""Issue 13 #2, #10, #11, #14, #15, #17: appends, partial results, unwritable results/,
+"""Appends, partial results, unwritable results/,
 leftover temp files, file modes, message endings."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from engine.store.workspace import Workspace
 
 
 def test_append_after_a_torn_line_starts_on_a_fresh_line(tmp_path: Path):
-    """#2: a crash mid-append left half a record; the next pick must not be glued onto it."""
+    """A crash mid-append left half a record; the next pick must not be glued onto it."""
     path = tmp_path / "human_preferences.jsonl"
     first = results.preference_record("req 1", "sft", "baseline", "a")
     results.append_preference(tmp_path, first)
@@ -39,7 +39,7 @@ def test_append_after_a_torn_line_starts_on_a_fresh_line(tmp_path: Path):
 
 
 def test_interrupted_atomic_write_leaves_a_temp_the_next_write_removes(tmp_path: Path):
-    """#14: kill -9 between writing the temp file and renaming it; the next write cleans up."""
+    """Kill -9 between writing the temp file and renaming it; the next write cleans up."""
     path = tmp_path / "results" / "baseline_results.json"
     atomic.atomic_write_text(path, "old\n")
     code = (
@@ -64,7 +64,7 @@ def test_interrupted_atomic_write_leaves_a_temp_the_next_write_removes(tmp_path:
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_atomic_writes_keep_the_mode_or_follow_the_umask(tmp_path: Path, umask: int):
-    """#15: mkstemp made every file 0600; a new file follows the umask, a rewrite keeps the mode."""
+    """Mkstemp made every file 0600; a new file follows the umask, a rewrite keeps the mode."""
     old = os.umask(umask)
     try:
         new = atomic.atomic_write_text(tmp_path / "new.json", "{}")
@@ -90,7 +90,7 @@ def _no_space_under(folder: Path, monkeypatch):
 
 
 def test_no_space_left_names_the_file(tmp_path: Path, monkeypatch):
-    """#11: "No space left on device" says which file could not be written."""
+    """A full disk ("No space left on device") names the file that could not be written."""
     path = tmp_path / "results" / "sft_model_outputs.json"
     path.parent.mkdir()
     _no_space_under(path.parent, monkeypatch)
@@ -104,7 +104,7 @@ def test_no_space_left_names_the_file(tmp_path: Path, monkeypatch):
 
 @needs_backend
 async def test_full_results_folder_fails_before_any_sampling(ws: Workspace, monkeypatch):
-    """#11: a results/ that cannot take a file is found before the work, not after it."""
+    """A results/ that cannot take a file is found before the work, not after it."""
     teacher = FakeTeacher(lambda p: "Hi —\n\nOK.\n\nThanks!")
     _no_space_under(ws.results_dir, monkeypatch)
     final = await Runner(ws, service_factory=teacher).run("baseline")
@@ -115,7 +115,7 @@ async def test_full_results_folder_fails_before_any_sampling(ws: Workspace, monk
 
 @needs_backend
 async def test_one_demo_that_cannot_be_sampled_keeps_the_others(ws: Workspace):
-    """#10: a demonstration longer than the model's context (passes validation: it fits
+    """A demonstration longer than the model's context (passes validation: it fits
     bigger models) fails at once, by name; the other outputs are written."""
     demos = ws.load_demos()
     long_input = "Summarize this thread for the lab. " + "word " * 12_000
@@ -134,7 +134,7 @@ async def test_one_demo_that_cannot_be_sampled_keeps_the_others(ws: Workspace):
 
 @needs_backend
 async def test_a_backend_error_on_one_demo_keeps_the_others(ws: Workspace):
-    """#10: an error sampling one entry names it; the previous output for it is kept."""
+    """An error sampling one entry names it; the previous output for it is kept."""
     demos = ws.load_demos()
     ok = await Runner(ws, service_factory=FakeTeacher(lambda p: "first")).run("baseline")
     assert isinstance(ok, StageFinished)
@@ -153,6 +153,6 @@ async def test_a_backend_error_on_one_demo_keeps_the_others(ws: Workspace):
 
 
 def test_no_message_ends_in_two_dots():
-    """#17: a reason that already ends in "." is not given a second one."""
+    """A reason that already ends in "." is not given a second one."""
     msg = str(atomic.WriteError("x.json", OSError(errno.ENOSPC, "No space left on device.")))
     assert ".." not in msg and msg.startswith("could not write x.json: No space left on device;")

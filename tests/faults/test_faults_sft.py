@@ -1,5 +1,5 @@
-"""Issue 13 #3 (a finished training is reused: the rerun only samples) and #13 (rows cut by
-sft.max_length are counted and reported; sft.too_long = "drop" leaves them out)."""
+"""A finished training is reused (the rerun only samples); rows cut by
+sft.max_length are counted and reported; sft.too_long = "drop" leaves them out."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _trained(events) -> bool:
 
 
 async def test_rerun_after_a_finished_training_only_samples(ws: Workspace):
-    """#3: the state a kill -9 during the final sampling leaves behind is a finished registry
+    """The state a kill -9 during the final sampling leaves behind is a finished registry
     entry and no outputs file (the outputs are written atomically at the end). The rerun must
     reuse the training and only sample; changed training settings train again."""
     write_data(ws)
@@ -75,7 +75,7 @@ async def test_rerun_after_a_finished_training_only_samples(ws: Workspace):
 
 
 async def test_rows_cut_by_max_length_are_counted_and_can_be_dropped(ws: Workspace):
-    """#13: a row longer than sft.max_length is reported (count, longest, tokens lost) in the
+    """A row longer than sft.max_length is reported (count, longest, tokens lost) in the
     log and the summary; with sft.too_long = "drop" it is left out of training."""
     write_data(ws, [*ROWS, LONG])
     base = [*ARGS, "sft.sample_after=false", "sft.max_length=128", "sft.resume=false"]
@@ -100,7 +100,7 @@ async def test_rows_cut_by_max_length_are_counted_and_can_be_dropped(ws: Workspa
 
 
 def test_rows_file_with_bad_lines_trains_on_the_good_ones_and_names_the_rest(ws: Workspace):
-    """#7/#8 engine side: a JSON list row, a status that is a list and messages that are not
+    """A JSON list row, a status that is a list and messages that are not
     a list are skipped with a line-numbered warning instead of an AttributeError."""
     path = ws.result("synthetic_personalized_data.jsonl")
     path.parent.mkdir(exist_ok=True)

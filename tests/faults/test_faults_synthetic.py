@@ -1,4 +1,4 @@
-"""Issue 13 #1 and issue 7 §2: the two writers of results/synthetic_personalized_data.jsonl."""
+"""The two writers of results/synthetic_personalized_data.jsonl."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _row(i: int, status: str = "pending", out: str = "draft") -> dict:
 
 
 def test_review_save_keeps_unparsable_lines_byte_for_byte(tmp_path):
-    """#1: a save changes only the touched row; a non-JSON line, a JSON list, a non-UTF-8
+    """A save changes only the touched row; a non-JSON line, a JSON list, a non-UTF-8
     line and a row whose status is a list stay exactly as they were."""
     path = tmp_path / "results" / "synthetic_personalized_data.jsonl"
     path.parent.mkdir()
@@ -68,7 +68,7 @@ def test_review_save_appends_a_decision_whose_row_is_gone(tmp_path):
 async def test_review_decision_made_while_synth_outputs_runs_survives_its_final_write(
     ws: Workspace,
 ):
-    """Issue 7 §2: the stage (re)generates pending rows; while it runs, the person accepts
+    """The stage (re)generates pending rows; while it runs, the person accepts
     and edits one of them in the review screen; the stage's final write keeps that decision."""
     inputs = [{"id": f"in-{i + 1:04d}", "seed": "s", "input": R[i]} for i in range(3)]
     results.write_synthetic_inputs(ws.result("synthetic_inputs.jsonl"), inputs)

@@ -8,6 +8,7 @@ keep peft's adapter layout and a ``persona_checkpoint.json`` describing the run.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,31 @@ def resolve(path: str) -> Path:
     folder = Path(path[len(SCHEME) :] if path.startswith(SCHEME) else path).expanduser()
     if not (folder / META_FILE).is_file():
         raise CheckpointNotFoundError(
-            f"No local checkpoint at {path} (expected {folder / META_FILE})."
+            f"No local checkpoint at {path} (expected {folder / META_FILE}): " + rerun_hint(folder)
         )
     return folder
+
+
+_RUN = re.compile(r"^(?P<stage>[a-z][a-z-]*?)-\d{8}-\d{6}(-\d+)?$")
+
+
+def rerun_hint(folder: Path) -> str:
+    """What to do about a missing checkpoint folder: rerun the stage whose run made it
+    (``runs/<stage>-<date>-<time>/checkpoints/...``)."""
+    parts = folder.parts
+    for parent, name in zip(parts, parts[1:], strict=False):
+        m = _RUN.match(name)
+        if parent == "runs" and m:
+            stage = m.group("stage")
+            return (
+                f"the checkpoint run runs/{name} saved is gone (deleted or pruned); rerun "
+                f"`persona run {stage}` to make a new one (it is recorded in "
+                "results/checkpoints.toml)"
+            )
+    return (
+        "the folder was deleted or moved; rerun the stage that made it (results/checkpoints.toml "
+        "names the stage whose entry points here)"
+    )
 
 
 def read_meta(path: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def _load() -> tuple[Any, Any]:
     path = model_dir()
     # Quiet: the checkpoint's unused position_ids buffer otherwise prints a load report.
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -60,7 +61,8 @@ def _load() -> tuple[Any, Any]:
         model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # turned back on only if it was: with HF_HUB_DISABLE_PROGRESS_BARS set the
+            hf_logging.enable_progress_bar()  # hub warns "Cannot enable progress bars"
     return tokenizer, model
 
 

@@ -1,4 +1,4 @@
-"""The Train tab shows the selected stage's estimated time before launch (issue 11)."""
+"""The Train tab shows the selected stage's estimated time before launch."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ async def open_at(app, pilot, stage: str):
     await app.wait_ready()
     await pilot.press("f4")
     await select(app, pilot, stage)
-    await until(pilot, lambda: app.train.estimate_for == (stage, ""))
-    return app.train
+    await until(pilot, lambda: app.train.estimate.estimate_for == (stage, ""))
+    return app.train.estimate
 
 
 async def test_the_selected_stage_shows_its_estimate(ws: Workspace, sp):
@@ -96,13 +96,15 @@ async def test_an_override_typed_changes_the_estimate(ws: Workspace, sp):
 
 
 async def test_speed_is_measured_once_when_no_profile_is_cached(ws: Workspace, sp, monkeypatch):
-    import tui.train
+    import tui.train_estimate
 
-    monkeypatch.setattr(tui.train, "NO_AUTO_MEASURE", frozenset())  # measure the tiny model
+    monkeypatch.setattr(
+        tui.train_estimate, "NO_AUTO_MEASURE", frozenset()
+    )  # measure the tiny model
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
         await app.wait_ready()
-        train = app.train
+        train = app.train.estimate
         await pilot.pause()
         assert train.speed_state == ""  # the tab has not been shown: nothing measured
         await pilot.press("f4")
@@ -126,16 +128,16 @@ async def test_speed_is_measured_once_when_no_profile_is_cached(ws: Workspace, s
 
 
 async def test_no_measuring_while_a_stage_runs(ws: Workspace, sp, monkeypatch):
-    import tui.train
+    import tui.train_estimate
 
-    monkeypatch.setattr(tui.train, "NO_AUTO_MEASURE", frozenset())
+    monkeypatch.setattr(tui.train_estimate, "NO_AUTO_MEASURE", frozenset())
     app = create_app(ws)
     async with app.run_test(size=SIZE) as pilot:
         await app.wait_ready()
         app.running_stage = "baseline"  # as the app marks a stage it runs
         await pilot.press("f4")
         await select(app, pilot, "sft")
-        train = app.train
+        train = app.train.estimate
         await until(pilot, lambda: train.estimate_for == ("sft", ""))
         assert "measured once nothing runs" in train.estimate_text
         assert train.speed_state == ""
@@ -149,3 +151,28 @@ async def test_the_tests_model_is_not_measured_automatically(ws: Workspace, sp):
         train = await open_at(app, pilot, "baseline")
         assert train.estimate_text == "" and train.speed_state == ""
         assert not app.query_one("#stage-estimate", Static).display
+
+
+async def test_accepting_rows_estimates_sft_again_without_a_cursor_move(ws: Workspace, sp):
+    """The estimate follows the inputs: rows accepted in the Synthetic tab (saved) change
+    sft's estimate on the Train tab with the cursor where it was."""
+    from tui_helpers import synthetic_rows
+
+    from engine.store.atomic import atomic_write_jsonl
+
+    save_slow_profile(sp, ws)
+    rows = synthetic_rows(30)
+    for r in rows[:2]:
+        r["status"] = "accepted"
+    atomic_write_jsonl(ws.result("synthetic_personalized_data.jsonl"), rows)
+    app = create_app(ws, overrides=["sft.steps=0", "sft.train_on=reviewed"])  # rows count
+    async with app.run_test(size=SIZE) as pilot:
+        estimate = await open_at(app, pilot, "sft")
+        before = estimate.estimate_text
+        assert "training" in before
+        await pilot.press("f3")
+        await until(pilot, lambda: app.focused is app.query_one("#synth-table"))
+        await pilot.press("A", "ctrl+s")
+        await pilot.press("f4")
+        await until(pilot, lambda: estimate.estimate_text != before)
+        assert "training" in estimate.estimate_text and estimate.estimate_for == ("sft", "")

@@ -1,8 +1,6 @@
-"""Small pieces shared by the tabs: the engine-event message, text helpers, dialogs."""
+"""Dialogs shared by the tabs (a question with buttons, a pair editor) and focus_now."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from rich.text import Text
 from textual import events, on
@@ -10,35 +8,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
-from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Label, Static, TextArea
 
-
-class EngineEvent(Message):
-    """One engine event (engine.run.events.*), delivered to widgets as a Textual message."""
-
-    bubble = False
-
-    def __init__(self, event: Any, *, replay: bool = False) -> None:
-        super().__init__()
-        self.event = event
-        self.replay = replay
-
-
-class LaunchRequested(Message):
-    """A pane asks the app to start a stage (the app alone decides and holds what runs)."""
-
-    def __init__(self, stage: str, overrides: list[str] | None = None, source: str = "") -> None:
-        super().__init__()
-        self.stage = stage
-        self.overrides = list(overrides or [])
-        self.source = source
-
-
-class CancelRequested(Message):
-    """A pane asks the app to stop the running stage."""
+from tui.text import plain
 
 
 def focus_now(widget: Widget) -> None:
@@ -48,45 +22,6 @@ def focus_now(widget: Widget) -> None:
         widget.screen.set_focus(widget)
     except Exception:  # not mounted yet: fall back to the deferred form
         widget.focus()
-
-
-def read_problem(path, e: Exception, rel: str = "") -> str:
-    """A one-line description of why ``path`` could not be read, naming the file and line."""
-    name = rel or str(path)
-    if isinstance(e, UnicodeDecodeError):
-        try:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-        except OSError:
-            line = "?"
-        return f"{name}: line {line} is not UTF-8 text (byte {e.start}); save it as UTF-8."
-    lineno = getattr(e, "lineno", None)
-    if lineno:
-        return f"{name}: line {lineno}: {getattr(e, 'msg', e)}"
-    return f"{name}: {e}"
-
-
-def read_demos(ws) -> tuple[list[dict[str, str]], str]:
-    """data/data.json as written (Workspace.read_demos_as_written), never raising: a file that
-    is not UTF-8 or cannot be read comes back as an error naming the file and line."""
-    try:
-        return ws.read_demos_as_written()
-    except (OSError, ValueError) as e:
-        return [], read_problem(ws.demos_path, e, ws.rel(ws.demos_path)) + " Fix it in an editor."
-
-
-def one_line(text: str, width: int = 60) -> str:
-    """Collapse whitespace and cut to ``width`` characters (for table cells)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
-
-
-def plain(text: str, style: str = "") -> Text:
-    """User text as a Rich Text: markup characters like ``[/b]`` show as written."""
-    return Text(str(text), style=style)
-
-
-def cell(text: str, width: int = 60, style: str = "") -> Text:
-    return Text(one_line(text, width), style=style, no_wrap=True, overflow="ellipsis")
 
 
 class ConfirmScreen(ModalScreen[str]):
