@@ -530,9 +530,9 @@ LOGPROB_CHUNK_ROWS = 16
 # True: the output layer and the log-softmax run a block of positions at a time, forward
 # and backward (``_HeadTargetLogprob``): the (positions x vocab) logits and their gradient
 # never exist whole (2,048 x 49,152 for SmolLM2: 200 MB each in bf16). Same numbers as the
-# full logits (tests/test_chunked_head.py). Off: on the 2-core AMX Xeon it measured slower
-# than the full logits (one more output-layer matmul in backward; issue 24); the bench's
-# training A/B measures both.
+# full logits (tests/test_chunked_head.py). Off: not shown faster yet. On the 2-core AMX
+# Xeon, measured only while the machine was loaded, it was slower than the full logits (one
+# more output-layer matmul in backward; issue 24); the bench's training A/B measures both.
 CHUNKED_HEAD = False
 HEAD_CHUNK_ROWS = 256
 # Within a block: the fused (log-)softmax kernels, this many rows at a time, instead of
