@@ -208,6 +208,33 @@ def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
 
 # ---- our backend ------------------------------------------------------------------------
 
+# Before/after of the training step's switches, measured alternately in one process:
+# (name, {module attribute: value}); the first is the service's default.
+TRAIN_AB = (
+    ("full logits (default)", {"CHUNKED_HEAD": False}),
+    ("chunked head", {"CHUNKED_HEAD": True}),
+)
+
+
+def _train_ab(step, data: list, steps: int) -> dict:  # noqa: ANN001
+    """Training step seconds for each TRAIN_AB variant, the variants taking turns."""
+    from engine.backends.local import compute
+
+    saved = {k: getattr(compute, k) for _, cfg in TRAIN_AB for k in cfg}
+    times: dict[str, list[float]] = {name: [] for name, _ in TRAIN_AB}
+    try:
+        for rep in range(steps + 1):
+            for name, cfg in TRAIN_AB:
+                for k, v in cfg.items():
+                    setattr(compute, k, v)
+                dt, _ = step(data)
+                if rep:  # the first round is a warm-up for each
+                    times[name].append(round(dt, 3))
+    finally:
+        for k, v in saved.items():
+            setattr(compute, k, v)
+    return times
+
 
 def _plain_generate(  # noqa: ANN001
     model, prompt: list[int], n: int, max_tokens: int, seed: int, top_p: float = 1.0
@@ -311,6 +338,7 @@ def part_ours(steps: int, max_tokens: int) -> dict:
         out["train_loss_per_token"] = [round(x, 4) for x in losses]
         out["train_gflops"] = out["train_tokens_per_s"] * _train_flop_per_token(cfg, SEQ_LEN) / 1e9
         out["train_peak_rss_mb"] = _peak_rss_mb()
+        out["train_ab"] = _train_ab(step, data, steps)
         out["train_attention_s"] = on_worker(lambda: attention_seconds(cfg, rt.dtype))
         out["train_linear_flop_per_token"] = _train_linear_flop_per_token(cfg)
 
@@ -625,6 +653,11 @@ def main() -> None:
         f"{ours['train_attention_s']:.2f} s; the linear layers at the matmul peak would take "
         f"{linear_floor:.2f} s: floor {ours['train_attention_s'] + linear_floor:.2f} s"
     )
+    ab = ours["train_ab"]
+    print(
+        "training step, alternately in this run: "
+        + "; ".join(f"{name} {min(t):.2f} s (of {t})" for name, t in ab.items())
+    )
     print(
         f"variable-length batch {ours['varlen_lengths']}: {ours['varlen_tokens_per_s']:7.1f} tok/s "
         f"({ours['varlen_tokens_per_s'] / ours['train_tokens_per_s']:.2f}x the 4 x 512 batch)"
@@ -694,6 +727,7 @@ def main() -> None:
         "top_p_32_vs_generate": round(tp["tokens_per_s"] / tp["generate_tokens_per_s"], 2),
         "train_attention_s": ours["train_attention_s"],
         "train_step_floor_s": round(ours["train_attention_s"] + linear_floor, 2),
+        "train_step_ab_s": ab,
         "decode_step_ms": {n: round(v, 2) for n, v in step_ms.items()},
         "decode_linears_ms": ours["decode_linears_ms"],
         "matmul_peak_gflops": peak_train,

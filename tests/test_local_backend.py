@@ -109,6 +109,42 @@ async def test_optim_step_moves_only_lora_weights(service):
     assert all(moved)
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+async def test_optimizer_step_is_the_per_tensor_adamw_bit_for_bit(service, monkeypatch, clip):
+    """The multi-tensor AdamW (and the norm-only path without clipping) moves the adapter to
+    exactly the weights the per-tensor loop with clip_grad_norm_ gives, and reports the same
+    grad_norm."""
+    from engine.backends.local import service as service_module
+
+    adam = types.AdamParams(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=clip)
+    batch = [datum(SEQ_A, weights=[1.0] * 9), datum(SEQ_B, weights=[0.0, 0.0, 1, 1, 1, 1])]
+
+    async def train(foreach: bool):
+        monkeypatch.setattr(service_module, "ADAM_FOREACH", foreach)
+        tc = await service.create_lora_training_client(TINY_MODEL, rank=4, seed=3)
+        norms = []
+        for _ in range(3):
+            fb = tc.forward_backward(batch, "cross_entropy")
+            if not foreach:  # the reference: torch's own clip_grad_norm_, even without a limit
+                monkeypatch.setattr(
+                    type(tc),
+                    "_clip_grad_norm",
+                    lambda _self, params, max_norm: float(
+                        torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    ),
+                )
+            norms.append((await tc.optim_step(adam)).metrics["grad_norm"])
+            assert (await fb).metrics["loss:sum"] > 0
+        return norms, [p.detach().clone() for p in tc._rt.host.parameters(tc.model_id)]
+
+    norms, weights = await train(True)
+    ref_norms, ref_weights = await train(False)
+    assert norms == ref_norms
+    assert all(torch.equal(a, b) for a, b in zip(weights, ref_weights, strict=True))
+    if clip:
+        assert max(norms) > clip  # the clip really bites
+
+
 async def test_training_lowers_the_loss(service):
     tc = await service.create_lora_training_client(TINY_MODEL, rank=8, seed=1)
     batch = [datum(SEQ_A, weights=[1.0] * 9), datum(SEQ_B, weights=[1.0] * 6)]
@@ -414,14 +450,17 @@ def test_rows_that_differ_in_their_last_token_share_one_forward_pass(runtime):
 
 
 @pytest.mark.parametrize("same_length", [True, False])
-def test_positions_without_gradient_leave_the_output_layers_backward(same_length):
-    """Positions whose weight is 0 (an SFT row's prompt, a judge prompt's all but the verdict)
-    get their logits outside the graph: the same logprobs and the same LoRA gradients (the
-    output layer's included), with only the weighted rows in the output layer's backward."""
+def test_positions_without_gradient_leave_the_output_layers_backward(same_length, monkeypatch):
+    """With the full-logits output layer (CHUNKED_HEAD off; tests/test_chunked_head.py covers
+    the chunked one): positions whose weight is 0 (an SFT row's prompt, a judge prompt's all
+    but the verdict) get their logits outside the graph: the same logprobs and the same LoRA
+    gradients (the output layer's included), with only the weighted rows in its backward."""
+    from engine.backends.local import compute
     from engine.backends.local.compute import BaseRuntime
     from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
     from engine.backends.local.models import choose_compute
 
+    monkeypatch.setattr(compute, "CHUNKED_HEAD", False)
     rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "fp32"))
     rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
     g = torch.Generator().manual_seed(2)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import decode
-from .lora import LoraHost
+from .lora import LoraHost, LoraLinear
 from .models import ComputePlan, choose_compute, ensure_model_dir
 
 # Micro-batches for training are cut to about this many (padded) tokens, so memory stays
@@ -199,14 +199,17 @@ class BaseRuntime:
     ) -> list[torch.Tensor]:
         """log p(targets[i][t] | inputs[i][:t+1]) for each row, float32, one tensor per row.
 
-        ``live[i][t]`` False says no gradient will reach that position's logprob (its weight
-        or advantage is 0: the prompt of an SFT row, all but the verdict of a judge's). Those
-        positions' logits are computed outside the graph, so the backward pass skips them in
-        the output layer, the model's widest matmul (49k columns for SmolLM2).
+        The output layer runs a block of positions at a time (``_HeadTargetLogprob``), and its
+        backward pass skips the positions no gradient reaches (weight or advantage 0: the
+        prompt of an SFT row, all but the verdict of a judge's). With ``CHUNKED_HEAD`` off,
+        ``live[i][t]`` False says that of a position ahead of time: its logits are computed
+        outside the graph, so the output layer's backward skips it.
         """
         self.host.switch.active = adapter
         lengths = [len(row) for row in inputs]
-        split = grad and live is not None and not all(all(row) for row in live)
+        head = self.model.get_output_embeddings()
+        chunked = head_weights(head) if CHUNKED_HEAD else None
+        split = chunked is None and grad and live is not None and not all(all(row) for row in live)
         self.model.train(grad)  # gradient checkpointing is active only in train mode
         try:
             with torch.set_grad_enabled(grad):
@@ -215,8 +218,9 @@ class BaseRuntime:
                 for start, row in zip(starts, targets, strict=True):
                     tgt[start : start + len(row)] = torch.tensor(row, dtype=torch.long)
                 tgt = tgt.to(self.device)
-                head = self.model.get_output_embeddings()
-                if split:
+                if chunked is not None:
+                    logp = head_target_logprobs(chunked, hidden, tgt)
+                elif split:
                     keep = torch.zeros(hidden.shape[0], dtype=torch.bool)
                     for start, row in zip(starts, live or [], strict=True):
                         keep[start : start + len(row)] = torch.tensor(row, dtype=torch.bool)
@@ -288,8 +292,12 @@ class BaseRuntime:
         keys = list(groups)
         self.host.switch.active = adapter
         cut = token_budget_packs if self.packing else token_budget_batches
+        head = head_weights(self.model.get_output_embeddings()) if CHUNKED_HEAD else None
         for batch in cut([len(k) for k in keys]):
-            logits, starts = self._logits([list(keys[j]) for j in batch])
+            if head is None:
+                logits, starts = self._logits([list(keys[j]) for j in batch])
+            else:
+                hidden, starts = self._hidden([list(keys[j]) for j in batch])
             at: list[int] = []  # the logits row each value is read from
             tgt: list[int] = []
             for j, start in zip(batch, starts, strict=True):
@@ -299,7 +307,12 @@ class BaseRuntime:
                 tgt.extend(rows[members[0]][1:-1])
                 at.extend([start + n - 1] * len(members))
                 tgt.extend(rows[i][-1] for i in members)
-            values = _picked_logprobs(logits, torch.tensor(at), torch.tensor(tgt)).tolist()
+            at_t, tgt_t = torch.tensor(at), torch.tensor(tgt)
+            if head is None:
+                values = _picked_logprobs(logits, at_t, tgt_t).tolist()
+            else:
+                at_t, tgt_t = at_t.to(self.device), tgt_t.to(self.device)
+                values = head_target_logprobs(head, hidden[at_t], tgt_t).tolist()
             k = 0
             for j in batch:
                 n = len(keys[j])
@@ -514,14 +527,78 @@ class BaseRuntime:
 # cache (16 x 49k vocab x 4 B = 3 MB), large enough to amortize the per-chunk dispatch.
 LOGPROB_CHUNK_ROWS = 16
 
+# True: the output layer and the log-softmax run a block of positions at a time, forward
+# and backward (``_HeadTargetLogprob``): the (positions x vocab) logits and their gradient
+# never exist whole (2,048 x 49,152 for SmolLM2: 200 MB each in bf16). Same numbers as the
+# full logits (tests/test_chunked_head.py). Off: not shown faster yet. On the 2-core AMX
+# Xeon, measured only while the machine was loaded, it was slower than the full logits (one
+# more output-layer matmul in backward; issue 24); the bench's training A/B measures both.
+CHUNKED_HEAD = False
+HEAD_CHUNK_ROWS = 256
+# Within a block: the fused (log-)softmax kernels, this many rows at a time, instead of
+# logsumexp's separate passes (False: the full-logits path's own arithmetic, for A/B).
+FUSED_SOFTMAX = True
+SOFTMAX_ROWS = 16
+# Keep each block's logits for the backward pass instead of computing them again: the
+# memory of the full logits, one output-layer matmul less.
+HEAD_KEEP_LOGITS = False
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Where the log-softmax is computed: float32 (float64 for float64 logits)."""
+    return torch.promote_types(dtype, torch.float32)
+
 
 def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
     """logsumexp of each row in float32, a few rows at a time (no float32 copy of them all)."""
-    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    wide = _wide(logits.dtype)
+    lse = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
     for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
         rows = slice(start, start + LOGPROB_CHUNK_ROWS)
-        lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+        lse[rows] = torch.logsumexp(logits[rows].to(wide), dim=-1)
     return lse
+
+
+def _logit_grad(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """grad[r] * d log_softmax(logits[r])[target[r]] / d logits[r], in the logits' dtype,
+    computed in float32 a few rows at a time: grad * (onehot(target) - softmax(logits))."""
+    out = torch.empty_like(logits)
+    for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
+        rows = slice(start, start + LOGPROB_CHUNK_ROWS)
+        g = grad[rows].unsqueeze(-1)
+        part = torch.exp(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)).mul_(-g)
+        part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
+        out[rows] = part
+    return out
+
+
+def _picked_log_softmax(
+    logits: torch.Tensor, target: torch.Tensor, rows_at_once: int
+) -> torch.Tensor:
+    """log_softmax(logits[r])[target[r]] per row, in float32, by the fused log-softmax kernel a
+    few rows at a time (one pass over the logits instead of logsumexp's five)."""
+    out = torch.empty(logits.shape[0], dtype=_wide(logits.dtype), device=logits.device)
+    for start in range(0, logits.shape[0], rows_at_once):
+        rows = slice(start, start + rows_at_once)
+        logp = torch.log_softmax(logits[rows], -1, dtype=out.dtype)
+        out[rows] = logp.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _softmax_grad(
+    logits: torch.Tensor, target: torch.Tensor, grad: torch.Tensor, rows_at_once: int
+) -> torch.Tensor:
+    """``_logit_grad`` by the fused softmax kernel: grad * (onehot(target) - softmax)."""
+    out = torch.empty_like(logits)
+    for start in range(0, logits.shape[0], rows_at_once):
+        rows = slice(start, start + rows_at_once)
+        g = grad[rows].unsqueeze(-1)
+        part = torch.softmax(logits[rows], -1, dtype=grad.dtype).mul_(-g)
+        part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
+        out[rows] = part
+    return out
 
 
 def _picked_logprobs(logits: torch.Tensor, at: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -554,16 +631,147 @@ class _TargetLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
         logits, target, lse = ctx.saved_tensors
-        grad = grad.float()
-        out = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
-            rows = slice(start, start + LOGPROB_CHUNK_ROWS)
-            g = grad[rows].unsqueeze(-1)
-            # d logp[t] / d logits = onehot(t) - softmax(logits)
-            part = torch.exp(logits[rows].float() - lse[rows].unsqueeze(-1)).mul_(-g)
-            part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
-            out[rows] = part
-        return out, None
+        return _logit_grad(logits, target, lse, grad.float()), None
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """The output layer as the active adapter applies it: x W^T + bias + scale (x A^T) B^T."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+def head_weights(head: torch.nn.Module) -> HeadWeights | None:
+    """The output layer's weights (with the active adapter's, where it has some), or None for
+    a layer that is not a plain (LoRA-wrapped) linear layer."""
+    adapter = None
+    if isinstance(head, LoraLinear):
+        adapter, head = head, head.base
+    if type(head) is not torch.nn.Linear:
+        return None
+    name = adapter.switch.active if adapter is not None else None
+    if adapter is None or name is None or name not in adapter.lora_A:
+        return HeadWeights(head.weight, head.bias)
+    return HeadWeights(
+        head.weight, head.bias, adapter.lora_A[name], adapter.lora_B[name], adapter.scales[name]
+    )
+
+
+def head_block_logits(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None,
+    b: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One block of logits, x W^T + bias (+ scale z B^T with z = x A^T): the same products
+    LoraLinear computes for these rows."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    if z is not None:
+        out.addmm_(z, b.t(), alpha=scale)
+    return out
+
+
+def head_target_logprobs(head: HeadWeights, hidden: torch.Tensor, target: torch.Tensor):  # noqa: ANN201
+    """log_softmax(head(hidden[r]))[target[r]] per row, float32, a block of rows at a time
+    (differentiable with respect to ``hidden`` and the adapter's A and B)."""
+    return _HeadTargetLogprob.apply(
+        hidden, head.weight, head.bias, head.lora_a, head.lora_b, head.scale, target
+    )
+
+
+class _HeadTargetLogprob(torch.autograd.Function):
+    """The output layer followed by ``_TargetLogprob``, HEAD_CHUNK_ROWS positions at a time.
+
+    Forward keeps one float per row (the log-normalizer); backward computes each block's
+    logits again (one more output-layer matmul) and turns them into the gradients of the
+    hidden states and of the adapter's A and B with the same products as ``_LoraLinearFn``.
+    Rows whose incoming gradient is exactly 0 (zero weight or advantage, padding) add nothing
+    to any gradient and are skipped.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, a, b, scale, target):  # noqa: ANN001, ANN205
+        a_c = b_c = z = None
+        if a is not None:
+            a_c, b_c = a.to(hidden.dtype), b.to(hidden.dtype)
+            z = hidden @ a_c.t()
+        n = hidden.shape[0]
+        wide = _wide(hidden.dtype)
+        lse = torch.empty(n, dtype=wide, device=hidden.device)
+        picked = torch.empty(n, dtype=wide, device=hidden.device)
+        keep = [] if HEAD_KEEP_LOGITS and any(ctx.needs_input_grad) else None
+        for start in range(0, n, HEAD_CHUNK_ROWS):
+            rows = slice(start, start + HEAD_CHUNK_ROWS)
+            zr = None if z is None else z[rows]
+            logits = head_block_logits(hidden[rows], weight, bias, zr, b_c, scale)
+            if FUSED_SOFTMAX:
+                picked[rows] = _picked_log_softmax(logits, target[rows], SOFTMAX_ROWS)
+            else:
+                lse[rows] = _logsumexp_rows(logits)
+                chosen = logits.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
+                picked[rows] = chosen.to(wide) - lse[rows]
+            if keep is not None:
+                keep.append(logits)
+        ctx.save_for_backward(hidden, weight, bias, a_c, b_c, z, target, lse)
+        ctx.kept, ctx.rows = keep, HEAD_CHUNK_ROWS
+        ctx.fused = FUSED_SOFTMAX
+        ctx.scale = scale
+        ctx.lora_dtypes = (a.dtype, b.dtype) if a is not None else None
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        hidden, weight, bias, a_c, b_c, z, target, lse = ctx.saved_tensors
+        need_x, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        scale = ctx.scale
+        grad = grad.to(lse.dtype)
+        live = (grad != 0).nonzero().squeeze(1)
+        dx = torch.zeros_like(hidden) if need_x else None
+        gz = None if a_c is None else hidden.new_zeros(hidden.shape[0], a_c.shape[0])
+        db = None if not need_b else b_c.new_zeros(b_c.shape, dtype=lse.dtype)
+        for idx, logits in _HeadTargetLogprob._blocks(ctx, live):
+            zr = None if z is None else z[idx]
+            if ctx.fused:
+                g = _softmax_grad(logits, target[idx], grad[idx], SOFTMAX_ROWS)
+            else:
+                g = _logit_grad(logits, target[idx], lse[idx], grad[idx])
+            gb = None if a_c is None else g @ b_c  # the gradient reaching z, before the scale
+            if gb is not None:
+                gz[idx] = gb
+            if need_x:
+                part = g @ weight
+                if gb is not None:
+                    part.addmm_(gb, a_c, alpha=scale)
+                dx[idx] = part
+            if need_b:
+                db += (g.t() @ zr).to(db.dtype)
+        da = (gz.t() @ hidden).mul_(scale).to(ctx.lora_dtypes[0]) if need_a else None
+        if need_b:
+            db = db.mul_(scale).to(ctx.lora_dtypes[1])
+        return dx, None, None, da, db, None, None
+
+    @staticmethod
+    def _blocks(ctx, live: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
+        """(row indices, their logits) for the rows in ``live``: the forward's blocks where it
+        kept them, else computed again, the live rows packed into full blocks."""
+        hidden, weight, bias, _, b_c, z, _, _ = ctx.saved_tensors
+        if ctx.kept is not None:
+            for k, block in enumerate(ctx.kept):
+                start = k * ctx.rows
+                idx = live[(live >= start) & (live < start + block.shape[0])]
+                if idx.numel():
+                    yield idx, block if idx.numel() == block.shape[0] else block[idx - start]
+            return
+        for start in range(0, live.shape[0], ctx.rows):
+            idx = live[start : start + ctx.rows]
+            zr = None if z is None else z[idx]
+            yield idx, head_block_logits(hidden[idx], weight, bias, zr, b_c, ctx.scale)
 
 
 @dataclass
