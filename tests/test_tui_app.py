@@ -76,6 +76,18 @@ async def test_command_palette_lists_bindings(ws: Workspace):
         assert app.theme == "textual-light"
 
 
+async def test_command_palette_lists_each_command_once_on_every_tab(ws: Workspace):
+    write_synthetic(ws, 3)
+    app = create_app(ws)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key in ("f1", "f2", "f3", "f4", "f5"):
+            await pilot.press(key)
+            await pilot.pause()
+            titles = [c.title for c in app.get_system_commands(app.screen)]
+            doubled = sorted({t for t in titles if titles.count(t) > 1})
+            assert doubled == [], (key, doubled)
+
+
 async def test_quit_while_training_saves_a_checkpoint_first(ws: Workspace):
     import tomllib
 
