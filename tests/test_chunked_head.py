@@ -1,4 +1,4 @@
-"""The output layer + log-softmax computed a block of positions at a time (issue 24).
+"""The output layer + log-softmax computed a block of positions at a time.
 
 ``_HeadTargetLogprob`` never holds the (positions x vocab) logits; these tests hold it to the
 plain computation (full logits, ``log_softmax``, autograd): the same logprobs and the same
