@@ -532,7 +532,7 @@ LOGPROB_CHUNK_ROWS = 16
 # never exist whole (2,048 x 49,152 for SmolLM2: 200 MB each in bf16). Same numbers as the
 # full logits (tests/test_chunked_head.py). Off: not shown faster yet. On the 2-core AMX
 # Xeon, measured only while the machine was loaded, it was slower than the full logits (one
-# more output-layer matmul in backward; issue 24); the bench's training A/B measures both.
+# more output-layer matmul in backward); the bench's training A/B measures both.
 CHUNKED_HEAD = False
 HEAD_CHUNK_ROWS = 256
 # Within a block: the fused (log-)softmax kernels, this many rows at a time, instead of
