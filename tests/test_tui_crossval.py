@@ -1,12 +1,15 @@
-"""The cross-validation screen at 80x24: the plan and its cost line, launch, fold i/k progress,
-the running-stage rule, and the switch between the cross-validated and single-split reports.
-Two folds of the methods that need no training (evaluate only), on the tiny model."""
+"""The cross-validation at 80x24: its screen (the plan and its cost line, launch, fold i/k
+progress, the running-stage rule, the switch between the cross-validated and single-split
+reports) and its row in the Train tab (cost before launch, enter starts it, fold i/k · stage
+while it runs). Two folds of the methods that need no training (evaluate only), on the tiny
+model."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import needs_backend
-from textual.widgets import Label, Markdown, RichLog, Static
+from test_tui_train_estimate import save_slow_profile
+from textual.widgets import DataTable, Label, Markdown, RichLog, Static
 from tui_helpers import until
 
 from engine.run.events import StageFinished
@@ -65,3 +68,51 @@ async def test_crossval_screen_runs_two_folds_and_shows_both_reports(ws):
         assert "No results/report.md yet" in report.source
         await pilot.press("r", "escape")
         assert app.screen is not screen and app.is_screen_installed(SCREEN)
+
+
+@needs_backend
+@pytest.mark.asyncio
+async def test_train_tab_crossval_row_shows_cost_launches_and_follows_the_folds(ws, sp):
+    save_slow_profile(sp, ws)  # a measured speed: the row's cost can be estimated
+    app = create_app(ws, overrides=OVERRIDES)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await app.wait_ready()
+        await pilot.press("f4")
+        train = app.train
+        await until(pilot, lambda: bool(train.rows))
+        row = train.rows[-1]  # the last row, after the stages
+        assert (row.name, row.state) == ("crossval", "not run")
+        table = app.query_one("#stage-table", DataTable)
+        await pilot.press(*["down"] * (len(train.rows) - 1))  # found by walking the list
+        assert train.selected() == "crossval"
+        # the row is scrolled into view at 80x24, and says what enter does
+        await until(pilot, lambda: table.scroll_y == table.max_scroll_y > 0)
+        info = _text(app.query_one("#stage-info", Static))
+        assert "held out once" in info and "enter: start" in info and "ctrl+k" in info
+        # before launch: k × each fold stage's estimate, from engine.crossval.estimate
+        await until(pilot, lambda: train.estimate.estimate_for == ("crossval", ""))
+        text = train.estimate.estimate_text
+        assert text.startswith("crossval, 2 folds: ≤ "), text
+        assert "on this machine" in text and "evaluate" in text and "per fold" in text
+        assert app.query_one("#stage-estimate", Static).display
+
+        await pilot.press("enter")  # plans, then starts on the cross-validation's screen
+        await until(pilot, lambda: app.running_stage == SCREEN)
+        screen = app.screen
+        assert isinstance(screen, CrossvalScreen)
+        await pilot.press("escape")  # back to the Train tab: it keeps running
+        assert app.screen is not screen
+        await until(pilot, lambda: screen.final is not None and app.running_stage is None)
+        assert isinstance(screen.final, StageFinished), screen.final
+        # the Train tab followed every fold stage, placed as fold i/k · stage
+        log = [strip.text for strip in app.query_one("#log", RichLog).lines]
+        for fold in ("fold 1/2 · evaluate", "fold 2/2 · evaluate"):
+            assert any(line.startswith(f"▶ {fold}") for line in log), log
+            assert any(line.startswith(f"✓ {fold} done") for line in log), log
+        assert any(line.startswith("✓ crossval done") for line in log), log
+        assert "crossval done" in _text(app.query_one("#progress-label", Label))
+        await until(pilot, lambda: train.rows[-1].state == "done")
+        await until(
+            pilot,
+            lambda: "results/crossval_report.md" in _text(app.query_one("#stage-info", Static)),
+        )

@@ -11,6 +11,7 @@ and the reports come from the engine and the files it writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from rich.text import Text
@@ -22,23 +23,44 @@ from textual.widgets import Footer, Label, Markdown, ProgressBar, RichLog, Stati
 
 from engine.run.events import LogLine, StageFailed, StageFinished, StageStarted
 from engine.run.events import Progress as ProgressEvent
+from tui.messages import EngineEvent
 
 SCREEN = "crossval"
 REPORTS = {"crossval": "crossval_report.md", "single": "report.md"}
 
 
-def _plan_and_cost(app: Any, new: bool) -> tuple[Any, bool, str]:
-    """(plan, continuing, the cost line) in a worker thread; the plan is not written yet."""
-    from engine.crossval import choose_plan, pending
+TINKER_COST = "on Tinker the time depends on the service (k × each stage's run)"
+
+
+def cost_line(ws: Any, plan: Any, profiles: Any) -> tuple[str, str]:
+    """(the cost of ``plan`` in one line, what it assumes) from engine.crossval.estimate."""
     from engine.crossval.estimate import estimate_crossval
+
+    est = estimate_crossval(plan, ws, profiles)
+    if est is None:
+        return TINKER_COST, ""
+    assumed = [*est.notes, *(a for s in est.stages for a in s.assumptions)]
+    if any(s.upper_bound for s in est.stages):
+        assumed.append("every answer taken to run to max_tokens: an upper bound")
+    return est.line(), "\n".join(dict.fromkeys(assumed))
+
+
+def stages_left(plan: Any) -> str:
+    """ "3 of 4 fold stages left"."""
+    from engine.crossval import pending
     from engine.crossval.run import fold_stages
+
+    return f"{len(pending(plan))} of {len(fold_stages(plan))} fold stages left"
+
+
+def _plan_and_cost(ws: Any, overrides: list[str], new: bool) -> tuple[Any, bool, str]:
+    """(plan, continuing, the cost line) in a worker thread; the plan is not written yet."""
+    from engine.crossval import choose_plan
     from engine.pipeline.estimate import cached_profiles
 
-    ws, overrides = app.ws, list(app.default_overrides)
     cfg = ws.config(overrides)
     plan, continuing = choose_plan(ws, cfg, overrides, None, new=new)
-    left = f", {len(pending(plan))} of {len(fold_stages(plan))} fold stages left"
-    cost = "cost: on Tinker the time depends on the service (k × each stage's run)"
+    cost = f"cost: {TINKER_COST}"
     if cfg.backend.name == "local":
         profiles, _missing = cached_profiles(cfg)
         if not profiles:
@@ -47,9 +69,8 @@ def _plan_and_cost(app: Any, new: bool) -> tuple[Any, bool, str]:
                 "once when shown with nothing running; or `persona speed`)"
             )
         else:
-            est = estimate_crossval(plan, ws, profiles)
-            cost = f"cost: {est.line()}" if est else cost
-    return plan, continuing, (left if continuing else "") + "\n" + cost
+            cost = f"cost: {cost_line(ws, plan, profiles)[0]}"
+    return plan, continuing, (f", {stages_left(plan)}" if continuing else "") + "\n" + cost
 
 
 class CrossvalScreen(Screen[None]):
@@ -67,6 +88,8 @@ class CrossvalScreen(Screen[None]):
         self.cv: Any = None
         self.final: Any = None
         self.report_kind = ""  # "" = the log; "crossval" | "single": that report
+        self.overrides: list[str] | None = None  # None: the app's own (--set)
+        self.start_when_ready = False  # launched from the Train tab: start once planned
 
     def compose(self) -> ComposeResult:
         with Vertical(id="cv-body"):
@@ -90,9 +113,11 @@ class CrossvalScreen(Screen[None]):
         from engine.errors import PersonaError
 
         try:
-            plan, continuing, more = await asyncio.to_thread(_plan_and_cost, self.app, new)
+            plan, continuing, more = await asyncio.to_thread(
+                _plan_and_cost, self.app.ws, self.launch_overrides(), new
+            )
         except PersonaError as e:
-            self.plan = None
+            self.plan, self.start_when_ready = None, False
             self.query_one("#cv-plan", Static).update(Text(str(e), style="yellow"))
             return
         self.plan = plan
@@ -100,6 +125,12 @@ class CrossvalScreen(Screen[None]):
         self.query_one("#cv-plan", Static).update(
             Text(f"{head}{self.app.ws.rel(plan.root)}: {plan.describe()}{more}")
         )
+        if self.start_when_ready:
+            self.start_when_ready = False
+            self.action_start(False)
+
+    def launch_overrides(self) -> list[str]:
+        return list(self.app.default_overrides if self.overrides is None else self.overrides)
 
     # -- actions ---------------------------------------------------------------
     def action_start(self, new: bool) -> None:
@@ -131,9 +162,11 @@ class CrossvalScreen(Screen[None]):
                 if not isinstance(item, FoldEvent):
                     final = item
                 self.show(item)
+                _tell_train(app, item)
         except Exception as e:  # never let it take the app down
             final = StageFailed(stage=SCREEN, message=f"crossval failed: {type(e).__name__}: {e}")
             self.show(final)
+            _tell_train(app, final)
         finally:
             self.final, self.cv = final, None
             app.running_stage, app.stopping, app.active_runner = None, False, app.runner
@@ -197,9 +230,31 @@ class CrossvalScreen(Screen[None]):
         self.app.pop_screen()
 
 
-def open_crossval(app: Any) -> None:
-    """Show the screen (one per app: it keeps the running cross-validation's view)."""
+def _tell_train(app: Any, item: Any) -> None:
+    """The Train tab shows the running fold stage as it shows any stage, placed as
+    "fold i/k · stage"."""
+    from engine.crossval import FoldEvent
+
+    with contextlib.suppress(Exception):  # the app may be closing
+        where = item.where if isinstance(item, FoldEvent) else ""
+        app.train.post_message(EngineEvent(getattr(item, "event", item), where=where))
+
+
+def open_crossval(app: Any, overrides: list[str] | None = None, start: bool = False) -> None:
+    """Show the screen (one per app: it keeps the running cross-validation's view).
+    ``overrides``: what to plan with (default: the app's own); ``start``: start (or continue)
+    once the plan is read, as Enter on the Train tab's crossval row does."""
     if not app.is_screen_installed(SCREEN):
         app.install_screen(CrossvalScreen(), name=SCREEN)
-    if app.screen is not app.get_screen(SCREEN):
+    screen = app.get_screen(SCREEN)
+    if app.screen is not screen:
         app.push_screen(SCREEN)
+    if not start:
+        return
+    if app.running_stage:
+        app.notify_plain(f"{app.running_stage} is running; stop it or wait.", timeout=3)
+        return
+    screen.overrides = overrides
+    screen.plan, screen.start_when_ready = None, True
+    if screen.is_mounted:
+        screen.refresh_plan()  # else on_mount reads it

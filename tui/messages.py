@@ -11,14 +11,16 @@ from textual.message import Message
 
 
 class EngineEvent(Message):
-    """One engine event (engine.events.*), delivered to widgets as a Textual message."""
+    """One engine event (engine.events.*), delivered to widgets as a Textual message.
+    ``where``: a cross-validation's fold stage it comes from ("fold 2/5 · ditto")."""
 
     bubble = False
 
-    def __init__(self, event: Any, *, replay: bool = False) -> None:
+    def __init__(self, event: Any, *, replay: bool = False, where: str = "") -> None:
         super().__init__()
         self.event = event
         self.replay = replay
+        self.where = where
 
 
 class LaunchRequested(Message):

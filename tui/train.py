@@ -1,5 +1,10 @@
 """Train tab: every stage with its state; enter launches, x cancels, r replays the last run.
 
+The last row, crossval, is the cross-validation (``persona crossval``): selected, its cost
+shows on the estimate line; enter starts or continues it on its screen (tui/crossval.py, also
+ctrl+k), and while it runs the tab shows each fold stage as it shows any stage, placed as
+"fold i/k · stage".
+
 A live log, live curves (tui/train_charts.py: losses; rewards and win rates; the rest, with
 legends, one at a time where they do not fit), a progress bar with ETA (from the run's real
 rate), and the selected stage's estimated time before launch (tui/train_estimate.py).
@@ -56,7 +61,16 @@ STATE_STYLE = {
     "not implemented": "dim italic",
 }
 MAX_REPLAY_LOG = 400
+CROSSVAL = "crossval"
 POLL_EVERY = 2.0  # seconds: how often the rows are read again while the tab is on screen
+
+
+def train_rows(ws: Workspace) -> list[StageRow]:
+    """The stages' rows, then the cross-validation's (engine.crossval.run.crossval_status)."""
+    from engine.crossval.run import crossval_status
+
+    cv = crossval_status(ws)
+    return [*stage_rows(ws), StageRow(cv, cv.state, done_at=cv.finished_at)]
 
 
 class LiveLog(RichLog):
@@ -129,6 +143,7 @@ class TrainPane(Vertical):
         self.stopping = False  # cancel asked, the stage has not ended yet
         self.current: str | None = None  # stage whose events are on screen
         self.current_run = ""  # its run folder
+        self.where = ""  # the cross-validation's fold stage on screen ("fold 2/5 · ditto")
         self._earlier_loaded = False  # the resumed-from runs' loss points are on the chart
         self._on_screen = False
 
@@ -179,6 +194,11 @@ class TrainPane(Vertical):
         was = self.running
         self.running, self.stopping = message.running, message.stopping
         self.estimate.running = message.running
+        if message.running == CROSSVAL and was != CROSSVAL:
+            self.reset_view()
+            self.query_one("#log", RichLog).write(
+                Text("▶ crossval  (ctrl+k: its plan, log and reports)", style="bold cyan")
+            )
         if message.stopping and message.running:
             self.show_stopping()
         elif was != message.running:
@@ -216,7 +236,7 @@ class TrainPane(Vertical):
     @work(thread=True, exclusive=True, group="stage-rows", exit_on_error=False)
     def _read_rows(self) -> None:
         try:
-            rows = stage_rows(self.ws)
+            rows = train_rows(self.ws)
         except Exception:  # refresh_stages on the event loop says what is wrong
             return
         self.app.call_from_thread(self._rows_read, rows)
@@ -227,7 +247,7 @@ class TrainPane(Vertical):
 
     def refresh_stages(self) -> None:
         try:
-            rows = stage_rows(self.ws)
+            rows = train_rows(self.ws)
         except Exception as e:  # e.g. results/checkpoints.toml not UTF-8: say so, stay usable
             self.query_one("#stage-info", Static).update(
                 plain(f"Could not read the stages' state: {e}", "red")
@@ -247,7 +267,8 @@ class TrainPane(Vertical):
             text = Text(state, style=STATE_STYLE.get(state, "bold yellow"))
             if row.note and state == "done":
                 text.append(" !", style="bold yellow")  # a later attempt did not complete
-            table.add_row(str(row.status.number), row.name, text, key=row.name)
+            number = "cv" if row.name == CROSSVAL else str(row.status.number)
+            table.add_row(number, row.name, text, key=row.name)
         if rows:
             table.move_cursor(row=max(0, min(cursor, len(rows) - 1)))
         self.show_info()
@@ -266,6 +287,11 @@ class TrainPane(Vertical):
             return
         st = row.status
         t = Text()
+        if name == CROSSVAL:
+            info.update(self.crossval_info(row))
+            self.estimate.request(name, self.query_one("#overrides", Input).value)
+            self.call_after_refresh(self._cursor_in_view)  # the info's height moved the table
+            return
         t.append(f"{st.number}. {st.title}", style="bold")
         if st.outputs:
             t.append("  → " + ", ".join(st.outputs), style="green")
@@ -281,6 +307,31 @@ class TrainPane(Vertical):
         info.update(t)
         self.estimate.request(name, self.query_one("#overrides", Input).value)
 
+    def _cursor_in_view(self) -> None:
+        table = self.query_one("#stage-table", DataTable)
+        table.move_cursor(row=table.cursor_row)
+
+    def crossval_info(self, row: StageRow) -> Text:
+        """Two lines: what it is (and its report), then what enter does and where it stands."""
+        st = row.status
+        t = Text(st.title, style="bold")
+        if st.outputs:
+            t.append(f"  → {st.outputs[0]}", style="green")
+        here = self.running == CROSSVAL
+        if row.state == "running" and not here:
+            t.append("\nrunning in another process (from the command line?)", style="cyan")
+        elif not here:
+            t.append("\nenter: ", style="dim")
+            t.append(
+                {"unfinished": "continue", "not run": "start"}.get(row.state, "start or continue"),
+                style="bold",
+            )
+            t.append(" · ctrl+k: plan, log, reports", style="dim")
+        if st.message and row.state != "done":
+            t.append(" · ")
+            t.append_text(plain(st.message, "yellow"))
+        return t
+
     @on(Input.Changed, "#overrides")
     def _overrides_changed(self) -> None:
         self.estimate.request(typed=self.query_one("#overrides", Input).value)
@@ -291,7 +342,11 @@ class TrainPane(Vertical):
     # -- actions -------------------------------------------------------------
     def action_launch(self) -> None:
         name = self.selected()
-        if name:
+        if name == CROSSVAL:  # its screen plans it and starts it: the same code as ctrl+k
+            from tui.crossval import open_crossval
+
+            open_crossval(self.app, [*self.default_overrides, *self.overrides()], start=True)
+        elif name:
             self.post_message(LaunchRequested(name, self.overrides(), source="train"))
 
     @on(DataTable.RowSelected, "#stage-table")
@@ -318,6 +373,9 @@ class TrainPane(Vertical):
         if self.running:
             self.notify("A stage is running; replay when it ends.", severity="warning")
             return
+        if name == CROSSVAL:
+            self.notify("The cross-validation's log and reports are on its screen (ctrl+k).")
+            return
         runs = list_runs(self.ws, name)
         if not runs:
             self.notify(f"{name} has no past runs.", severity="warning", markup=False)
@@ -342,36 +400,44 @@ class TrainPane(Vertical):
                 self.handle(ev, replay=True)
 
     # -- events --------------------------------------------------------------
-    def reset_view(self) -> None:
+    def reset_view(self, keep_log: bool = False) -> None:
         self._earlier_loaded = False
         self.charts.clear()
-        self.query_one("#log", RichLog).clear()
+        if not keep_log:
+            self.query_one("#log", RichLog).clear()
         bar = self.query_one("#progress", ProgressBar)
         bar.update(total=None, progress=0)
         bar.display = False
         self.query_one("#progress-label", Label).update("idle")
 
     def on_engine_event(self, message: EngineEvent) -> None:
-        self.handle(message.event, replay=message.replay)
+        self.handle(message.event, replay=message.replay, where=message.where)
 
-    def handle(self, ev, replay: bool = False) -> None:
+    def handle(self, ev, replay: bool = False, where: str = "") -> None:
+        """One event; ``where``: the cross-validation's fold stage it comes from."""
         log = self.query_one("#log", RichLog)
+        self.where = where
         if isinstance(ev, StageStarted):
             if not replay:
-                self.reset_view()
+                self.reset_view(keep_log=bool(where))  # a cross-validation keeps its log
                 self.refresh_stages()
+            # a fold's resumed stage: its earlier losses are in the fold, not shown
+            self._earlier_loaded = bool(where)
             self.current = ev.stage
             self.current_run = ev.run_dir
             run = self.ws.rel(ev.run_dir) if ev.run_dir else ""
-            log.write(Text(f"▶ {ev.stage}  {run}", style="bold cyan"))
+            log.write(Text(f"▶ {where or ev.stage}  {run}", style="bold cyan"))
+            if where:
+                self.query_one("#progress-label", Label).update(Text(where))
         elif isinstance(ev, Metric):
             self._metric(ev)
         elif isinstance(ev, Progress):
             bar = self.query_one("#progress", ProgressBar)
             bar.display = True
             bar.update(total=ev.total or None, progress=ev.done)
+            what = one_line(ev.label or self.current or "", 28)
             self.query_one("#progress-label", Label).update(
-                Text(f"{one_line(ev.label or self.current or '', 28)} {ev.done}/{ev.total}")
+                Text((f"{where} · " if where else "") + f"{what} {ev.done}/{ev.total}")
             )
         elif isinstance(ev, LogLine):
             style = {"warning": "yellow", "error": "red"}.get(ev.level, "")
@@ -405,21 +471,22 @@ class TrainPane(Vertical):
         log = self.query_one("#log", RichLog)
         bar = self.query_one("#progress", ProgressBar)
         label = self.query_one("#progress-label", Label)
+        name = self.where or ev.stage
         if isinstance(ev, StageFinished):
-            t = Text(f"✓ {ev.stage} done", style="bold green")
+            t = Text(f"✓ {name} done", style="bold green")
             if ev.summary:
                 t.append("  ")
                 t.append_text(plain(ev.summary))
             log.write(t)
-            label.update(Text(f"{ev.stage} done", style="green"))
+            label.update(Text(f"{name} done", style="green"))
         else:
             word = "cancelled" if ev.cancelled else "failed"
             style = "yellow" if ev.cancelled else "bold red"
-            t = Text(f"✗ {ev.stage} {word}: ", style=style)
+            t = Text(f"✗ {name} {word}: ", style=style)
             t.append_text(plain(ev.message))
             log.write(t)
             at = f" at {bar.percentage:.0%}" if bar.total and bar.percentage is not None else ""
-            label.update(Text(f"{ev.stage} {word}{at}", style=style))
+            label.update(Text(f"{name} {word}{at}", style=style))
         bar.display = False
         if not replay:
             self.call_after_refresh(self.refresh_stages)  # after the app marks it ended

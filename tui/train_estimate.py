@@ -132,6 +132,9 @@ class StageEstimate(Static):
             if self.speed_state.startswith("failed"):
                 return f"no estimate: measuring this machine's speed {self.speed_state}", [], ""
             return "no estimate yet: this machine's speed is measured once nothing runs", [], ""
+        if name == "crossval":
+            line, why = self._crossval_line(cfg, overrides, profiles)
+            return line, measure, why
         try:  # another role's model without a profile is priced at the policy's speed
             est = estimate_stage(name, cfg, self.ws, profiles)
         except EstimateError as e:
@@ -142,6 +145,22 @@ class StageEstimate(Static):
         if est.upper_bound:
             assumed.append("every answer taken to run to max_tokens: an upper bound")
         return est.line(), measure, "\n".join(assumed)
+
+    def _crossval_line(self, cfg, overrides: str, profiles) -> tuple[str, str]:
+        """The cross-validation's cost (tui.crossval.cost_line: engine.crossval.estimate) and
+        its plan: "crossval, 5 folds: ≤ 1.9 h on this machine (…)". Runs in a worker thread."""
+        from engine.crossval import choose_plan
+        from engine.errors import PersonaError
+        from tui.crossval import cost_line, stages_left
+
+        wanted = self.launch_overrides(overrides)
+        try:
+            plan, continuing = choose_plan(self.ws, cfg, wanted, None)
+            line, why = cost_line(self.ws, plan, profiles)
+        except PersonaError as e:
+            return f"no estimate: {e}", ""
+        left = f", {stages_left(plan)}" if continuing else ""
+        return f"crossval, {plan.k} folds{left}: {line}", why
 
     def _show(self, name: str, overrides: str, text: str, measure: list[str], why: str) -> None:
         if measure and self.speed_state != "measuring" and self.running is None:

@@ -18,13 +18,15 @@ import shutil
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from engine.crossval.folds import prepare_workspace
-from engine.crossval.plan import CrossvalPlan
-from engine.pipeline.runner import Listener, Runner, list_runs, run_state
+from engine.crossval.folds import CrossvalError, prepare_workspace
+from engine.crossval.plan import CrossvalPlan, list_plans, load_plan
+from engine.pipeline.runner import Listener, Runner, StageStatus, list_runs, run_state
 from engine.run.events import Event, StageFailed, StageFinished
 from engine.store.workspace import Workspace
 
 STAGE = "crossval"
+TITLE = "Cross-validation: every demonstration held out once"
+POOLED = ("crossval_report.md", "crossval.json")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,43 @@ def pending(plan: CrossvalPlan) -> list[tuple[int, str]]:
         if not (plan.fold_dir(i) / "persona.toml").exists()
         or not stage_done(Workspace(plan.fold_dir(i)), s)
     ]
+
+
+def crossval_status(ws: Workspace) -> StageStatus:
+    """The latest cross-validation as one status (the Train tab's crossval row): "not run",
+    "done" (pooled), "running" (a fold stage runs, in this process or another), "unfinished"
+    (fold stages left: running it again continues) or "failed" (its plan cannot be read)."""
+    outputs = [ws.rel(p) for name in POOLED if (p := ws.result(name)).exists()]
+    st = StageStatus(STAGE, 0, TITLE, True, "not run", outputs=outputs)
+    plans = list_plans(ws)
+    if not plans:
+        return st
+    st.run_dir = ws.rel(plans[-1])
+    try:
+        plan = load_plan(plans[-1])
+    except CrossvalError as e:
+        st.state, st.message = "failed", str(e)
+        return st
+    report = ws.result(POOLED[0])
+    if plan.finished:
+        st.state, st.message = "done", plan.describe()
+        st.finished_at = report.stat().st_mtime if report.exists() else None
+        return st
+    todo, total = pending(plan), len(fold_stages(plan))
+    st.state = "unfinished"
+    if todo:
+        i, stage = todo[0]
+        runs = list_runs(Workspace(plan.fold_dir(i)), stage) if plan.fold_dir(i).exists() else []
+        if runs and run_state(runs[-1])[0] == "running":
+            st.state = "running"
+        st.message = (
+            f"{len(todo)} of {total} fold stages left; next: "
+            + ("shared" if i == 0 else f"fold {i}/{plan.k}")
+            + f" · {stage}"
+        )
+    else:
+        st.message = f"every fold stage ran ({total}); the pooling did not finish"
+    return st
 
 
 class Crossval:
@@ -171,4 +210,12 @@ class Crossval:
         )
 
 
-__all__ = ["STAGE", "Crossval", "FoldEvent", "fold_stages", "pending", "stage_done"]
+__all__ = [
+    "STAGE",
+    "Crossval",
+    "FoldEvent",
+    "crossval_status",
+    "fold_stages",
+    "pending",
+    "stage_done",
+]
