@@ -116,3 +116,57 @@ async def test_train_tab_crossval_row_shows_cost_launches_and_follows_the_folds(
             pilot,
             lambda: "results/crossval_report.md" in _text(app.query_one("#stage-info", Static)),
         )
+
+
+CV_REPORT = """# Cross-validation: every demonstration held out once
+
+| method | NLL per token | n |
+|---|---|---|
+| few-shot | 2.40 [2.21, 2.62] | 10 |
+| ditto | 2.31 [2.12, 2.50] | 10 |
+
+DITTO: no difference measurable with 10 demonstrations.
+"""
+
+
+@pytest.mark.asyncio
+async def test_compare_report_switches_between_single_split_and_crossval(ws):
+    from test_tui_report import write_small_evaluation
+
+    from tui.compare_report import ReportView
+
+    write_small_evaluation(ws)
+    app = create_app(ws)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f5", "p")
+        view = app.query_one(ReportView)
+        title = app.query_one("#report-title", Static)
+        await until(pilot, lambda: app.query_one("#report-body").display)
+        assert "Single-split report" in _text(title) and "results/report.md" in _text(title)
+        # the key is in the footer and the palette
+        commands = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Cross-val (k)" in commands, commands
+        assert app.screen.active_bindings["k"].binding.show  # in the footer too
+
+        await pilot.press("k")  # none yet: it says how to make one
+        assert view.kind == "crossval"
+        assert "Cross-validated report" in _text(title) and "crossval_report.md" in _text(title)
+        empty = app.query_one("#report-empty", Static)
+        assert empty.display and not app.query_one("#report-body").display
+        msg = _text(empty)
+        assert "No cross-validated report yet" in msg and "persona crossval" in msg
+        assert "Train tab" in msg
+        assert "cross-validated" in _text(app.query_one("#compare-status", Static))
+
+        await pilot.press("k")  # back to the single split, then the cross-validated one again
+        assert view.kind == "single" and app.query_one("#report-body").display
+        ws.result("crossval_report.md").write_text(CV_REPORT, encoding="utf-8")
+        await pilot.press("k")  # read when shown: the file written since is there
+        md = app.query_one("#report-cv-md", Markdown)
+        assert md.source == CV_REPORT
+        assert app.query_one("#report-cv").display and not empty.display
+        assert not app.query_one("#report-body").display
+        assert "Cross-validated report" in _text(title)
+        await pilot.press("k")
+        assert view.kind == "single" and "Single-split report" in _text(title)
+        assert app.query_one("#report-body").display and not app.query_one("#report-cv").display

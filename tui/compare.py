@@ -1,9 +1,10 @@
 """Compare tab: a request, the person's text and each method's output; blind A/B; the report.
 
-v side by side · b blind A/B · p report · ctrl+l reads the files again. The three views are
-widgets of their own under one ContentSwitcher (tui/compare_side.py, compare_blind.py,
-compare_report.py); this pane reads the files, hands each view its data, and shows one status
-line from what the views report back.
+v side by side · b blind A/B · p report (k there: single-split or cross-validated) ·
+ctrl+l reads the files again. The three views are widgets of their own under one
+ContentSwitcher (tui/compare_side.py, compare_blind.py, compare_report.py); this pane reads
+the files, hands each view its data, and shows one status line from what the views report
+back.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ class ComparePane(Vertical, can_focus=True):
     def show_status(self) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(MODES[self.mode], style="bold")
-        if self.mode == "report":
+        if self.mode == "report" and self.report_view.kind == "crossval":
+            t.append(" · cross-validated")
+        elif self.mode == "report":
             rep = self.report_view.report
             t.append(
                 f" · {len(rep.rows)} methods · {len(rep.requests)} held-out requests"

@@ -1,5 +1,6 @@
 """Compare tab, the Report view: the evaluate stage's numbers as engine.report.load_report
-gives them (nothing is recomputed here).
+gives them (nothing is recomputed here), or (k switches) the cross-validated report,
+results/crossval_report.md as ``persona crossval`` wrote it. A title line says which is shown.
 
 The summary table (best per column in bold with a *), split into as many tables as it takes
 for every column to fit the width (each repeats the method column: nothing lies off-screen
@@ -17,11 +18,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import DataTable, Select, Static
+from textual.widgets import DataTable, Markdown, Select, Static
 
 from engine.eval.report import ReportData, load_report
 from engine.store.results import EVALUATION_FILE
 from engine.store.workspace import Workspace
+from tui.dialogs import focus_now
 from tui.text import one_line, plain
 
 SHORT_HEADERS = {
@@ -37,6 +39,12 @@ SHORT_HEADERS = {
 PERCENT_COLUMNS = {"judge", "dev", "human"}
 DIGITS = {"nll": 3, "sampled_tokens": 0, "train_seconds": 0}
 BEST = "*"
+CROSSVAL_REPORT = "crossval_report.md"  # written by engine.crossval.report
+SINGLE_REPORT = "report.md"  # written by the evaluate stage, from the evaluation shown here
+KINDS = {
+    "single": ("Single-split report", SINGLE_REPORT, "k: the cross-validated one"),
+    "crossval": ("Cross-validated report", CROSSVAL_REPORT, "k: the single-split one"),
+}
 
 
 def _fmt(key: str, x: Any) -> str:
@@ -128,19 +136,27 @@ class ReportScroll(VerticalScroll, inherit_bindings=False):
     ]
 
 
-class ReportView(Vertical):
+class ReportView(Vertical, can_focus=True):
     BINDINGS = [
+        Binding(
+            "k",
+            "switch_report",
+            "Cross-val",
+            id="compare.report_kind",
+            tooltip="Report: switch between the single-split report (results/report.md) and "
+            "the cross-validated one (results/crossval_report.md)",
+        ),
         Binding(
             "left",
             "request(-1)",
-            "Prev request",
+            "Prev",
             id="compare.report_prev",
             tooltip="Report: the previous held-out request's answers",
         ),
         Binding(
             "right",
             "request(1)",
-            "Next request",
+            "Next",
             id="compare.report_next",
             tooltip="Report: the next held-out request's answers",
         ),
@@ -154,10 +170,14 @@ class ReportView(Vertical):
         self.ws = workspace
         self.report: ReportData | None = None
         self.report_index = 0  # the held-out request whose answers are shown
+        self.kind = "single"  # "single" | "crossval": the report shown (KINDS)
         self._width = 0  # the width the summary tables were split for
 
     def compose(self) -> ComposeResult:
+        yield Static(id="report-title")
         yield Static(id="report-empty")
+        with ReportScroll(id="report-cv"):
+            yield Markdown(id="report-cv-md")
         with ReportScroll(id="report-body"):
             yield Static(id="report-head")
             yield Vertical(id="report-summaries")
@@ -173,18 +193,74 @@ class ReportView(Vertical):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "request":
-            return bool(self.report and self.report.requests)
+            return self.kind == "single" and bool(self.report and self.report.requests)
         return True
 
     def default_focus(self):
-        return self.query_one("#report-body", ReportScroll) if self.report is not None else None
+        body = self.query_one("#report-cv" if self.kind == "crossval" else "#report-body")
+        return body if body.display else self  # k switches even where there is no report
+
+    def action_switch_report(self) -> None:
+        self.kind = "crossval" if self.kind == "single" else "single"
+        had_focus = (
+            self.screen.focused is not None and self in self.screen.focused.ancestors_with_self
+        )
+        self.load()
+        if had_focus:
+            focus_now(self.default_focus())
+
+    def show_title(self) -> None:
+        name, file, other = KINDS[self.kind]
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(name, style="bold reverse")
+        t.append(f" {self.ws.rel(self.ws.result(file))}", style="bold")
+        t.append(f" · {other}", style="dim")
+        self.query_one("#report-title", Static).update(t)
+
+    def load_crossval(self) -> None:
+        """Show results/crossval_report.md, or say how to make it."""
+        empty = self.query_one("#report-empty", Static)
+        scroll = self.query_one("#report-cv", ReportScroll)
+        self.query_one("#report-body", ReportScroll).display = False
+        path = self.ws.result(CROSSVAL_REPORT)
+        rel = self.ws.rel(path)
+        text, problem = "", ""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as e:
+            problem = f"{rel} cannot be read ({type(e).__name__}: {e})."
+        if not text:
+            msg = Text(f"No cross-validated report yet ({rel}).", style="bold")
+            if problem:
+                msg = Text(problem, style="bold red")
+            msg.append(
+                "\nRun `persona crossval` (or, in the Train tab (F4), the crossval row: "
+                "enter). It trains and measures every method k times, each time holding out "
+                "a different slice, so every demonstration is measured once; then this view "
+                "shows the pooled report."
+            )
+            empty.update(msg)
+            empty.display, scroll.display = True, False
+        else:
+            self.query_one("#report-cv-md", Markdown).update(text)
+            empty.display, scroll.display = False, True
+        self.post_message(self.Loaded())
+        self.refresh_bindings()
 
     def on_resize(self) -> None:
         if self.report is not None and abs(self.size.width - self._width) >= 4:
             self.show_summary()
 
     def load(self) -> None:
-        """Read the last evaluation (engine.report.load_report) and fill the view."""
+        """Read the last evaluation (engine.report.load_report) and fill the view; or the
+        cross-validated report, when that is the one shown."""
+        self.show_title()
+        if self.kind == "crossval":
+            self.load_crossval()
+            return
+        self.query_one("#report-cv", ReportScroll).display = False
         empty = self.query_one("#report-empty", Static)
         body = self.query_one("#report-body", ReportScroll)
         path = self.ws.result(EVALUATION_FILE)
@@ -265,15 +341,25 @@ class ReportView(Vertical):
         ]
         first = max([len("method")] + [len(v) for v in labels.values()])
         box = self.query_one("#report-summaries", Vertical)
-        box.remove_children()
-        tables = []
-        for n, group in enumerate(pack_columns(widths, first, self._width - 4)):
-            table = DataTable(
-                id="report-summary" if n == 0 else f"report-summary-{n + 1}",
-                classes="report-summary",
-                cursor_type="none",
-                zebra_stripes=True,
-            )
+        # the tables shown are filled again in place: a table removed is only gone once the
+        # removal is processed, and one mounted at once under its id would clash with it
+        old = list(box.query_children(DataTable).results(DataTable))
+        groups = pack_columns(widths, first, self._width - 4)
+        if len(old) > len(groups):
+            box.remove_children(old[len(groups) :])
+        new = []
+        for n, group in enumerate(groups):
+            if n < len(old):
+                table = old[n]
+                table.clear(columns=True)
+            else:
+                table = DataTable(
+                    id="report-summary" if n == 0 else f"report-summary-{n + 1}",
+                    classes="report-summary",
+                    cursor_type="none",
+                    zebra_stripes=True,
+                )
+                new.append(table)
             table.add_column(Text("method", style="bold"), key="__method__")
             for i in group:
                 table.add_column(headers[i], key=rep.columns[i][0])
@@ -282,8 +368,8 @@ class ReportView(Vertical):
                 table.add_row(
                     *row, *(cells[r["method"]][i] for i in group), height=2, key=r["method"]
                 )
-            tables.append(table)
-        box.mount_all(tables)
+        if new:
+            box.mount_all(new)
 
     def show_matrix(self) -> None:
         rep = self.report
