@@ -137,6 +137,55 @@ def test_fold_workspace_fixes_its_holdout_and_reads_the_person_only(ws: Workspac
     assert (fold.root / ".env").is_symlink()  # secrets linked, never copied
 
 
+def _preference_rows(n: int) -> str:
+    row = {
+        "orig_instruction": "Write a haiku",
+        "orig_response_A": "a",
+        "orig_response_B": "b",
+        "orig_criteria": "Is it a haiku?",
+        "orig_reference_answer": "ref",
+        "orig_preference": "A",
+        "orig_feedback": "fine",
+    }
+    return "\n".join(json.dumps({**row, "orig_response_A": f"a{i}"}) for i in range(n))
+
+
+def test_fold_reads_the_persons_relative_dataset_file(ws: Workspace, tmp_path, monkeypatch):
+    """reward_model.dataset relative to the person's workspace (persona.toml or --set) still
+    names the person's file inside a fold, whatever folder the command runs from."""
+    from engine.crossval import Crossval
+    from engine.run.context import StageContext
+    from engine.stages.reward_model import _gather_examples
+
+    (ws.root / "prefs").mkdir()
+    (ws.root / "prefs" / "pc.jsonl").write_text(_preference_rows(6), encoding="utf-8")
+    (ws.root / "other.jsonl").write_text(_preference_rows(9), encoding="utf-8")
+    toml = ws.config_path.read_text(encoding="utf-8")
+    assert "[reward_model]" not in toml
+    toml += '\n[reward_model]\ndataset = "prefs/pc.jsonl"\nown_pairs = false\n'
+    ws.config_path.write_text(toml, encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # started from another folder: the workspace's file is meant
+
+    over = ['reward_model.dataset="other.jsonl"', "crossval.folds=2"]
+    plan, _ = choose_plan(ws, ws.config(over), over, None)
+    cv = Crossval(ws, plan)
+    fold = cv._workspace(1)
+    assert fold.config().reward_model.dataset == str(ws.root / "prefs" / "pc.jsonl")
+    assert "[reward_model]" in fold.config_path.read_text(encoding="utf-8")
+
+    def examples(overrides: list[str]) -> int:
+        cfg = fold.config(overrides)
+        ctx = StageContext(fold, cfg, "reward-model", fold.root / "runs" / "x")
+        train, held, _notes = _gather_examples(ctx)
+        return len(train) + len(held)
+
+    assert examples([]) == 6  # persona.toml's file, read from the person's workspace
+    assert examples(cv._overrides("reward-model")) == 9  # --set's, the same
+    assert ws.config().reward_model.dataset == "prefs/pc.jsonl"  # the person's file untouched
+
+
 def test_mismatched_fold_checkpoint_is_refused(ws: Workspace):
     plan, _ = choose_plan(ws, ws.config(["crossval.folds=3"]), ["crossval.folds=3"], None)
     fold = prepare_workspace(ws, plan.fold_dir(1), plan.holdouts[0])

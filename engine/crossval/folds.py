@@ -8,19 +8,28 @@ seed and requests whatever their order in data/data.json.
 Each fold is a workspace of its own, ``runs/crossval-<time>/fold-<i>/``: a copy of persona.toml
 and data/ with that fold's held-out requests fixed in data/holdout.json (recorded as chosen by
 hand, so the split rule keeps them), its own results/ and runs/. The person's ``.env`` is linked,
-not copied. The person's workspace is only read.
+not copied. A file setting given relative to the person's workspace (``reward_model.dataset``,
+in persona.toml or ``--set``) is written into the fold as the absolute path of the person's file,
+so the fold reads that file and not one beside its own copy. The person's workspace is only read.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import math
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import tomli_w
 
 from engine.errors import PersonaError
+from engine.store.config import parse_override, read_toml_file
+from engine.store.settings import path_settings
 from engine.store.split import MIN_TRAIN, Split, _rank, read_record, split_demos, write_record
 from engine.store.workspace import Workspace
 
@@ -111,6 +120,50 @@ def data_sha(ws: Workspace) -> str:
     return hashlib.sha256(ws.demos_path.read_bytes()).hexdigest()[:16]
 
 
+def _relative_paths(table: dict, person: Workspace) -> dict:
+    """``table`` (persona.toml as read) with each relative file setting made the absolute path
+    of the person's file; the same object when there is none."""
+    out = None
+    for key in path_settings():
+        section, _, name = key.rpartition(".")
+        node: Any = table
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(name) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if out is None:
+                out = copy.deepcopy(table)
+            target = out
+            for part in section.split("."):
+                target = target[part]
+            target[name] = str(person.setting_path(value))
+    return table if out is None else out
+
+
+def absolute_path_overrides(overrides: Sequence[str], person: Workspace) -> list[str]:
+    """``--set`` items with a relative file setting made the absolute path of the person's
+    file (a fold runs in a folder of its own)."""
+    keys = set(path_settings())
+    out = []
+    for item in overrides:
+        parts, value = parse_override(item)
+        key = ".".join(parts)
+        if key in keys and isinstance(value, str) and value and not Path(value).is_absolute():
+            item = f"{key}={json.dumps(str(person.setting_path(value)))}"
+        out.append(item)
+    return out
+
+
+def _copy_config(person: Workspace, dst: Path) -> None:
+    """persona.toml as it is (comments kept), or rewritten where a file setting is relative."""
+    table = read_toml_file(person.config_path)
+    fixed = _relative_paths(table, person)
+    if fixed is table:
+        shutil.copy2(person.config_path, dst)
+    else:
+        dst.write_text(tomli_w.dumps(fixed), encoding="utf-8")
+
+
 def prepare_workspace(person: Workspace, root: Path, holdout: Sequence[str] | None) -> Workspace:
     """A workspace at ``root`` with the person's persona.toml and data/, and (for a fold) the
     held-out requests ``holdout`` fixed. Idempotent: an existing one is kept as it is."""
@@ -121,7 +174,7 @@ def prepare_workspace(person: Workspace, root: Path, holdout: Sequence[str] | No
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    shutil.copy2(person.config_path, tmp / "persona.toml")
+    _copy_config(person, tmp / "persona.toml")
     shutil.copytree(person.data_dir, tmp / "data", ignore=shutil.ignore_patterns("*.tmp"))
     for d in ("results", "runs"):
         (tmp / d).mkdir()

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from engine.crossval.folds import CrossvalError, prepare_workspace
+from engine.crossval.folds import CrossvalError, absolute_path_overrides, prepare_workspace
 from engine.crossval.plan import CrossvalPlan, list_plans, load_plan
 from engine.pipeline.runner import Listener, Runner, StageStatus, list_runs, run_state
 from engine.run.events import Event, StageFailed, StageFinished
@@ -144,7 +144,7 @@ class Crossval:
         return ws
 
     def _overrides(self, stage: str) -> list[str]:
-        out = list(self.plan.overrides)
+        out = absolute_path_overrides(self.plan.overrides, self.workspace)
         if stage == "evaluate":  # the compared methods, nothing else the fold may hold
             import json
 

@@ -512,7 +512,10 @@ def _gather_examples(
         notes.append(f"{len(own)} own pairs ({len(own_held)} held out for accuracy)")
     if cfg.dataset:
         d_train, d_held = load_preference_collection(
-            cfg.dataset, max_examples=cfg.max_examples, heldout=cfg.heldout_examples, seed=cfg.seed
+            ws.setting_path(cfg.dataset),
+            max_examples=cfg.max_examples,
+            heldout=cfg.heldout_examples,
+            seed=cfg.seed,
         )
         train += d_train
         held += d_held

@@ -28,9 +28,14 @@ def setting(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple[Any, ...] | None = None,
+    path: bool = False,
 ) -> Any:
-    """A documented field: its default, what it means, and the values it accepts."""
+    """A documented field: its default, what it means, and the values it accepts. ``path``:
+    a file the stages read, relative to the workspace folder unless absolute
+    (``Workspace.setting_path``)."""
     meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if path:
+        meta["path"] = True
     return field(default=default, metadata=meta)
 
 
@@ -185,7 +190,10 @@ class SftConfig:
 class RewardModelConfig:
     train: bool = setting(True, "train the judge; false = use the base judge model as is")
     dataset: str = setting(
-        "", "a Preference-Collection file (parquet or jsonl) to train on besides your own pairs"
+        "",
+        "a Preference-Collection file (parquet or jsonl) to train on besides your own pairs; "
+        "relative to the workspace folder",
+        path=True,
     )
     max_examples: int = setting(2000, "rows taken from the dataset", ge=0)
     heldout_examples: int = setting(64, "first dataset rows kept aside for verdict accuracy", ge=0)
@@ -427,6 +435,22 @@ BACKEND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate": {"samples": 4},
     },
 }
+
+
+def path_settings(cls: type | None = None, prefix: str = "") -> list[str]:
+    """The dotted keys of every file setting (``setting(path=True)``), e.g.
+    ``["reward_model.dataset"]``."""
+    import typing
+
+    cls = cls or PersonaConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += path_settings(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            out.append(prefix + f.name)
+    return out
 
 
 def as_plain(obj: Any) -> Any:

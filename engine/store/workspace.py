@@ -82,6 +82,12 @@ class Workspace:
     def result(self, name: str) -> Path:
         return self.results_dir / name
 
+    def setting_path(self, value: str | Path) -> Path:
+        """A file setting's path (``reward_model.dataset``): relative ones are read from this
+        workspace's folder, wherever the command was started."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.root / p
+
     def rel(self, path: str | Path) -> str:
         """A path relative to the workspace root when it is inside it (for messages)."""
         p = Path(path)
