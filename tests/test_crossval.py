@@ -137,6 +137,25 @@ def test_fold_workspace_fixes_its_holdout_and_reads_the_person_only(ws: Workspac
     assert (fold.root / ".env").is_symlink()  # secrets linked, never copied
 
 
+def test_status_of_the_latest_cross_validation(ws: Workspace):
+    """What the Train tab's crossval row says: not run, unfinished (how much is left), done."""
+    from engine.crossval.run import crossval_status
+
+    assert (crossval_status(ws).state, crossval_status(ws).run_dir) == ("not run", "")
+    plan, _ = choose_plan(ws, ws.config(["crossval.folds=2"]), ["crossval.folds=2"], None)
+    plan.root.mkdir(parents=True)
+    plan.save()
+    st = crossval_status(ws)
+    n = len(fold_stages(plan))
+    assert (st.state, st.run_dir) == ("unfinished", ws.rel(plan.root))
+    assert st.message.startswith(f"{n} of {n} fold stages left; next: fold 1/2 · ditto")
+    plan.finished = True
+    plan.save()
+    ws.result("crossval_report.md").write_text("# pooled\n", encoding="utf-8")
+    st = crossval_status(ws)
+    assert (st.state, st.outputs) == ("done", ["results/crossval_report.md"])
+
+
 def _preference_rows(n: int) -> str:
     row = {
         "orig_instruction": "Write a haiku",

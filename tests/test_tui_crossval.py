@@ -112,10 +112,11 @@ async def test_train_tab_crossval_row_shows_cost_launches_and_follows_the_folds(
         assert any(line.startswith("✓ crossval done") for line in log), log
         assert "crossval done" in _text(app.query_one("#progress-label", Label))
         await until(pilot, lambda: train.rows[-1].state == "done")
+        # where its report is, and what enter does now
         await until(
-            pilot,
-            lambda: "results/crossval_report.md" in _text(app.query_one("#stage-info", Static)),
+            pilot, lambda: "report: F5, p, k" in _text(app.query_one("#stage-info", Static))
         )
+        assert "enter: start or continue" in _text(app.query_one("#stage-info", Static))
 
 
 CV_REPORT = """# Cross-validation: every demonstration held out once

@@ -315,8 +315,8 @@ class TrainPane(Vertical):
         """Two lines: what it is (and its report), then what enter does and where it stands."""
         st = row.status
         t = Text(st.title, style="bold")
-        if st.outputs:
-            t.append(f"  → {st.outputs[0]}", style="green")
+        if st.outputs:  # results/crossval_report.md: the Compare tab's report view, k
+            t.append(" · report: F5, p, k", style="green")
         here = self.running == CROSSVAL
         if row.state == "running" and not here:
             t.append("\nrunning in another process (from the command line?)", style="cyan")

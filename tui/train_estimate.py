@@ -159,8 +159,9 @@ class StageEstimate(Static):
             line, why = cost_line(self.ws, plan, profiles)
         except PersonaError as e:
             return f"no estimate: {e}", ""
-        left = f", {stages_left(plan)}" if continuing else ""
-        return f"crossval, {plan.k} folds{left}: {line}", why
+        if continuing:  # the cost is the whole plan's; what is done is not run again
+            return f"crossval, {plan.k} folds, {stages_left(plan)}; in all {line}", why
+        return f"crossval, {plan.k} folds: {line}", why
 
     def _show(self, name: str, overrides: str, text: str, measure: list[str], why: str) -> None:
         if measure and self.speed_state != "measuring" and self.running is None:
