@@ -244,15 +244,15 @@ def open_crossval(app: Any, overrides: list[str] | None = None, start: bool = Fa
     """Show the screen (one per app: it keeps the running cross-validation's view).
     ``overrides``: what to plan with (default: the app's own); ``start``: start (or continue)
     once the plan is read, as Enter on the Train tab's crossval row does."""
+    if start and app.running_stage:
+        app.notify_plain(f"{app.running_stage} is running; stop it or wait.", timeout=3)
+        return
     if not app.is_screen_installed(SCREEN):
         app.install_screen(CrossvalScreen(), name=SCREEN)
     screen = app.get_screen(SCREEN)
     if app.screen is not screen:
         app.push_screen(SCREEN)
     if not start:
-        return
-    if app.running_stage:
-        app.notify_plain(f"{app.running_stage} is running; stop it or wait.", timeout=3)
         return
     screen.overrides = overrides
     screen.plan, screen.start_when_ready = None, True
