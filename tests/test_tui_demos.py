@@ -9,7 +9,7 @@ import json
 
 from textual import events
 from textual.widgets import DataTable, Static, TextArea
-from tui_helpers import until
+from tui_helpers import type_burst, until
 
 from engine.store.workspace import Workspace
 from tui.app import create_app
@@ -85,6 +85,34 @@ async def test_keys_typed_before_the_editor_focused_land_in_it(ws: Workspace):
         await until(pilot, lambda: box.text == "Hi")
         await pilot.press("ctrl+s")  # the other box is empty: named
         assert "Your text (output): empty" in text_of(app.screen.query_one("#pair-error", Static))
+
+
+async def test_keys_typed_in_one_burst_with_a_or_e_land_in_the_dialog(ws: Workspace):
+    """`aHello` typed together (the terminal delivers them at once): the add dialog opens
+    with Hello in its box; the same for `e`, where the typed text goes into the request."""
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.focused, DataTable))
+        type_burst(app, ["a", "H", "e", "l", "l", "o"])
+        await until(pilot, lambda: isinstance(app.focused, TextArea))
+        box = app.screen.query_one("#first", TextArea)
+        await until(pilot, lambda: box.text == "Hello")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, PairEditScreen))
+        assert isinstance(app.focused, DataTable)
+        request = app.demos.demos[0]["input"]
+        type_burst(app, ["e", "N", "o", "w", " ", "escape", "a", "X"])  # escape: its binding
+        await until(pilot, lambda: isinstance(app.screen, PairEditScreen))
+        await until(pilot, lambda: app.screen.query_one("#first", TextArea).text == "X")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, PairEditScreen))
+        type_burst(app, ["e", "N", "o", "w", " "])
+        await until(pilot, lambda: isinstance(app.screen, PairEditScreen))
+        box = app.screen.query_one("#first", TextArea)
+        await until(pilot, lambda: box.text == "Now " + request)
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not isinstance(app.screen, PairEditScreen))
+        assert app.demos.demos[0]["input"] == "Now " + request and app.demos.dirty
 
 
 async def test_demos_detail_delete_confirm_undo_and_holdout(ws: Workspace):
