@@ -110,3 +110,15 @@ def type_burst(app, keys) -> None:
 
     for key in keys:
         app.post_message(events.Key(key, key if len(key) == 1 else None))
+
+
+def toasts(app) -> str:
+    """The words of the notices on screen, as a person reads them (only what is visible)."""
+    from textual.widgets._toast import Toast
+
+    lines = screen_text(app).splitlines()
+    words = []
+    for toast in app.screen.query(Toast):
+        r = toast.region
+        words += [lines[y][r.x : r.right] for y in range(r.y, min(r.bottom, len(lines)))]
+    return " ".join(" ".join(words).replace("▌", " ").split())
