@@ -14,7 +14,9 @@ Progress goes to stderr; the last stdout line is one JSON object whose keys stay
 over time, so runs can be compared: ``accuracy`` -> ``base`` / ``trained`` -> ``vs_base`` /
 ``vs_few_shot`` / ``seen_in_training`` -> ``{value, n, ci}``; ``position_bias_nats``;
 ``decided_share`` -> ``calibrated`` / ``agreement``; ``seconds_per_comparison`` (all three of
-the trained judge, on the accuracy comparisons), plus the setup, timings and machine.
+the trained judge, on the accuracy comparisons); ``tie_margin_sweep`` -> ``base`` / ``trained``
+-> one row per tie margin (decided share and held-out accuracy, from the same verdicts' kept
+margins), plus the setup, timings and machine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.evaluate import machine  # noqa: E402
+from engine.eval.judge_trust import tie_margin_sweep  # noqa: E402
 from engine.pipeline.runner import Runner  # noqa: E402
 from engine.run.events import LogLine, StageFailed, StageFinished  # noqa: E402
 from engine.store.results import read_rm_validation  # noqa: E402
@@ -78,6 +81,9 @@ async def bench(root: Path, stages: list[str], extra: list[str]) -> dict:
             "agreement": trained.get("decided_share_agreement"),
         },
         "seconds_per_comparison": trained.get("seconds_per_comparison"),
+        "tie_margin_sweep": {
+            name: tie_margin_sweep(acc[name]) for name in ("base", "trained") if name in acc
+        },
         "base_judge": {
             k: (acc.get("base") or {}).get(k)
             for k in ("position_bias_nats", "decided_share", "decided_share_agreement")

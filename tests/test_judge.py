@@ -504,6 +504,7 @@ async def test_person_accuracy_and_plain_warnings():
     assert set(good) == {"vs_base"} and good["vs_base"]["value"] == 1.0
     assert good["vs_base"]["n"] == 6 and good["vs_base"]["ci"][0] > 0.5
     assert stats["decided_share"] == 1.0 and stats["mean_position_bias"] == 2.0
+    assert len(good["vs_base"]["s"]) == 6 and min(good["vs_base"]["s"]) > 0
     assert T.judge_warnings(stats, good) == []
     blind, stats = await T.person_accuracy(RuleJudge(slot_bias=2.0, strength=0.0), cases, RUBRIC)
     assert blind["vs_base"]["value"] == 0.5 and blind["vs_base"]["ties"] == 6
@@ -513,3 +514,30 @@ async def test_person_accuracy_and_plain_warnings():
     assert "should not be trusted" in words
     worse = {"vs_base": {"value": 0.1, "n": 20, "ci": [0.03, 0.3]}}
     assert "prefers the base model's samples to your own text" in T.judge_warnings({}, worse)[0]
+
+
+def test_tie_margin_sweep_recombines_kept_margins_by_hand():
+    """Held-out s values (the person's text as A; ties count half). Margin 0 decides all six
+    (3 right, 3 wrong: 50%); 0.1 ties the two tiny wrong ones (3 right, 1 wrong, 2 ties:
+    4/6); 0.25 also ties a right one (2, 1, 3: 3.5/6); 1.0 also the wrong -0.3 (2, 0, 4:
+    4/6); 1.6 leaves only 2.0 decided (1, 0, 5: 3.5/6)."""
+    from engine.eval import judge_trust as T
+
+    cells = {
+        "vs_base": {"s": [2.0, -0.3, 0.2]},
+        "vs_few_shot": {"s": [1.2, -0.06, -0.08]},
+        "seen_in_training": {"s": [-5.0]},  # not held out: left out of the sweep
+    }
+    rows = {r["tie_margin"]: r for r in T.tie_margin_sweep(cells, (0.0, 0.1, 0.25, 1.0, 1.6))}
+    expect = {
+        0.0: (6, 3 / 6),
+        0.1: (4, 4 / 6),
+        0.25: (3, 3.5 / 6),
+        1.0: (2, 4 / 6),
+        1.6: (1, 3.5 / 6),
+    }
+    for t, (decided, accuracy) in expect.items():
+        assert rows[t]["decided_share"] == pytest.approx(decided / 6), t
+        assert rows[t]["accuracy"] == pytest.approx(accuracy), t
+        assert rows[t]["n"] == 6
+    assert T.tie_margin_sweep({"vs_base": {"value": 1.0, "n": 3}}) == []

@@ -14,12 +14,17 @@ from engine.eval.metrics.stats import win_rate
 from engine.llm.judge import ALMOST_NOTHING, Comparison, Message
 
 
-def accuracy_cell(preferences: Sequence[int]) -> dict[str, Any]:
+def accuracy_cell(
+    preferences: Sequence[int], margins: Sequence[float | None] = ()
+) -> dict[str, Any]:
     """How often the judge preferred the person's text, shown as A (1: right, -1: wrong,
-    0: a tie, counted as half): ``{value, n, ci, right, wrong, ties}``, ci a Wilson 95%."""
+    0: a tie, counted as half): ``{value, n, ci, right, wrong, ties}``, ci a Wilson 95%.
+    With ``margins`` (each comparison's calibrated s, > 0: the person's text preferred), the
+    cell keeps them as ``s`` so the tie margin can be chosen again without judging again
+    (:func:`tie_margin_sweep`)."""
     wr = win_rate(preferences)
     low, high = wr.interval
-    return {
+    cell: dict[str, Any] = {
         "value": wr.rate,
         "n": wr.n,
         "ci": [low, high],
@@ -27,6 +32,42 @@ def accuracy_cell(preferences: Sequence[int]) -> dict[str, Any]:
         "wrong": wr.losses,
         "ties": wr.ties,
     }
+    if margins and all(m is not None for m in margins):
+        cell["s"] = [round(float(m), 4) for m in margins]  # type: ignore[arg-type]
+    return cell
+
+
+# Tie margins (nats of calibrated s) that tie_margin_sweep reports.
+SWEEP_MARGINS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+HELD_OUT = ("vs_base", "vs_few_shot")
+
+
+def tie_margin_sweep(
+    cells: Mapping[str, Any], margins: Sequence[float] = SWEEP_MARGINS
+) -> list[dict[str, Any]]:
+    """For each tie margin: the share of held-out comparisons it leaves decided, and the
+    judge's accuracy then (ties counting half, as in :func:`accuracy_cell`), pooled over
+    ``vs_base`` and ``vs_few_shot``. Where every answer is known, a margin that turns only
+    wrong verdicts into ties raises accuracy; one that also ties right ones lowers it.
+    Empty when the cells keep no margins (sampled verdicts, or an older file)."""
+    s = [m for key in HELD_OUT for m in (cells.get(key) or {}).get("s", [])]
+    if not s:
+        return []
+    out = []
+    for t in margins:
+        prefs = [0 if abs(m) < t or m == 0 else (1 if m > 0 else -1) for m in s]
+        cell = accuracy_cell(prefs)
+        decided = sum(p != 0 for p in prefs)
+        out.append(
+            {
+                "tie_margin": t,
+                "decided_share": decided / len(s),
+                "accuracy": cell["value"],
+                "ci": cell["ci"],
+                "n": len(s),
+            }
+        )
+    return out
 
 
 async def person_accuracy(
@@ -52,7 +93,8 @@ async def person_accuracy(
     start = 0
     for k in keys:
         n = len(cases[k])
-        out[k] = accuracy_cell([r.preference for r in records[start : start + n]])
+        mine = records[start : start + n]
+        out[k] = accuracy_cell([r.preference for r in mine], [r.s for r in mine])
         start += n
     return out, stats
 
