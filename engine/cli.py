@@ -330,10 +330,12 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
         ck = r.checkpoint
         ck_text = _checkpoint_text(ck)
         color = colors.get(r.state, "dim")
+        # done, with a later attempt that did not complete (named below the table)
+        mark = " [bold yellow]![/bold yellow]" if r.note and r.state == "done" else ""
         table.add_row(
             str(r.number),
             r.name,
-            f"[{color}]{r.state}[/{color}]",
+            f"[{color}]{r.state}[/{color}]{mark}",
             _plain("\n".join(r.outputs)),
             _plain(ck_text),
             human_bytes(r.disk_bytes) if r.disk_bytes else "",
@@ -343,7 +345,10 @@ def cmd_status(ws: Workspace, as_json: bool, console: Console) -> int:
     if registry_problem:
         console.print(f"[yellow]{_plain(registry_problem)}[/yellow]")
     for r in rows:
-        if r.state in ("failed", "interrupted") and r.message:
+        if r.note:  # a later attempt that failed, was cancelled or interrupted
+            color = "yellow" if r.state == "done" else "red"
+            console.print(f"[{color}]{r.name}[/{color}]: {_plain(r.note)}")
+        elif r.state in ("failed", "interrupted") and r.message:
             console.print(f"[red]{r.name}[/red]: {_plain(r.message)}")
     return 0
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,47 @@ def test_status_table(ws: Workspace, capsys):
     assert main(["-C", str(ws.root), "status"]) == 0
     out = capsys.readouterr().out
     assert "synth-outputs" in out and "not run" in out
+
+
+def _past_run(ws: Workspace, name: str, last, ts: float) -> None:
+    """A run folder of stage ``name`` that ended with ``last`` at ``ts`` (newest by mtime)."""
+    from engine.run.events import StageStarted, event_to_dict
+
+    run = ws.runs_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(ts))}"
+    run.mkdir(parents=True)
+    events = [StageStarted(stage=name, run_dir=str(run), ts=ts - 1), last]
+    (run / "events.jsonl").write_text("".join(json.dumps(event_to_dict(e)) + "\n" for e in events))
+    os.utime(run / "events.jsonl", (ts, ts))
+    os.utime(run, (ts, ts))
+
+
+def test_status_keeps_a_finished_result_with_a_failed_rerun_as_a_note(ws: Workspace, capsys):
+    """A failed rerun does not relabel finished work: `persona status` says done (!) and
+    names the attempt with its message, as the Train tab does; --json carries the note."""
+    from engine.run.events import StageFailed, StageFinished
+
+    t = 1.9e9
+    _past_run(ws, "baseline", StageFinished("baseline", summary="10 outputs", ts=t), t)
+    key = "TINKER_API_KEY is not set"
+    _past_run(ws, "baseline", StageFailed("baseline", message=key, ts=t + 100), t + 100)
+    _past_run(ws, "sft", StageFailed("sft", message="stopped", cancelled=True, ts=t + 50), t + 50)
+    # reward-model failed before prompting had ever finished; prompting finished since
+    _past_run(ws, "reward-model", StageFailed("reward-model", message="no outputs", ts=t), t)
+    _past_run(ws, "prompting", StageFinished("prompting", ts=t + 10), t + 10)
+    assert main(["-C", str(ws.root), "status"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "baseline │ done !" in out
+    when = time.strftime("%H:%M", time.localtime(t + 100))
+    assert f"baseline: the last attempt at {when} failed: {key}" in out
+    assert "sft: the last attempt" in out and "cancelled: stopped" in out
+    assert "reward-model: the last attempt" in out and "(prompting ran since: try again)" in out
+    assert main(["-C", str(ws.root), "status", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    base = rows["baseline"]
+    assert base["state"] == "done" and base["message"] == "10 outputs"
+    assert base["attempt"] == "failed" and key in base["note"] and base["attempt_at"] == t + 100
+    assert rows["sft"]["state"] == "cancelled" and rows["sft"]["attempt"] == "cancelled"
+    assert rows["prompting"]["note"] == "" and rows["prompting"]["attempt"] == ""
 
 
 @needs_backend

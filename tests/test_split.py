@@ -101,3 +101,68 @@ def test_split_fingerprint_follows_the_held_out_requests_only():
         {**d, "input": d["input"] + " (edited)"} if d in a.holdout[:1] else d for d in demos(10)
     ]
     assert split_fingerprint(split_demos(edited, -1, 0, None)) != split_fingerprint(a)
+
+
+def test_follow_demo_edits_keeps_the_record_naming_the_same_demonstrations(tmp_path):
+    """An edited held-out request stays held out under its new text; a deleted one leaves
+    the record and the rule holds out another in its place; reorders and training edits
+    change nothing; the record then matches the demonstrations (no stage stops on it)."""
+    from engine.store.split import follow_demo_edits, write_record
+
+    before = demos(10)
+    first = split_demos(before, -1, 0, None)
+    write_record(tmp_path, [d["input"] for d in first.holdout])
+    held = sorted(first.holdout_index)
+    train = next(i for i in range(10) if i not in held)
+    # a reorder and an edit of a training demonstration: nothing written
+    after = [dict(d) for d in reversed(before)]
+    after[9 - train]["input"] += " (edited)"
+    unchanged = (tmp_path / "holdout.json").read_text()
+    update = follow_demo_edits(tmp_path, before, after, [9 - i for i in range(10)], -1, 0)
+    assert not update.changed and update.message() == ""
+    assert (tmp_path / "holdout.json").read_text() == unchanged
+    # edit the first held-out request, delete the second
+    after = [dict(d) for d in before if d is not before[held[1]]]
+    moved_to = [None if i == held[1] else i - (i > held[1]) for i in range(10)]
+    after[moved_to[held[0]]]["input"] = "A new request, rewritten"
+    update = follow_demo_edits(tmp_path, before, after, moved_to, -1, 0)
+    assert update.edited == [(moved_to[held[0]], before[held[0]]["input"])]
+    assert update.deleted == [before[held[1]]["input"]] and len(update.filled) == 1
+    now = split_demos(after, -1, 0, read_record(tmp_path))  # raised before: a stale record
+    assert moved_to[held[0]] in now.holdout_index and len(now.holdout) == 2
+    assert sorted(now.holdout_index) == update.held
+    assert "A new request, rewritten" in read_record(tmp_path).inputs
+    text = update.message()
+    assert f"demonstration {moved_to[held[0]] + 1} edited, still held out" in text
+    assert "deleted" in text and "train again from the start" in text
+    assert f"{update.filled[0] + 1} new)" in text
+
+
+def test_follow_demo_edits_by_hand_and_without_a_record(tmp_path):
+    """A hand-chosen record loses a deleted demonstration without a replacement; with no
+    record yet, editing a held-out request writes one so that it stays held out."""
+    from engine.store.split import follow_demo_edits
+
+    before = demos(10)
+    held = sorted(split_demos(before, -1, 0, None).holdout_index)
+    after = [dict(d) for d in before]
+    after[held[0]]["input"] = "Rewritten request"
+    update = follow_demo_edits(tmp_path, before, after, list(range(10)), -1, 0)
+    assert update.held == held and read_record(tmp_path).inputs[0] == "Rewritten request"
+    assert split_demos(after, -1, 0, read_record(tmp_path)).holdout_index == frozenset(held)
+    set_holdout_dir(tmp_path, [before[0]["input"], before[1]["input"], before[2]["input"]])
+    after = before[1:]
+    update = follow_demo_edits(tmp_path, before, after, [None, *range(9)], -1, 0)
+    assert update.deleted == [before[0]["input"]] and update.filled == []
+    assert update.held == [0, 1] and read_record(tmp_path).manual
+    # a record that already named a missing request is left for the person to fix
+    set_holdout_dir(tmp_path, ["A request nobody wrote"])
+    with pytest.raises(HoldoutError):
+        follow_demo_edits(tmp_path, demos(5), demos(5), list(range(5)), -1, 0)
+    assert read_record(tmp_path).inputs == ["A request nobody wrote"]
+
+
+def set_holdout_dir(data_dir, inputs):
+    from engine.store.split import write_record
+
+    write_record(data_dir, inputs, manual=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from textual.widgets import DataTable, Static, TextArea
-from tui_helpers import until, write_synthetic
+from tui_helpers import type_burst, until, write_synthetic
 
 from engine.store.workspace import Workspace
 from tui.app import create_app
@@ -129,6 +129,21 @@ async def test_synthetic_editor_keeps_typed_edits(ws: Workspace):
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
     assert rows[0]["status"] == "edited" and rows[0]["messages"][-1]["content"] == "Thu works"
     assert rows[1]["status"] == "pending"
+
+
+async def test_synthetic_keys_typed_with_e_land_in_the_answer(ws: Workspace):
+    """`e` and text typed in one burst: the text goes into the answer box, not lost."""
+    write_synthetic(ws, 3)
+    app = create_app(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await until(pilot, lambda: app.focused is app.query_one("#synth-table"))
+        answer = app.synthetic.rows[0]["messages"][-1]["content"]
+        type_burst(app, ["e", "O", "k", " "])
+        await until(pilot, lambda: isinstance(app.screen, PairEditScreen))
+        box = app.screen.query_one("#second", TextArea)
+        await until(pilot, lambda: box.text == "Ok " + answer)
+        assert app.synthetic.rows[0]["status"] == "pending"  # `a` was not typed: not accepted
 
 
 async def test_decision_moves_to_the_next_pending_row(ws: Workspace):

@@ -101,3 +101,24 @@ def screen_text(app) -> str:
     return "\n".join(
         "".join(seg.text for seg in strip) for strip in app.screen._compositor.render_strips()
     )
+
+
+def type_burst(app, keys) -> None:
+    """Post keys to the app back to back, as a terminal delivers keys typed quickly together
+    (Pilot.press lets the app settle after each key, which hides what a burst loses)."""
+    from textual import events
+
+    for key in keys:
+        app.post_message(events.Key(key, key if len(key) == 1 else None))
+
+
+def toasts(app) -> str:
+    """The words of the notices on screen, as a person reads them (only what is visible)."""
+    from textual.widgets._toast import Toast
+
+    lines = screen_text(app).splitlines()
+    words = []
+    for toast in app.screen.query(Toast):
+        r = toast.region
+        words += [lines[y][r.x : r.right] for y in range(r.y, min(r.bottom, len(lines)))]
+    return " ".join(" ".join(words).replace("▌", " ").split())

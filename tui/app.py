@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual import on
+from textual import events, on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -27,6 +27,7 @@ from engine.store.workspace import Workspace, find_workspace
 from tui.compare import ComparePane
 from tui.demos import DemosPane
 from tui.dialogs import ConfirmScreen, focus_now
+from tui.key_routing import KeyRouting
 from tui.messages import (
     CancelRequested,
     EngineEvent,
@@ -184,6 +185,13 @@ class PersonaApp(App[None]):
         self.preload_error = ""
         self.initial_theme = theme
         self.sub_title = str(workspace.root)
+        self.key_routing = KeyRouting()
+
+    async def on_event(self, event: events.Event) -> None:
+        # a key typed in the same burst as `a` or `e` goes to the dialog they open (key_routing)
+        if isinstance(event, events.Key) and self.key_routing.replayed(self, event):
+            return
+        await super().on_event(event)
 
     # -- layout --------------------------------------------------------------
     def compose(self) -> ComposeResult:

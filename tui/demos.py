@@ -18,17 +18,23 @@ from tui.text import cell, plain, read_demos
 HELD = "held out"
 
 
+def holdout_setting(ws: Workspace) -> tuple[int, int]:
+    """persona.toml's data.holdout and data.holdout_seed (the defaults when it has a problem,
+    which the Train tab and the stages report)."""
+    try:
+        cfg = ws.config().data
+        return cfg.holdout, cfg.holdout_seed
+    except Exception:
+        return -1, 0
+
+
 def holdout_for(ws: Workspace, demos: list[dict[str, str]]) -> tuple[frozenset[int], str]:
     """Which rows of ``demos`` (as shown, maybe unsaved) are held out, by the engine's rule
     (engine/split.py: split_demos with the recorded choice), and a problem if it can't say."""
     try:
         from engine.store.split import read_record, split_demos
 
-        try:
-            cfg = ws.config().data
-            setting, seed = cfg.holdout, cfg.holdout_seed
-        except Exception:  # a persona.toml problem: show the default rule
-            setting, seed = -1, 0
+        setting, seed = holdout_setting(ws)
         split = split_demos(demos, setting, seed, read_record(ws.data_dir))
         return split.holdout_index, split.warning
     except Exception as e:  # an unreadable data/holdout.json
@@ -96,7 +102,11 @@ class DemosPane(Vertical):
         self.held: frozenset[int] = frozenset()
         self.holdout_note = ""
         self.saved: list[dict[str, str]] = []  # as on disk: "unsaved" means different from it
-        self.history: list[tuple[list[dict[str, str]], int]] = []  # (demos, cursor) for undo
+        # which demonstration each row is, across edits and moves (ids[i] for demos[i]), so a
+        # save can tell data/holdout.json where a held-out one went (edited or deleted)
+        self.ids: list[int] = []
+        self.saved_ids: list[int] = []
+        self.history: list[tuple[list[dict[str, str]], list[int], int]] = []  # for undo
 
     def compose(self) -> ComposeResult:
         yield Static(id="demos-status", classes="status-line")
@@ -122,6 +132,8 @@ class DemosPane(Vertical):
         demos, self.load_error = read_demos(self.ws)
         self.demos = demos
         self.saved = [dict(d) for d in demos]
+        self.ids = list(range(len(demos)))
+        self.saved_ids = list(self.ids)
         self.dirty = False
         self.history = []
         self.refresh_table()
@@ -151,12 +163,36 @@ class DemosPane(Vertical):
             self.app.notify_plain("\n".join(e.problems[:4]), title="Not saved", severity="error")
             self.refresh_table()
             return False
-        self.saved = [dict(d) for d in self.demos]
+        before, before_ids = self.saved, self.saved_ids
+        self.saved, self.saved_ids = [dict(d) for d in self.demos], list(self.ids)
         self.dirty = False
+        self._follow_holdout(before, before_ids)
         self.refresh_table()
         self.post_message(FilesChanged("demos"))
         self.app.notify_plain(f"Saved {self.ws.rel(self.ws.demos_path)}", timeout=2)
         return True
+
+    def _follow_holdout(self, before: list[dict[str, str]], before_ids: list[int]) -> None:
+        """data/holdout.json follows edited and deleted held-out demonstrations (the engine's
+        follow_demo_edits); the person is told when the held-out split changed."""
+        from engine.errors import PersonaError
+        from engine.store.split import follow_demo_edits
+
+        where = {k: j for j, k in enumerate(self.ids)}
+        moved_to = [where.get(k) for k in before_ids]
+        try:
+            update = follow_demo_edits(
+                self.ws.data_dir, before, self.demos, moved_to, *holdout_setting(self.ws)
+            )
+        except (PersonaError, OSError) as e:  # a record already broken: shown below the table
+            self.app.notify_plain(
+                f"{e}", title="data/holdout.json not updated", severity="warning", timeout=15
+            )
+            return
+        if update.changed:
+            self.app.notify_plain(
+                update.message(), title="Held-out split changed", severity="warning", timeout=20
+            )
 
     # -- view ----------------------------------------------------------------
     def refresh_table(self, cursor: int | None = None) -> None:
@@ -231,7 +267,7 @@ class DemosPane(Vertical):
     # -- actions -------------------------------------------------------------
     def _remember(self) -> None:
         """Keep the demonstrations as they are now, for u (before every change)."""
-        self.history.append(([dict(d) for d in self.demos], self._cursor()))
+        self.history.append(([dict(d) for d in self.demos], list(self.ids), self._cursor()))
 
     def _changed(self, cursor: int | None = None) -> None:
         self.dirty = self.demos != self.saved  # typed back to what is saved: not unsaved
@@ -259,6 +295,7 @@ class DemosPane(Vertical):
             if result:
                 self._remember()
                 self.demos.append({"input": result[0], "output": result[1]})
+                self.ids.append(max([*self.ids, *self.saved_ids], default=-1) + 1)
                 self._changed(len(self.demos) - 1)
 
         self.app.push_screen(PairEditScreen("New demonstration", "", ""), done)
@@ -292,6 +329,7 @@ class DemosPane(Vertical):
             if choice == "delete" and i < len(self.demos):
                 self._remember()
                 self.demos.pop(i)
+                self.ids.pop(i)
                 self._changed(i)
                 self.app.notify_plain(
                     f"Deleted demonstration {i + 1} (u brings it back).", timeout=3
@@ -306,7 +344,7 @@ class DemosPane(Vertical):
         if not self.history:
             self.notify("Nothing to undo.", timeout=2)
             return
-        self.demos, cursor = self.history.pop()
+        self.demos, self.ids, cursor = self.history.pop()
         self._changed(cursor)
 
     def action_move(self, delta: int) -> None:
@@ -315,6 +353,7 @@ class DemosPane(Vertical):
         if 0 <= i < len(self.demos) and 0 <= j < len(self.demos):
             self._remember()
             self.demos[i], self.demos[j] = self.demos[j], self.demos[i]
+            self.ids[i], self.ids[j] = self.ids[j], self.ids[i]
             self._changed(j)
 
     def action_toggle_holdout(self) -> None:

@@ -27,7 +27,8 @@ def focus_now(widget: Widget) -> None:
 class ConfirmScreen(ModalScreen[str]):
     """Ask a question; dismiss with the id of the chosen button ("cancel" on escape)."""
 
-    BINDINGS = [Binding("escape", "choose('cancel')", "Cancel")]
+    # priority: handled when the key is routed, so keys typed after it go to the screen below
+    BINDINGS = [Binding("escape", "choose('cancel')", "Cancel", priority=True)]
 
     def __init__(self, question: str, choices: list[tuple[str, str]]) -> None:
         super().__init__()
@@ -64,7 +65,8 @@ class PairEditScreen(ModalScreen["tuple[str, str] | None"]):
 
     BINDINGS = [
         Binding("ctrl+s", "keep", "Keep", priority=True),
-        Binding("escape", "cancel", "Cancel"),
+        # priority: handled when the key is routed, so keys typed after it go to the screen below
+        Binding("escape", "cancel", "Cancel", priority=True),
     ]
 
     def __init__(

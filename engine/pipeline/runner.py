@@ -700,19 +700,34 @@ def _live_run(ws: Workspace, stage: str) -> Path | None:
     return None
 
 
+# A later attempt in one of these states is a note beside the last result that completed.
+UNFINISHED = ("failed", "cancelled", "interrupted")
+
+
 @dataclass
 class StageStatus:
+    """One stage's state, the same for `persona status` and the app's Train tab.
+
+    ``state`` is the stage's last result that completed: a failed, cancelled or interrupted
+    rerun does not relabel finished work. Such a later attempt is ``attempt`` (its state),
+    ``attempt_at`` (when it ended) and ``note`` (in words, with its message). Without an
+    earlier completed run the attempt's state is the state itself (and ``note`` says so too).
+    """
+
     name: str
     number: int
     title: str
     implemented: bool
     state: str  # "not run" | "running" | "done" | "failed" | "cancelled" | "interrupted" | "not implemented"
     outputs: list[str] = field(default_factory=list)  # existing output files, workspace-relative
-    run_dir: str = ""
-    message: str = ""  # failure message or finish summary
+    run_dir: str = ""  # the run the state comes from
+    message: str = ""  # that run's failure message or finish summary
     checkpoint: dict[str, Any] = field(default_factory=dict)
-    finished_at: float | None = None
+    finished_at: float | None = None  # when that run ended
     disk_bytes: int = 0  # the stage's run folders (checkpoints included)
+    note: str = ""  # a later attempt that did not complete, in words ("" when none)
+    attempt: str = ""  # that attempt's state: "failed" | "cancelled" | "interrupted" | ""
+    attempt_at: float | None = None  # when that attempt ended, when known
 
 
 def run_state(run_dir: Path) -> tuple[str, str, float | None]:
@@ -762,8 +777,7 @@ def stage_status(workspace: Workspace | str | Path) -> list[StageStatus]:
         )
         runs = [r for r in all_runs if _is_run_of(r, name)]
         if runs:
-            state, msg, ts = run_state(runs[-1])
-            st.state, st.message, st.finished_at, st.run_dir = state, msg, ts, ws.rel(runs[-1])
+            _last_result(ws, st, runs)
             st.disk_bytes = sum(disk_usage(r) for r in runs)
         if name == "demos" and spec.run is not None and st.state != "running":
             # demos validates data/data.json: its state is the file's state now, not a
@@ -775,8 +789,41 @@ def stage_status(workspace: Workspace | str | Path) -> list[StageStatus]:
             else:
                 if st.state != "done":
                     st.state, st.message = "done", ""
+            st.note, st.attempt, st.attempt_at = "", "", None  # the file's state, no attempt
         out.append(st)
+    _note_later_prerequisites(out)
     return out
+
+
+def _last_result(ws: Workspace, st: StageStatus, runs: list[Path]) -> None:
+    """Fill ``st`` from the stage's runs (oldest first): the newest run's state, or, when
+    that attempt did not complete, the last completed run's with the attempt as a note."""
+    state, msg, ts = run_state(runs[-1])
+    st.state, st.message, st.finished_at, st.run_dir = state, msg, ts, ws.rel(runs[-1])
+    if state not in UNFINISHED:
+        return
+    st.attempt, st.attempt_at = state, ts
+    when = f" at {time.strftime('%H:%M', time.localtime(ts))}" if ts else ""
+    st.note = f"the last attempt{when} {state}: {msg}".rstrip(": ")
+    for run in reversed(runs[:-1]):
+        done, summary, done_ts = run_state(run)
+        if done == "done":
+            st.state, st.message, st.run_dir = "done", summary, ws.rel(run)
+            st.finished_at = done_ts or run.stat().st_mtime
+            return
+
+
+def _note_later_prerequisites(rows: list[StageStatus]) -> None:
+    """A stage whose only attempt failed, when an earlier stage completed after it: say that
+    it may work now (its failure may have been that stage missing)."""
+    done_at: dict[str, float] = {}
+    for st in rows:
+        if st.attempt and st.state != "done" and st.attempt_at is not None:
+            since = [name for name, ts in done_at.items() if ts > st.attempt_at]
+            if since:
+                st.note += f" ({', '.join(since)} ran since: try again)"
+        if st.state == "done" and st.finished_at:
+            done_at[st.name] = st.finished_at
 
 
 def workspace_disk_use(workspace: Workspace) -> dict[str, int]:

@@ -10,9 +10,10 @@ lowest ranks are held out. The choice is recorded in ``data/holdout.json`` (the 
 written), so it stays put when demonstrations are added: a held-out demonstration stays held
 out while its request is unchanged, and a gap (the count raised) is filled by the same rule
 from the others. A recorded request that matches no demonstration (a typo in a hand edit, a
-held-out request edited or deleted) is an error naming it: the held-out set never silently
+held-out request edited or deleted by hand) is an error naming it: the held-out set never silently
 shrinks, and an edited held-out text never silently becomes training data. The
-Demonstrations tab can set the record by hand (``set_holdout``).
+Demonstrations tab can set the record by hand (``set_holdout``), and when it saves edited
+demonstrations it keeps the record naming the same ones (``follow_demo_edits``).
 """
 
 from __future__ import annotations
@@ -175,6 +176,84 @@ def workspace_split(ws: Any, data_cfg: Any, *, record: bool = True) -> Split:
 def set_holdout(ws: Any, inputs: list[str]) -> Path:
     """Record these requests as the held-out ones (the Demonstrations tab's toggle)."""
     return write_record(ws.data_dir, inputs, manual=True)
+
+
+# The stages whose results depend on which demonstrations are held out.
+SPLIT_STAGES = ("sft", "reward-model", "rlaif", "ditto", "evaluate")
+
+
+@dataclass(frozen=True)
+class HoldoutUpdate:
+    """What saving edited demonstrations did to data/holdout.json (``follow_demo_edits``).
+    Positions are 0-based in the demonstrations as saved now."""
+
+    edited: list[tuple[int, str]] = field(default_factory=list)  # (position, old request)
+    deleted: list[str] = field(default_factory=list)  # requests of deleted held-out demos
+    held: list[int] = field(default_factory=list)  # every position held out now
+    filled: list[int] = field(default_factory=list)  # of those, held out in a deleted one's place
+    path: str = f"data/{HOLDOUT_FILE}"
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.edited or self.deleted)
+
+    def message(self) -> str:
+        """The change in words, short enough for a notice at 80x24 ("" when nothing changed)."""
+        if not self.changed:
+            return ""
+        parts = [f"demonstration {i + 1} edited, still held out" for i, _old in self.edited]
+        parts += [f'"{_short(t, 30)}" deleted' for t in self.deleted]
+        now = ", ".join(str(i + 1) for i in self.held) or "none"
+        if self.filled:
+            now += f" ({', '.join(str(i + 1) for i in self.filled)} new)"
+        stages = ", ".join(SPLIT_STAGES[:-2]) + f" and {SPLIT_STAGES[-2]}"
+        return (
+            f"{self.path}: {'; '.join(parts)}. Held out now: {now}. {stages} train again "
+            "from the start; evaluate uses the new split."
+        )
+
+
+def follow_demo_edits(
+    data_dir: str | Path,
+    before: list[dict[str, str]],
+    after: list[dict[str, str]],
+    moved_to: list[int | None],
+    setting: int,
+    seed: int,
+) -> HoldoutUpdate:
+    """Keep data/holdout.json naming the same demonstrations after the person edited them.
+
+    ``before``: the demonstrations as saved until now; ``after``: as saved now; ``moved_to[i]``:
+    where ``before[i]`` is in ``after`` (None: deleted). A held-out demonstration whose request
+    was edited stays held out under its new request; a deleted one leaves the record, and the
+    seeded rule holds out another in its place (unless the record was chosen by hand, which
+    then holds out one fewer). Nothing is written unless a held-out request changed. A record
+    that cannot be read, or already names a request no demonstration has, raises
+    (PersonaError): it is left as it is for the person to fix.
+    """
+    record = read_record(data_dir)
+    old = split_demos(before, setting, seed, record)
+    index = {_norm(d["input"]): i for i, d in enumerate(before)}
+    edited: list[tuple[int, str]] = []
+    deleted: list[str] = []
+    kept: list[int] = []  # positions in ``after`` of the held-out demonstrations still there
+    for d in old.holdout:
+        j = moved_to[index[_norm(d["input"])]]
+        if j is None:
+            deleted.append(d["input"])
+            continue
+        kept.append(j)
+        if _norm(after[j]["input"]) != _norm(d["input"]):
+            edited.append((j, d["input"]))
+    path = f"{Path(data_dir).name}/{HOLDOUT_FILE}"
+    if not edited and not deleted:
+        return HoldoutUpdate(path=path)
+    manual = bool(record and record.manual)
+    now = Record([after[j]["input"] for j in kept], manual, path)
+    new = split_demos(after, setting, seed, now)
+    write_record(data_dir, [d["input"] for d in new.holdout], manual=manual)
+    held = sorted(new.holdout_index)
+    return HoldoutUpdate(edited, deleted, held, [j for j in held if j not in kept], path)
 
 
 def split_fingerprint(split: Split) -> str:
