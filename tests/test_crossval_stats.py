@@ -59,10 +59,20 @@ def test_paired_difference_on_a_small_table_by_hand():
     assert pd.ci is not None and pd.ci[0] >= min(diffs) and pd.ci[1] <= max(diffs)
     assert pd.ci[1] < 0 and pd.excludes_zero  # five of six lower, one small the other way
     d = pd.as_dict()
-    assert verdict("ditto", "few-shot", "nll", d) == "DITTO is closer to your writing than few-shot"
+    # the interval excludes zero, the sign test (p = 0.22) does not: the words say both (with
+    # every demonstration the same way, as in the next test's 5 of 5, they need not)
+    assert verdict("ditto", "few-shot", "nll", d) == (
+        "DITTO is closer to your writing than few-shot on average, but closer on only 5 of 6 "
+        "demonstrations (sign test p = 0.22: not confirmed)"
+    )
     # a higher similarity is closer: the same numbers read the other way
     assert verdict("ditto", "few-shot", "similarity", d) == (
-        "few-shot is closer to your writing than DITTO"
+        "few-shot is closer to your writing than DITTO on average, but closer on only 5 of 6 "
+        "demonstrations (sign test p = 0.22: not confirmed)"
+    )
+    confirmed = {**d, "sign_test_p": 0.01}
+    assert verdict("ditto", "few-shot", "nll", confirmed) == (
+        "DITTO is closer to your writing than few-shot"
     )
 
 

@@ -27,6 +27,9 @@ PAIRED_METRICS: dict[str, tuple[str, bool]] = {
     "judge": ("judge win score", False),
 }
 REFERENCES = ("baseline", "few-shot")  # every method is compared with these two
+# A sign test p below this confirms an interval that excludes zero; above it (and with some
+# demonstrations the other way) the words say how many demonstrations carry the difference.
+SIGN_TEST_CONFIRMS = 0.05
 
 Table = dict[str, dict[str, float]]  # method -> request text -> value
 
@@ -79,7 +82,19 @@ def verdict(a: str, b: str, metric: str, pd: Mapping[str, Any]) -> str:
     lower_closer = PAIRED_METRICS[metric][1]
     a_closer = (pd["diff"] < 0) == lower_closer
     first, second = (a, b) if a_closer else (b, a)
-    return f"{method_label(first)} is closer to your writing than {method_label(second)}"
+    words = f"{method_label(first)} is closer to your writing than {method_label(second)}"
+    # A bootstrap over few demonstrations can exclude zero on a mean that a few large
+    # differences carry: where not every demonstration agrees and the sign test does not
+    # confirm it, the words say how many do.
+    a_lower, b_lower = int(pd.get("a_lower") or 0), int(pd.get("b_lower") or 0)
+    agree = a_lower if a_closer == lower_closer else b_lower
+    p = pd.get("sign_test_p")
+    if p is None or p < SIGN_TEST_CONFIRMS or agree >= n:
+        return words
+    return (
+        f"{words} on average, but closer on only {agree} of {n} demonstrations (sign test "
+        f"p = {p:.2f}: not confirmed)"
+    )
 
 
 def paired_comparisons(
