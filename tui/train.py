@@ -70,7 +70,7 @@ def train_rows(ws: Workspace) -> list[StageRow]:
     from engine.crossval.run import crossval_status
 
     cv = crossval_status(ws)
-    return [*stage_rows(ws), StageRow(cv, cv.state, done_at=cv.finished_at)]
+    return [*stage_rows(ws), StageRow(cv)]
 
 
 class LiveLog(RichLog):
