@@ -37,9 +37,14 @@ KEY = "tml-" + "s" * 40
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from engine.backends.local import LocalServiceClient
 
-    svc = LocalServiceClient(checkpoint_dir=tmp_path_factory.mktemp("served"))
-    yield svc
-    svc.close()
+    # The served service and the in-process runs compute with the same thread count whatever
+    # the machine's load (left automatic, each picks it from the load when it starts): the
+    # count sets the order of float sums, and the comparisons below are exact to rounding.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERSONA_THREADS", "1")
+        svc = LocalServiceClient(checkpoint_dir=tmp_path_factory.mktemp("served"))
+        yield svc
+        svc.close()
 
 
 @pytest.fixture(scope="module")
