@@ -155,13 +155,14 @@ def test_human_seconds():
 def test_reward_model_counts_the_judge_accuracy_check(ws: Workspace):
     """Two held-out requests x (base + few-shot) x the samples per comparator, judged by the
     base and the trained judge; the samples are drawn once, then kept."""
-    from engine.llm.judge_accuracy import ACCURACY_FILE, ACCURACY_SAMPLES
+    from engine.llm.judge_accuracy import ACCURACY_SAMPLES
+    from engine.store.results import JUDGE_ACCURACY_FILE
 
     write_method_outputs(ws, ("baseline", "prompting", "sft"))
     e = est(ws, "reward-model")
     assert e.part("judge accuracy") > 0
     want = f"judge accuracy: 2 × {2 * 2 * ACCURACY_SAMPLES} comparisons on held-out requests"
     assert want in e.assumptions
-    ws.result(ACCURACY_FILE).write_text("{}")
+    ws.result(JUDGE_ACCURACY_FILE).write_text("{}")
     kept = est(ws, "reward-model")
     assert kept.part("judge accuracy") < e.part("judge accuracy")  # no sampling any more

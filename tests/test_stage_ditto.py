@@ -82,11 +82,11 @@ def _registry(ws: Workspace) -> dict:
 
 
 @needs_backend
-async def test_ditto_end_to_end_kill_resume_and_reuse(ws: Workspace, monkeypatch):
+def die_in_round_2(monkeypatch) -> None:
+    """DITTO dies in round 2 right after its sampling (as a kill -9 would: nothing more is
+    written), before any round-2 step. ``monkeypatch.undo()`` brings the real one back."""
     import engine.stages.ditto as ditto_stage
 
-    # 1. a run dies in round 2 right after its sampling (as a kill -9 would: nothing more
-    #    is written), before any round-2 step
     real_draw = ditto_stage.draw_pairs
 
     def dies_in_round_2(demos, buffer, current_round, *a, **k):
@@ -95,6 +95,14 @@ async def test_ditto_end_to_end_kill_resume_and_reuse(ws: Workspace, monkeypatch
         return real_draw(demos, buffer, current_round, *a, **k)
 
     monkeypatch.setattr(ditto_stage, "draw_pairs", dies_in_round_2)
+
+
+async def test_ditto_end_to_end_kill_resume_and_reuse(ws: Workspace, monkeypatch):
+    import engine.stages.ditto as ditto_stage
+
+    # 1. a run dies in round 2 right after its sampling, before any round-2 step
+    real_draw = ditto_stage.draw_pairs
+    die_in_round_2(monkeypatch)
     first = [e async for e in Runner(ws).run_stage("ditto", ARGS)]
     assert isinstance(first[-1], StageFailed) and "simulated kill" in first[-1].message
     monkeypatch.setattr(ditto_stage, "draw_pairs", real_draw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from conftest import needs_backend
 from test_stage_ditto import ARGS as DITTO_ARGS
+from test_stage_ditto import die_in_round_2
 from test_stage_rlaif import RULE_TOML, _write_prompts
 
 from engine.pipeline.runner import Runner
@@ -204,16 +205,7 @@ async def test_ditto_with_a_torn_replay_buffer_stops_naming_the_file(ws: Workspa
     finished round's checkpoint thrown away): it stops, names the file and says what to do."""
     from pathlib import Path
 
-    import engine.stages.ditto as ditto_stage
-
-    real_draw = ditto_stage.draw_pairs
-
-    def dies_in_round_2(demos, buffer, current_round, *a, **k):
-        if current_round == 2:
-            raise RuntimeError("simulated kill")
-        return real_draw(demos, buffer, current_round, *a, **k)
-
-    monkeypatch.setattr(ditto_stage, "draw_pairs", dies_in_round_2)
+    die_in_round_2(monkeypatch)
     first = [e async for e in Runner(ws).run_stage("ditto", DITTO_ARGS)]
     assert isinstance(first[-1], StageFailed)
     monkeypatch.undo()

@@ -40,8 +40,6 @@ def cost_line(ws: Any, plan: Any, profiles: Any) -> tuple[str, str]:
     if est is None:
         return TINKER_COST, ""
     assumed = [*est.notes, *(a for s in est.stages for a in s.assumptions)]
-    if any(s.upper_bound for s in est.stages):
-        assumed.append("every answer taken to run to max_tokens: an upper bound")
     return est.line(), "\n".join(dict.fromkeys(assumed))
 
 

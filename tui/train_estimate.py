@@ -141,10 +141,7 @@ class StageEstimate(Static):
             return f"no estimate: {e}", measure, ""
         if est is None:
             return "runs on Tinker: its time depends on the service", [], ""
-        assumed = list(est.assumptions)
-        if est.upper_bound:
-            assumed.append("every answer taken to run to max_tokens: an upper bound")
-        return est.line(), measure, "\n".join(assumed)
+        return est.line(), measure, "\n".join(est.assumed())
 
     def _crossval_line(self, cfg, overrides: str, profiles) -> tuple[str, str]:
         """The cross-validation's cost (tui.crossval.cost_line: engine.crossval.estimate) and

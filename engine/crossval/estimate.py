@@ -29,7 +29,7 @@ class StageCost:
     seconds: float | None  # one run; None: no estimate (``why`` says why)
     why: str = ""
     upper_bound: bool = False
-    assumptions: tuple[str, ...] = ()
+    assumptions: tuple[str, ...] = ()  # Estimate.assumed(): the upper bound's note included
 
     @property
     def total(self) -> float | None:
@@ -94,7 +94,7 @@ def estimate_crossval(
             costs.append(
                 StageCost(
                     stage, times, est.seconds, upper_bound=est.upper_bound,
-                    assumptions=est.assumptions,
+                    assumptions=tuple(est.assumed()),
                 )
             )  # fmt: skip
     sizes = sorted({len(f) for f in plan.folds})

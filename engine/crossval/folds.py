@@ -120,23 +120,31 @@ def data_sha(ws: Workspace) -> str:
     return hashlib.sha256(ws.demos_path.read_bytes()).hexdigest()[:16]
 
 
+def _person_file(value: Any, person: Workspace) -> str | None:
+    """The absolute path of the person's file a relative file setting names; None for any
+    other value (absolute, empty, not a path)."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return None
+    return str(person.setting_path(value))
+
+
 def _relative_paths(table: dict, person: Workspace) -> dict:
     """``table`` (persona.toml as read) with each relative file setting made the absolute path
     of the person's file; the same object when there is none."""
     out = None
     for key in path_settings():
-        section, _, name = key.rpartition(".")
+        *sections, name = key.split(".")
         node: Any = table
-        for part in section.split("."):
+        for part in sections:
             node = node.get(part) if isinstance(node, dict) else None
-        value = node.get(name) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        fixed = _person_file(node.get(name), person) if isinstance(node, dict) else None
+        if fixed is not None:
             if out is None:
                 out = copy.deepcopy(table)
             target = out
-            for part in section.split("."):
+            for part in sections:
                 target = target[part]
-            target[name] = str(person.setting_path(value))
+            target[name] = fixed
     return table if out is None else out
 
 
@@ -148,9 +156,8 @@ def absolute_path_overrides(overrides: Sequence[str], person: Workspace) -> list
     for item in overrides:
         parts, value = parse_override(item)
         key = ".".join(parts)
-        if key in keys and isinstance(value, str) and value and not Path(value).is_absolute():
-            item = f"{key}={json.dumps(str(person.setting_path(value)))}"
-        out.append(item)
+        fixed = _person_file(value, person) if key in keys else None
+        out.append(item if fixed is None else f"{key}={json.dumps(fixed)}")
     return out
 
 

@@ -22,7 +22,6 @@ from engine.run.train_run import digest
 from engine.store.atomic import atomic_write_json
 from engine.store.results import JUDGE_ACCURACY_FILE
 
-ACCURACY_FILE = JUDGE_ACCURACY_FILE
 # Samples per held-out request and comparator: with two held-out demonstrations that is
 # n = 8 per comparator, where 8 of 8 right has a Wilson interval above 0.5 (0.68-1.0);
 # with one sample each even a perfect judge could not be told from chance.
@@ -67,10 +66,10 @@ async def heldout_cases(ctx: StageContext) -> tuple[dict[str, list[Case]], bool]
     settings = [s.max_tokens, s.temperature, s.top_p, s.trim_repeats, ACCURACY_SAMPLES]
     key = digest([held, train, ctx.model("policy"), ctx.backend, settings])
     ws = ctx.workspace
-    path = ws.result(ACCURACY_FILE)
+    path = ws.result(JUDGE_ACCURACY_FILE)
     # a workspace that writes elsewhere (the Prompts tab's rubric check) still reads the
     # samples the reward-model stage drew
-    for candidate in dict.fromkeys((path, ws.results_dir / ACCURACY_FILE)):
+    for candidate in dict.fromkeys((path, ws.results_dir / JUDGE_ACCURACY_FILE)):
         try:
             cached = json.loads(candidate.read_text(encoding="utf-8"))
         except (OSError, ValueError):

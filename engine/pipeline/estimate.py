@@ -48,6 +48,9 @@ class EstimateError(PersonaError):
     """No estimate: the stage cannot run as things are (the message says why)."""
 
 
+UPPER_BOUND_NOTE = "every answer taken to run to max_tokens: an upper bound"
+
+
 @dataclass(frozen=True)
 class Estimate:
     """About how long one stage takes: total seconds, the parts, and what was assumed."""
@@ -61,6 +64,10 @@ class Estimate:
 
     def part(self, name: str) -> float:
         return sum(s for p, s in self.parts if p == name)
+
+    def assumed(self) -> list[str]:
+        """What the estimate assumes, in words (the upper bound included, where it is one)."""
+        return [*self.assumptions, *([UPPER_BOUND_NOTE] if self.upper_bound else [])]
 
     def line(self, parts: int = 2) -> str:
         """One line for a status bar: "≤ 4 min on this machine (bf16, 2 threads) · 2.1 min
@@ -614,12 +621,13 @@ def _judge_accuracy(cost: _Cost, ws: Workspace, judges: int) -> None:
     each held-out request (drawn once, then kept), and every judge's verdicts on the person's
     text against each of them."""
     from engine.llm.judge import Comparison
-    from engine.llm.judge_accuracy import ACCURACY_FILE, ACCURACY_SAMPLES
+    from engine.llm.judge_accuracy import ACCURACY_SAMPLES
+    from engine.store.results import JUDGE_ACCURACY_FILE
 
     held = _split(cost, ws).holdout
     if not held:
         return
-    if not ws.result(ACCURACY_FILE).exists():
+    if not ws.result(JUDGE_ACCURACY_FILE).exists():
         cost.load("policy")
         counter = cost.counter("policy")
         prompts = [int(counter.prompt(_user(d["input"]))) for d in held]

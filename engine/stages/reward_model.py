@@ -54,7 +54,7 @@ from engine.llm.judge import (
     JudgeStats,
     training_messages,
 )
-from engine.llm.judge_accuracy import ACCURACY_FILE, Case, heldout_cases
+from engine.llm.judge_accuracy import Case, heldout_cases
 from engine.llm.preference_data import JudgeExample, load_preference_collection
 from engine.llm.sampling import Sampler, resolve
 from engine.run.context import StageContext, StageError
@@ -63,6 +63,7 @@ from engine.run.supervised import batch_indices, supervised_step
 from engine.run.train_run import TrainRun, adam, digest, section_settings
 from engine.store.checkpoints import latest_checkpoint, record_checkpoint, registry_path
 from engine.store.results import (
+    JUDGE_ACCURACY_FILE,
     RESULT_FILES,
     RM_VALIDATION_FILE,
     preference_problems,
@@ -456,7 +457,7 @@ async def accuracy_block(
     lines = [
         ("sampled" if sampled else "read")
         + f" {sum(len(v) for v in cases.values())} base and few-shot samples on the held-out "
-        f"requests for the judge's accuracy ({ACCURACY_FILE})"
+        f"requests for the judge's accuracy ({JUDGE_ACCURACY_FILE})"
     ]
     out: dict[str, Any] = {"n_heldout_requests": len(ctx.split().holdout)}
     for name, judge in judges.items():
