@@ -1,0 +1,71 @@
+"""LlamaRMSNorm in fewer passes over the activations, forward and backward.
+
+``transformers``' LlamaRMSNorm runs eight operations forward (a float32 copy, pow, mean,
+add, rsqrt, mul, a cast back, the weight) and autograd keeps their intermediates and runs
+as many backward. PyTorch's fused ``rms_norm`` gives the same numbers in one operation
+(float32 statistics, the normalized value rounded to the input's dtype), and the backward
+pass is the closed form below, in float32. Measured on SmolLM2-135M bf16, 4 x 512 tokens,
+2 cores: 6.0 ms a norm forward and backward (61 norms a step) down to about 3.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# False keeps the model's own norm modules (bench A/B).
+FUSED_NORMS = True
+
+
+def rms_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """LlamaRMSNorm's numbers, bit for bit, in two operations instead of eight."""
+    return module.weight * F.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = w * round(x * r), r = rsqrt(mean(x^2) + eps); dx = r * (g - n * mean(g * n)), where
+    n = x * r and g = dy * w, all in float32 (the rounding's gradient is taken as 1, as
+    autograd takes the model's cast's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        wide = torch.promote_types(x.dtype, torch.float32)
+        size = x.shape[-1]
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
+        r = r.square_().div_(size).add_(ctx.eps).rsqrt_()
+        n = x * r
+        g = grad * weight.to(wide)
+        dot = torch.linalg.vecdot(g, n).unsqueeze(-1).div_(size)
+        dx = torch.addcmul(g, n, dot, value=-1).mul_(r).to(x.dtype)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (grad * n.to(x.dtype)).reshape(-1, size).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float64:  # the model's norm computes in float32 whatever its input
+        return type(module).forward(module, x)
+    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+        return _RMSNormFn.apply(x, module.weight, module.variance_epsilon)
+    return rms_norm(x, module)
+
+
+def install(model: nn.Module) -> int:
+    """Route every LlamaRMSNorm of ``model`` through the fused forms; the number routed."""
+    if not FUSED_NORMS:
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm" and hasattr(module, "variance_epsilon"):
+            module.forward = _forward.__get__(module)
+            count += 1
+    return count
