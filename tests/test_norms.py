@@ -31,7 +31,7 @@ def test_fused_norm_matches_the_models_norm_forward_and_backward(dtype, atol, tr
     assert norms.install(ours) == 1
     g = torch.Generator().manual_seed(0)
     # Rows of very different sizes: the statistics are per row.
-    x = (torch.randn(3, 5, 48, generator=g) * torch.tensor([0.01, 1.0, 40.0])[:, None, None])
+    x = torch.randn(3, 5, 48, generator=g) * torch.tensor([0.01, 1.0, 40.0])[:, None, None]
     x = x.to(dtype)
     up = torch.randn(3, 5, 48, generator=g).to(dtype)
 
@@ -66,8 +66,12 @@ def test_install_routes_every_llama_norm_of_a_model():
     from transformers import LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     model = LlamaForCausalLM(cfg)
     assert norms.install(model) == 2 * 2 + 1  # two per layer and the final one
