@@ -495,7 +495,7 @@ class SlotDecoder:
             mlp = layer.mlp
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         x = rms_norm(x, self.inner.norm)
-        return self.model.lm_head(x).float()
+        return self.model.lm_head(x)
 
     def _step_fused(
         self, tokens: torch.Tensor, positions: torch.Tensor, width: int, mask: torch.Tensor
@@ -537,7 +537,7 @@ class SlotDecoder:
             h = rms_norm(x, layer.post_attention_layernorm)
             x = w["down"].add(_gated(w["gate"], w["up"], h), x)
         x = rms_norm(x, self.inner.norm)
-        return self._fused_head(x).float()
+        return self._fused_head(x)
 
     # ---- the batch ------------------------------------------------------------------
 
@@ -678,8 +678,10 @@ class SlotDecoder:
             reqs = [req for req in live if any(req.reason[r] is None for r in range(req.rows))]
             picks = [[r for r in range(req.rows) if req.reason[r] is None] for req in reqs]
             index = [req.slots[r] for req, rows in zip(reqs, picks, strict=True) for r in rows]
+            if index != list(range(logits.shape[0])):  # not every row, or not in order
+                logits = logits[torch.tensor(index, dtype=torch.long, device=self.device)]
             chosen = self._choose(
-                logits[torch.tensor(index, dtype=torch.long, device=self.device)],
+                logits.float(),  # after the selection: one pass over the rows drawn from
                 sampling,
                 reqs,
                 picks,
