@@ -574,7 +574,8 @@ def _logit_grad(
     for start in range(0, logits.shape[0], LOGPROB_CHUNK_ROWS):
         rows = slice(start, start + LOGPROB_CHUNK_ROWS)
         g = grad[rows].unsqueeze(-1)
-        part = torch.exp(logits[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)).mul_(-g)
+        # The subtraction promotes the logits to float32 itself: no separate copy.
+        part = torch.sub(logits[rows], lse[rows].unsqueeze(-1)).exp_().mul_(-g)
         part.scatter_add_(-1, target[rows].unsqueeze(-1), g)
         out[rows] = part
     return out
