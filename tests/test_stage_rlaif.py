@@ -206,13 +206,16 @@ async def test_rule_judge_rl_learns_through_a_constant_slot_bias(ws: Workspace, 
     assert isinstance(final, StageFinished), final
     chars = [v for _, v in _metrics(ws, "rl/sample_chars")]
     assert len(chars) == 16
-    # seeded: 82 -> 57 characters here; under reward_model.combine = "agree" the same run
+    # seeded: 85 -> 23 characters here; under reward_model.combine = "agree" the same run
     # ties every matchup, trains no step and stays at 78-83
     assert sum(chars[-3:]) / 3 < 0.8 * sum(chars[:3]) / 3, chars
     assert {v for _, v in _metrics(ws, "rl/position_bias")} == {3.0}
     assert {v for _, v in _metrics(ws, "rl/position_consistency")} == {0.0}
     ties = [v for _, v in _metrics(ws, "rl/tie_rate")]
-    assert sum(ties) / len(ties) <= 0.5, ties  # only equal lengths tie
+    # Only equal lengths tie: rarely while the samples' lengths vary (under the agreement
+    # rule every matchup would); here every matchup ties once the policy has settled on one
+    # short answer (from step 9).
+    assert sum(ties[:6]) / 6 <= 0.25, ties
 
 
 def test_no_dev_win_rate_when_the_judge_decided_nothing():
