@@ -648,12 +648,14 @@ class SlotDecoder:
                 if used in free:
                     free.remove(used)
             active = sorted(slot_req)
-            tokens = torch.full((used,), 0, dtype=torch.long)
-            positions = torch.zeros(used, dtype=torch.long)
+            # Lists first (an item assignment into a tensor costs microseconds a slot); a free
+            # slot feeds token 0 at position 0.
+            feeding, at_pos = [0] * used, [0] * used
             for slot in active:
-                tokens[slot] = feed[slot]
-                positions[slot] = pos[slot]
-            width = int(positions.max()) + 1
+                feeding[slot], at_pos[slot] = feed[slot], pos[slot]
+            tokens = torch.tensor(feeding, dtype=torch.long)
+            positions = torch.tensor(at_pos, dtype=torch.long)
+            width = max(at_pos) + 1
             self._ensure_cache(used, width)
             # Free slots among the used ones compute rows nobody reads; only the live slots
             # need a mask, and none when they all stand at the same position.
