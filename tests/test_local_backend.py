@@ -614,6 +614,27 @@ def test_seeded_sample_is_the_same_alone_or_in_a_batch(runtime):
     assert [r.tokens for r in mixed[2:]] == [r.tokens for r in alone]
 
 
+def test_one_row_on_the_plain_weights_draws_what_it_draws_among_packed_rows(runtime):
+    """In float32 a step of one or two rows multiplies by the plain weights and a wider one by
+    oneDNN's packed copy: a seeded row gets the same tokens either way."""
+    from engine.backends.local import decode
+
+    layer = runtime.decoder._fused()[0]["qkv"]
+    if layer.packed is None:
+        pytest.skip("oneDNN cannot pack weights here")
+    assert layer.plain_rows == decode.PLAIN_MAX_ROWS_FP32 >= 1 and layer.weight is not None
+    alone = runtime.generate(None, _rows(runtime, SEQ_A, 1, 15, temperature=1.0, seed=11))
+    mixed = runtime.generate(
+        None,
+        _rows(runtime, SEQ_B, 3, 15, temperature=1.0, seed=5)
+        + _rows(runtime, SEQ_A, 1, 15, temperature=1.0, seed=11),
+    )
+    assert mixed[3].tokens == alone[0].tokens
+    assert torch.allclose(
+        torch.tensor(mixed[3].logprobs), torch.tensor(alone[0].logprobs), atol=1e-5
+    )
+
+
 def test_requests_join_a_running_pass_and_finish_on_their_own(runtime):
     finished: list[str] = []
     results: dict[str, list] = {}

@@ -37,6 +37,10 @@ MIN_CACHE_POSITIONS = 256
 # model's own modules (bench A/B).
 FUSED_STEP = True
 PACK_WEIGHTS = True
+# In float32, oneDNN's packed weights lose to a plain matmul at one or two rows (SmolLM2 on 2
+# cores, one row: 27.6 against 34.0 tokens/s) and win from four (32 rows: 407 against 378);
+# in bf16 they win at every size. Up to this many rows a float32 step uses the plain weight.
+PLAIN_MAX_ROWS_FP32 = 2
 # Adapters whose stacked LoRA matrices each fused layer keeps (sampling switches between a
 # few: the policy, its reference, a judge); RL makes a new snapshot every step.
 LORA_CACHE_ADAPTERS = 2
@@ -237,10 +241,13 @@ class _Linear:
                 probe = torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype)
                 torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
                 self.packed = packed
-                if weight is not None:
-                    self.weight = None  # the packed copy replaces the concatenation
             except (RuntimeError, AttributeError):
                 self.packed = None
+        self.plain_rows = 0  # up to this many rows, the plain weight
+        if self.packed is not None and self.weight.dtype == torch.float32:
+            self.plain_rows = PLAIN_MAX_ROWS_FP32
+        elif self.packed is not None and weight is not None:
+            self.weight = None  # the packed copy replaces the concatenation
         self.lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._lora_cache: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor, float]]] = {}
 
@@ -276,8 +283,11 @@ class _Linear:
                 self._lora_cache.pop(next(iter(self._lora_cache)))
         self.lora = hit[1]
 
+    def _packed_for(self, x: torch.Tensor) -> bool:
+        return self.packed is not None and x.numel() > self.plain_rows * x.shape[-1]
+
     def _base(self, x: torch.Tensor, attr: str = "none") -> torch.Tensor:
-        if self.packed is not None:
+        if self._packed_for(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], "")
         out = F.linear(x, self.weight, self.bias)
         return F.silu(out) if attr == "swish" else out
@@ -295,7 +305,7 @@ class _Linear:
 
     def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """(x W) * other (no adapter)."""
-        if self.packed is not None:
+        if self._packed_for(x):
             return torch.ops.mkldnn._linear_pointwise.binary(
                 x, other, self.packed, self.bias, "mul"
             )
@@ -306,7 +316,7 @@ class _Linear:
         if self.lora is not None:
             a, bt, alpha = self.lora
             other = torch.addmm(other, x @ a.t(), bt, alpha=alpha)
-        if self.packed is not None:
+        if self._packed_for(x):
             return torch.ops.mkldnn._linear_pointwise.binary(
                 x, other, self.packed, self.bias, "add"
             )
@@ -403,8 +413,9 @@ class SlotDecoder:
 
     def _fused(self) -> list[dict[str, _Linear]]:
         """Per layer: q|k|v as one weight (one wider matmul), o, gate, up and down, in
-        oneDNN's prepacked layout on a CPU (bf16: about 2x on a 1-row matmul; fp32: about
-        1.2x), with the LoRA wrappers whose adapters add onto each slice of the output."""
+        oneDNN's prepacked layout on a CPU (bf16: about 1.3x at one row and 1.2x at 32; fp32:
+        see PLAIN_MAX_ROWS_FP32), with the LoRA wrappers whose adapters add onto each slice of
+        the output."""
         if self._fused_layers is not None:
             return self._fused_layers
         packed = PACK_WEIGHTS and self.device.type == "cpu"
