@@ -75,3 +75,13 @@ def test_install_routes_every_llama_norm_of_a_model():
     )
     model = LlamaForCausalLM(cfg)
     assert norms.install(model) == 2 * 2 + 1  # two per layer and the final one
+
+
+def test_a_trainable_weight_alone_gets_its_gradient():
+    theirs = _norm(torch.float32, True)
+    ours = copy.deepcopy(theirs)
+    norms.install(ours)
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(3))
+    for norm in (theirs, ours):
+        norm(x).square().sum().backward()
+    assert torch.allclose(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-6)

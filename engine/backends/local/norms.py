@@ -1,11 +1,13 @@
-"""LlamaRMSNorm in fewer passes over the activations, forward and backward.
+"""LlamaRMSNorm for training without autograd's float32 intermediates.
 
-``transformers``' LlamaRMSNorm runs eight operations forward (a float32 copy, pow, mean,
-add, rsqrt, mul, a cast back, the weight) and autograd keeps their intermediates and runs
-as many backward. PyTorch's fused ``rms_norm`` gives the same numbers in one operation
-(float32 statistics, the normalized value rounded to the input's dtype), and the backward
-pass is the closed form below, in float32. Measured on SmolLM2-135M bf16, 4 x 512 tokens,
-2 cores: 6.0 ms a norm forward and backward (61 norms a step) down to about 3.
+``transformers``' LlamaRMSNorm is eight operations forward (a float32 copy, pow, mean, add,
+rsqrt, mul, a cast back, the weight), and autograd keeps their float32 intermediates for the
+backward pass: 61 norms a step, several (tokens x hidden) float32 tensors each. Here the
+forward is PyTorch's ``rms_norm`` call (the same numbers: float32 statistics, the normalized
+value rounded to the input's dtype), only the input is kept, and the backward pass is the
+closed form below, in float32. Alone the two cost about the same; in a training step
+(SmolLM2-135M bf16, 4 x 512 tokens, 2 cores, taking turns in one process) the median step
+went from 3.11 s to 2.98 s.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# False keeps the model's own norm modules (bench A/B).
+# False: ``install`` leaves the model's norms as they are.
 FUSED_NORMS = True
 
 
 def rms_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """LlamaRMSNorm's numbers, bit for bit, in two operations instead of eight."""
+    """LlamaRMSNorm's numbers, bit for bit, in two calls instead of eight."""
     return module.weight * F.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
 
 
@@ -42,10 +44,11 @@ class _RMSNormFn(torch.autograd.Function):
         r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
         r = r.square_().div_(size).add_(ctx.eps).rsqrt_()
         n = x * r
-        g = grad * weight.to(wide)
-        dot = torch.linalg.vecdot(g, n).unsqueeze(-1).div_(size)
-        dx = torch.addcmul(g, n, dot, value=-1).mul_(r).to(x.dtype)
-        dw = None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight.to(wide)
+            dot = torch.linalg.vecdot(g, n).unsqueeze(-1).div_(size)
+            dx = torch.addcmul(g, n, dot, value=-1).mul_(r).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = (grad * n.to(x.dtype)).reshape(-1, size).sum(0).to(weight.dtype)
         return dx, dw, None
