@@ -220,30 +220,38 @@ def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
 # ---- our backend ------------------------------------------------------------------------
 
 # Before/after of the training step's switches, measured alternately in one process:
-# (name, {module attribute: value}); the first is the service's default.
+# (name, {"module.ATTRIBUTE" under engine.backends.local: value}); the first is the default.
 TRAIN_AB = (
-    ("full logits (default)", {"CHUNKED_HEAD": False}),
-    ("chunked head", {"CHUNKED_HEAD": True}),
+    (
+        "default (full logits, fused norms)",
+        {"compute.CHUNKED_HEAD": False, "norms.FUSED_NORMS": True},
+    ),
+    ("chunked head", {"compute.CHUNKED_HEAD": True}),
+    ("the model's own norms", {"norms.FUSED_NORMS": False}),
 )
 
 
 def _train_ab(step, data: list, steps: int) -> dict:  # noqa: ANN001
     """Training step seconds for each TRAIN_AB variant, the variants taking turns."""
-    from engine.backends.local import compute
+    import importlib
 
-    saved = {k: getattr(compute, k) for _, cfg in TRAIN_AB for k in cfg}
+    def place(key: str) -> tuple[object, str]:
+        module, _, attr = key.rpartition(".")
+        return importlib.import_module(f"engine.backends.local.{module}"), attr
+
+    saved = {k: getattr(*place(k)) for _, cfg in TRAIN_AB for k in cfg}
     times: dict[str, list[float]] = {name: [] for name, _ in TRAIN_AB}
     try:
         for rep in range(steps + 1):
             for name, cfg in TRAIN_AB:
-                for k, v in cfg.items():
-                    setattr(compute, k, v)
+                for k, v in saved.items():
+                    setattr(*place(k), cfg.get(k, v))
                 dt, _ = step(data)
                 if rep:  # the first round is a warm-up for each
                     times[name].append(round(dt, 3))
     finally:
         for k, v in saved.items():
-            setattr(compute, k, v)
+            setattr(*place(k), v)
     return times
 
 
