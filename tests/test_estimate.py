@@ -166,3 +166,19 @@ def test_reward_model_counts_the_judge_accuracy_check(ws: Workspace):
     ws.result(JUDGE_ACCURACY_FILE).write_text("{}")
     kept = est(ws, "reward-model")
     assert kept.part("judge accuracy") < e.part("judge accuracy")  # no sampling any more
+
+
+def test_evaluate_counts_its_judge_accuracy_check(ws: Workspace):
+    """evaluate judges your held-out text against every base and few-shot sample of it."""
+    from engine.store.split import workspace_split
+
+    config = ws.config([])
+    held = len(workspace_split(ws, config.data, record=False).holdout)
+    assert held
+    both = est(ws, "evaluate")
+    want = 2 * held * config.evaluate.samples  # baseline and few-shot
+    assert both.part("judge accuracy") > 0
+    assert f"judge accuracy: {want} comparisons with your held-out text" in both.assumptions
+    base_only = est(ws, "evaluate", 'evaluate.methods=["baseline", "prompting"]')
+    assert base_only.part("judge accuracy") == pytest.approx(both.part("judge accuracy") / 2)
+    assert est(ws, "evaluate", "evaluate.judge=false").part("judge accuracy") == 0

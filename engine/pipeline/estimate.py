@@ -917,6 +917,12 @@ def _evaluate(cost: _Cost, ws: Workspace) -> None:
             )
             cost.note(f"dev win rates: {_plural(n_dev, 'dev prompt')} per method")
         cost.note(f"judge: {_plural(held_pairs, 'held-out comparison')}, both orders")
+        # The stage's accuracy check: your held-out text against each base and few-shot sample.
+        comparators = sum(1 for name, _, _ in methods if name in ("baseline", "few-shot"))
+        if comparators:
+            n = comparators * len(held) * cfg.samples
+            cost.judge(n, judge_prompt, part="judge accuracy")
+            cost.note(f"judge accuracy: {_plural(n, 'comparison')} with your held-out text")
     cost.add("report", REPORT_S)
 
 
