@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.backends.local import norms
@@ -63,18 +62,14 @@ def test_without_gradients_the_norm_takes_no_autograd_node():
 
 
 def test_install_routes_every_llama_norm_of_a_model():
-    from transformers import LlamaForCausalLM
+    from conftest import TINY
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg)
-    assert norms.install(model) == 2 * 2 + 1  # two per layer and the final one
+    from engine.backends.local.models import ensure_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_model_dir(TINY))
+    layers = model.config.num_hidden_layers
+    assert norms.install(model) == 2 * layers + 1  # two per layer and the final one
 
 
 def test_a_trainable_weight_alone_gets_its_gradient():

@@ -20,9 +20,13 @@ from torch import nn
 FUSED_NORMS = True
 
 
+def _scaled_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+
+
 def rms_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """LlamaRMSNorm's numbers, bit for bit, in two calls instead of eight."""
-    return module.weight * F.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
+    return _scaled_norm(x, module.weight, module.variance_epsilon)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -34,7 +38,7 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+        return _scaled_norm(x, weight, eps)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
