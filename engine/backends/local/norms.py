@@ -4,8 +4,8 @@
 rsqrt, mul, a cast back, the weight), and autograd keeps their float32 intermediates for the
 backward pass: 61 norms a step, several (tokens x hidden) float32 tensors each. Here the
 forward is PyTorch's ``rms_norm`` call (the same numbers: float32 statistics, the normalized
-value rounded to the input's dtype), only the input is kept, and the backward pass is the
-closed form below, in float32. Alone the two cost about the same; in a training step
+value rounded to the input's dtype), only the input and its per-row 1/rms are kept, and
+the backward pass is the closed form below, in float32. Alone the two cost about the same; in a training step
 (SmolLM2-135M bf16, 4 x 512 tokens, 2 cores, taking turns in one process) the median step
 went from 3.11 s to 2.98 s.
 """
@@ -36,17 +36,17 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return _scaled_norm(x, weight, eps)
+        # rms_norm's own kernel, which hands back r as well: the backward need not recompute
+        # it (a float32 copy of x and a reduction, every norm of every step).
+        normed, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * normed
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, weight = ctx.saved_tensors
+        x, weight, r = ctx.saved_tensors
         wide = torch.promote_types(x.dtype, torch.float32)
         size = x.shape[-1]
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
-        r = r.square_().div_(size).add_(ctx.eps).rsqrt_()
         n = x * r
         dx = dw = None
         if ctx.needs_input_grad[0]:
