@@ -41,9 +41,7 @@ def test_small_or_huge_outputs_are_allocated_as_usual():
 
 
 @pytest.mark.parametrize("adapter", [None, "a"])
-def test_logits_written_into_the_buffer_give_the_same_logprobs_and_gradients(
-    monkeypatch, adapter
-):
+def test_logits_written_into_the_buffer_give_the_same_logprobs_and_gradients(monkeypatch, adapter):
     from engine.backends.local.compute import BaseRuntime
     from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
     from engine.backends.local.models import choose_compute
