@@ -1,0 +1,92 @@
+"""bf16 forwards on a CPU run each base weight through its oneDNN-packed copy: the same
+numbers as F.linear, every forward path alike, and the copy follows the weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.backends.local import TINY_MODEL, lora
+
+SEQ_A = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+SEQ_B = [2, 71, 82, 81, 82, 84, 59]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from engine.backends.local.compute import BaseRuntime
+    from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
+    from engine.backends.local.models import choose_compute
+
+    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "bf16"))
+    rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in rt.host.parameters("a"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return rt
+
+
+def _layer(rt):
+    return rt.host.layers["model.layers.0.mlp.up_proj"]
+
+
+def _run(rt, adapter):
+    inputs, targets = [SEQ_A[:-1], SEQ_B[:-1]], [SEQ_A[1:], SEQ_B[1:]]
+    for p in rt.host.parameters("a"):
+        p.grad = None
+    logps = rt.token_logprobs(adapter, inputs, targets, grad=True)
+    if adapter is not None:
+        sum(lp.float().sum() for lp in logps).backward()
+    grads = [p.grad.clone() for p in rt.host.parameters("a") if p.grad is not None]
+    with torch.no_grad():
+        plain = rt.token_logprobs(adapter, inputs, targets, grad=False)
+    return [lp.detach() for lp in logps], grads, plain
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_the_packed_forward_gives_what_f_linear_gives(runtime, monkeypatch, adapter):
+    packed = _run(runtime, adapter)
+    if _layer(runtime)._packed is None or _layer(runtime)._packed[1] is None:
+        pytest.skip("this PyTorch cannot pack weights for oneDNN")
+    monkeypatch.setattr(lora, "PACKED_FORWARD", False)
+    plain = _run(runtime, adapter)
+    for a, b in zip(packed, plain, strict=True):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    # With and without gradients the packed path computes the same logprobs.
+    for x, y in zip(packed[0], packed[2], strict=True):
+        assert torch.equal(x, y)
+
+
+def test_the_packed_copy_is_made_once_and_follows_the_weight(runtime):
+    layer = _layer(runtime)
+    x = torch.randn(3, layer.base.in_features, dtype=torch.bfloat16)
+    runtime.host.switch.active = None
+    first = layer(x)
+    if layer._packed is None or layer._packed[1] is None:
+        pytest.skip("this PyTorch cannot pack weights for oneDNN")
+    copy = layer._packed[1]
+    assert torch.equal(layer(x), first) and layer._packed[1] is copy  # made once
+    assert torch.allclose(first.float(), torch.nn.functional.linear(x, layer.base.weight).float())
+    saved = layer.base.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            layer.base.weight.mul_(2.0)  # a changed weight is packed again
+        assert layer._packed[1] is copy and not torch.equal(layer(x), first)
+        assert layer._packed[1] is not copy
+    finally:
+        with torch.no_grad():
+            layer.base.weight.copy_(saved)
+
+
+def test_float32_and_the_vocabulary_head_are_not_packed(runtime):
+    head = runtime.model.get_output_embeddings()
+    assert head._packed_weight() is None  # it writes into its OutputBuffer
+    layer = _layer(runtime)
+    layer.base.weight.data = layer.base.weight.data.float()
+    try:
+        assert layer._packed_weight() is None
+    finally:
+        layer.base.weight.data = layer.base.weight.data.to(torch.bfloat16)
