@@ -61,11 +61,13 @@ class OutputBuffer:
     A fresh (tokens x vocabulary) tensor is hundreds of MB: the allocator maps new pages
     for it on every call and the kernel zeroes each one as the matmul first touches it
     (SmolLM2, 2,048 positions, bf16: 98 ms for the head's matmul into fresh memory, 43 ms
-    into memory written before). Reused only while nothing else holds it, on a CPU.
+    into memory written before). Reused only while nothing else holds it, on a CPU, and
+    only up to MAX_BYTES, since it stays allocated between calls: a bf16 step's 200 MB, not
+    a float32 step's 400 MB (whose step is slow enough that the pages matter less).
     """
 
     MIN_BYTES = 16 << 20
-    MAX_BYTES = 1 << 30
+    MAX_BYTES = 256 << 20
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
