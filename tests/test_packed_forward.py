@@ -90,3 +90,32 @@ def test_float32_and_the_vocabulary_head_are_not_packed(runtime):
         assert layer._packed_weight() is None
     finally:
         layer.base.weight.data = layer.base.weight.data.to(torch.bfloat16)
+
+
+def test_the_decoder_shares_the_packed_copies_instead_of_making_its_own(monkeypatch):
+    """o, gate, up and down reuse the training forward's packed weight (q|k|v is its own
+    concatenation, the head its own); greedy tokens are the ones its own copies give."""
+    from engine.backends.local.compute import BaseRuntime, GenRow, make_generator
+    from engine.backends.local.models import choose_compute
+
+    def greedy(rt):
+        g = make_generator(0)
+        rows = [GenRow(SEQ_A, 12, 0.0, 1.0, -1, frozenset(), (), g) for _ in range(2)]
+        return [(r.tokens, r.logprobs) for r in rt.generate(None, rows)]
+
+    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "bf16"))
+    first = rt.decoder._fused()[0]
+    mlp = rt.model.model.layers[0].mlp
+    if mlp.up_proj._packed_weight() is None:
+        pytest.skip("this PyTorch cannot pack weights for oneDNN")
+    assert first["up"].packed is mlp.up_proj._packed_weight()
+    assert first["down"].packed is mlp.down_proj._packed_weight()
+    assert first["qkv"].packed is not rt.model.model.layers[0].self_attn.q_proj._packed_weight()
+    shared = greedy(rt)
+
+    monkeypatch.setattr(lora, "PACKED_FORWARD", False)
+    own = BaseRuntime(TINY_MODEL, choose_compute("cpu", "bf16"))
+    assert own.decoder._fused()[0]["up"].packed is not None  # packed by the decoder itself
+    for (tok_a, lp_a), (tok_b, lp_b) in zip(shared, greedy(own), strict=True):
+        assert tok_a == tok_b
+        assert torch.allclose(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-2)

@@ -235,7 +235,11 @@ class _Linear:
                 self.parts.append((m, lo, lo + b.out_features))
             lo += b.out_features
         self.packed = None
-        if pack:
+        shared = getattr(modules[0], "_packed_weight", None) if pack and weight is None else None
+        if shared is not None:
+            # The training forward's copy of the same weight (same layout, as fast here).
+            self.packed = shared()
+        if pack and self.packed is None:
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
                 probe = torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype)
