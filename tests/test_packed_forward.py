@@ -119,3 +119,36 @@ def test_the_decoder_shares_the_packed_copies_instead_of_making_its_own(monkeypa
     for (tok_a, lp_a), (tok_b, lp_b) in zip(shared, greedy(own), strict=True):
         assert tok_a == tok_b
         assert torch.allclose(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-2)
+
+
+def test_gradients_flow_through_packed_layers_that_have_no_adapter(monkeypatch):
+    """An adapter on the attention alone: the MLP's packed linears sit between adapted layers,
+    so the input gradient must pass through them (oneDNN's packed linear has no backward of
+    its own; without one the first layers' gradients would silently be wrong)."""
+    from engine.backends.local.compute import BaseRuntime
+    from engine.backends.local.lora import ATTN_MODULES, LoraSpec
+    from engine.backends.local.models import choose_compute
+
+    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "bf16"))
+    rt.host.add("attn", LoraSpec(4, 8.0, ATTN_MODULES), None)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in rt.host.parameters("attn"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+    def grads():
+        for p in rt.host.parameters("attn"):
+            p.grad = None
+        logps = rt.token_logprobs("attn", [SEQ_A[:-1]], [SEQ_A[1:]], grad=True)
+        logps[0].float().sum().backward()
+        return [p.grad.clone() for p in rt.host.parameters("attn")]
+
+    packed = grads()
+    if rt.model.model.layers[0].mlp.up_proj._packed_weight() is None:
+        pytest.skip("this PyTorch cannot pack weights for oneDNN")
+    monkeypatch.setattr(lora, "PACKED_FORWARD", False)
+    plain = grads()
+    first_layer = rt.host.layers["model.layers.0.self_attn.q_proj"].lora_B["attn"]
+    assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
+    for a, b in zip(packed, plain, strict=True):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-4)

@@ -86,9 +86,6 @@ class OutputBuffer:
             buf = self._buf = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
-    def release(self) -> None:
-        self._buf = None
-
 
 def _shared(buf: torch.Tensor) -> bool:
     use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -107,7 +104,11 @@ def _linear(
 ) -> torch.Tensor:
     """F.linear(x, weight, bias): through ``packed`` (``weight`` in oneDNN's layout) when
     given, else written into ``buffer``'s tensor when it lends one."""
-    if packed is not None:
+    if packed is not None and not (
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinearFn.apply(x, weight, bias, packed)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     out = None
     if buffer is not None:
@@ -120,6 +121,22 @@ def _linear(
     else:
         torch.addmm(bias, flat, weight.t(), out=out.view(-1, weight.shape[0]))
     return out
+
+
+class _PackedLinearFn(torch.autograd.Function):
+    """x W^T + bias through W's packed copy, for an input that needs its gradient (a layer
+    without an adapter between layers with one): oneDNN's packed linear has no backward of
+    its own, so the gradient is the plain weight's, g W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, packed):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None, None, None
 
 
 def _pack(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
