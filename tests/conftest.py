@@ -55,6 +55,25 @@ train_on = "non-rejected"
 '''
 
 
+def adapted_runtime(dtype: str = "fp32", targets: tuple[str, ...] | None = None, name: str = "a"):
+    """The tiny model's runtime with adapter ``name`` on ``targets`` (every LoRA target by
+    default), its weights moved off their start (B = 0 would hide every LoRA term)."""
+    import torch
+
+    from engine.backends.local import TINY_MODEL
+    from engine.backends.local.compute import BaseRuntime
+    from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
+    from engine.backends.local.models import choose_compute
+
+    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", dtype))
+    rt.host.add(name, LoraSpec(4, 8.0, targets or ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in rt.host.parameters(name):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return rt
+
+
 def make_tiny_workspace(root: Path) -> Workspace:
     ws = init_workspace(root)
     atomic_write_text(ws.config_path, TINY_TOML)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backends.local import TINY_MODEL
 from engine.backends.local.lora import OutputBuffer
 
 SEQ_A = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
@@ -42,16 +41,9 @@ def test_small_or_huge_outputs_are_allocated_as_usual():
 
 @pytest.mark.parametrize("adapter", [None, "a"])
 def test_logits_written_into_the_buffer_give_the_same_logprobs_and_gradients(monkeypatch, adapter):
-    from engine.backends.local.compute import BaseRuntime
-    from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
-    from engine.backends.local.models import choose_compute
+    from conftest import adapted_runtime
 
-    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "fp32"))
-    rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in rt.host.parameters("a"):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    rt = adapted_runtime()
     head = rt.model.get_output_embeddings()
     inputs, targets = [SEQ_A[:-1], SEQ_B[:-1]], [SEQ_A[1:], SEQ_B[1:]]
 

@@ -6,25 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backends.local import TINY_MODEL, compute
+from engine.backends.local import compute
 
 ROWS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [2, 71, 82, 81, 82, 84, 59], [5, 9, 26, 53]]
 
 
 @pytest.fixture(scope="module")
 def rt():
-    from engine.backends.local.compute import BaseRuntime
-    from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
-    from engine.backends.local.models import choose_compute
+    from conftest import adapted_runtime
 
-    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "fp32"))
+    rt = adapted_runtime()
     if not rt.packing:
         pytest.skip("this model's attention cannot be told where packed rows start")
-    rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in rt.host.parameters("a"):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return rt
 
 

@@ -14,17 +14,9 @@ SEQ_B = [2, 71, 82, 81, 82, 84, 59]
 
 @pytest.fixture(scope="module")
 def runtime():
-    from engine.backends.local.compute import BaseRuntime
-    from engine.backends.local.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, LoraSpec
-    from engine.backends.local.models import choose_compute
+    from conftest import adapted_runtime
 
-    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "bf16"))
-    rt.host.add("a", LoraSpec(4, 8.0, ATTN_MODULES + MLP_MODULES + UNEMBED_MODULES), None)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in rt.host.parameters("a"):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return rt
+    return adapted_runtime("bf16")
 
 
 def _layer(rt):
@@ -125,16 +117,11 @@ def test_gradients_flow_through_packed_layers_that_have_no_adapter(monkeypatch):
     """An adapter on the attention alone: the MLP's packed linears sit between adapted layers,
     so the input gradient must pass through them (oneDNN's packed linear has no backward of
     its own; without one the first layers' gradients would silently be wrong)."""
-    from engine.backends.local.compute import BaseRuntime
-    from engine.backends.local.lora import ATTN_MODULES, LoraSpec
-    from engine.backends.local.models import choose_compute
+    from conftest import adapted_runtime
 
-    rt = BaseRuntime(TINY_MODEL, choose_compute("cpu", "bf16"))
-    rt.host.add("attn", LoraSpec(4, 8.0, ATTN_MODULES), None)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in rt.host.parameters("attn"):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    from engine.backends.local.lora import ATTN_MODULES
+
+    rt = adapted_runtime("bf16", ATTN_MODULES, name="attn")
 
     def grads():
         for p in rt.host.parameters("attn"):
