@@ -66,12 +66,6 @@ _SEGMENTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "persona_segments", default=None
 )
 PACKED_ATTENTION = "persona_packed_sdpa"
-# A packed row is padded (a segment of its own, attended by nothing else) up to a multiple of
-# this many positions. oneDNN builds its kernels for each new number of rows: about 6 ms a
-# kernel for each of the step's two dozen matmul shapes, so a step whose position count it
-# has not seen took 7% longer than the same step again (SmolLM2 bf16, 2-core AMX Xeon). With
-# counts rounded to a multiple of 64, a few dozen counts cover every batch. 0: no padding.
-PACK_MULTIPLE = 64
 
 
 def _packed_attention(
@@ -253,20 +247,15 @@ class BaseRuntime:
 
     def _hidden(self, inputs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
         """The last hidden state for every position of every row, (positions, hidden), and
-        where each row starts in it. Rows are laid end to end in one row when the attention
-        can be told where each starts, padded at the end to a multiple of PACK_MULTIPLE
-        positions (rows of one length whose total is already one keep their batch);
-        otherwise they are padded to the longest. Padding positions are in the tensor too."""
+        where each row starts in it. Rows of different lengths are laid end to end in one row
+        when the attention can be told where each starts (no padding); otherwise they are
+        padded to the longest, and the padding's positions are in the tensor too."""
         decoder = self.model.get_decoder()
         lengths = [len(row) for row in inputs]
-        pad = -sum(lengths) % PACK_MULTIPLE if PACK_MULTIPLE else 0
-        if self.packing and (len(set(lengths)) > 1 or pad):
-            segments = [*lengths, pad] if pad else lengths
-            ids = torch.tensor(
-                [[t for row in inputs for t in row] + [self.pad_id] * pad], dtype=torch.long
-            )
-            positions = torch.cat([torch.arange(n) for n in segments])[None]
-            token = _SEGMENTS.set(segments)
+        if self.packing and len(set(lengths)) > 1:
+            ids = torch.tensor([[t for row in inputs for t in row]], dtype=torch.long)
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            token = _SEGMENTS.set(lengths)
             try:
                 out = decoder(
                     input_ids=ids.to(self.device),
