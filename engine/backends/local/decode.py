@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rotary
+from .lora import pack_weight
 from .norms import rms_norm
 
 # The first cache allocation holds at least this many positions; later growth doubles.
@@ -240,13 +242,7 @@ class _Linear:
             # The training forward's copy of the same weight (same layout, as fast here).
             self.packed = shared()
         if pack and self.packed is None:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
-                probe = torch.zeros(1, self.weight.shape[1], dtype=self.weight.dtype)
-                torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
-                self.packed = packed
-            except (RuntimeError, AttributeError):
-                self.packed = None
+            self.packed = pack_weight(self.weight, self.bias, rows_hint=32)
         self.plain_rows = 0  # up to this many rows, the plain weight
         if self.packed is not None and self.weight.dtype == torch.float32:
             self.plain_rows = PLAIN_MAX_ROWS_FP32
@@ -367,8 +363,7 @@ class SlotDecoder:
             probe = torch.empty((), dtype=self.dtype, device=self.device)
             cos, sin = self.inner.rotary_emb(probe, pos)
             self._rope = (cos[0].contiguous(), sin[0].contiguous())
-            half = self.head_dim // 2
-            self._signed_sin = torch.cat((-self._rope[1][:, :half], self._rope[1][:, half:]), -1)
+            self._signed_sin = rotary.signed_sin(self._rope[1])
         return self._rope
 
     @staticmethod
@@ -377,13 +372,9 @@ class SlotDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    @staticmethod
-    def _rotate_signed(
-        x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
-    ) -> torch.Tensor:
-        """``_rotate`` with the rotation's sign moved into the table: the same numbers (a
-        negation is exact) in four operations instead of six."""
-        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+    # ``_rotate`` with the rotation's sign moved into the table: the same numbers (a negation
+    # is exact) in four operations instead of six.
+    _rotate_signed = staticmethod(rotary.rotate)
 
     def _ensure_cache(self, slots: int, positions: int) -> None:
         """Room for ``slots`` sequences of ``positions`` tokens, keeping what is cached."""

@@ -75,7 +75,7 @@ class OutputBuffer:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):  # noqa: ANN201
         """A tensor of ``shape`` to write into, or None (allocate as usual)."""
         numel = math.prod(shape)
-        size = numel * torch.empty((), dtype=dtype).element_size()
+        size = numel * dtype.itemsize
         if device.type != "cpu" or not self.MIN_BYTES <= size <= self.MAX_BYTES:
             return None
         buf = self._buf
@@ -139,10 +139,12 @@ class _PackedLinearFn(torch.autograd.Function):
         return grad @ weight, None, None, None
 
 
-def _pack(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+def pack_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int = PACKED_ROWS_HINT
+) -> torch.Tensor | None:
     """``weight`` reordered for oneDNN's linear, or None where this PyTorch cannot."""
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS_HINT)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
         probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
         torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
     except (RuntimeError, AttributeError):
@@ -190,7 +192,7 @@ class LoraLinear(nn.Module):
             return None
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, _pack(weight.detach(), self.base.bias))
+            self._packed = (key, pack_weight(weight.detach(), self.base.bias))
         return self._packed[1]
 
     def _weights(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

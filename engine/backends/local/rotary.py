@@ -73,12 +73,14 @@ def apply(
 def _attention_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
     """LlamaAttention.forward with its rotary step replaced; anything it does not expect
     (a key/value cache, other arguments) goes to the model's own forward."""
-    original = type(module).forward
     position_embeddings = kwargs.get("position_embeddings")
-    if args or position_embeddings is None or kwargs.get("past_key_values") is not None:
-        return original(module, hidden_states, *args, **kwargs)
-    if not FUSED_ROTARY:
-        return original(module, hidden_states, *args, **kwargs)
+    if (
+        not FUSED_ROTARY
+        or args
+        or position_embeddings is None
+        or kwargs.get("past_key_values") is not None
+    ):
+        return type(module).forward(module, hidden_states, *args, **kwargs)
     from transformers.models.llama.modeling_llama import (
         ALL_ATTENTION_FUNCTIONS,
         eager_attention_forward,
