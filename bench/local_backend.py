@@ -223,18 +223,20 @@ def forward_threads(rt, tokens: list[int]) -> dict:  # noqa: ANN001
 # (name, {"module.ATTRIBUTE" under engine.backends.local: value}); the first is the default.
 TRAIN_AB = (
     (
-        "default (full logits, fused norms and rotary, packed weights)",
+        "default (full logits, fused norms and rotary, packed weights, shared-input LoRA)",
         {
             "compute.CHUNKED_HEAD": False,
             "norms.FUSED_NORMS": True,
             "rotary.FUSED_ROTARY": True,
             "lora.PACKED_FORWARD": True,
+            "lora.SHARED_INPUT": True,
         },
     ),
     ("chunked head", {"compute.CHUNKED_HEAD": True}),
     ("the model's own norms", {"norms.FUSED_NORMS": False}),
     ("the model's own rotary", {"rotary.FUSED_ROTARY": False}),
     ("F.linear's weights", {"lora.PACKED_FORWARD": False}),
+    ("one LoRA node per layer", {"lora.SHARED_INPUT": False}),
 )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import decode, norms, rotary
+from . import decode, mlp, norms, rotary
 from .lora import LoraHost, LoraLinear
 from .models import ComputePlan, choose_compute, ensure_model_dir
 
@@ -156,6 +156,7 @@ class BaseRuntime:
             )
         norms.install(model)
         rotary.install(model)
+        mlp.install(model)
         self.model = model
         self.host = LoraHost(model)
         # Rows of different lengths are packed end to end (no padding) where the model's

@@ -29,6 +29,9 @@ FUSED_BACKWARD = True
 PACKED_FORWARD = True
 # The number of rows the packed layout is tuned for: a training step's positions.
 PACKED_ROWS_HINT = 2048
+# Layers reading one input (q|k|v, gate|up) share one autograd node (see _SharedInputLoraFn);
+# False: one node per layer (bench A/B).
+SHARED_INPUT = True
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,97 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_b:
             db = (g.t() @ h).mul_(scale).to(ctx.b_dtype)
         return dx, None, None, da, db, None, None, None
+
+
+class _SharedInputLoraFn(torch.autograd.Function):
+    """``_LoraLinearFn`` for several LoRA layers that read the same input (q, k and v; gate
+    and up), as one autograd node.
+
+    The forward is each layer's own, op for op, so outputs are the same numbers as layer by
+    layer. The backward sums the input's gradient inside the matmuls (``addmm_`` into one
+    tensor) instead of autograd adding one (tokens x hidden) gradient per layer, and does the
+    layers' A gradients and LoRA input terms as one matmul each. Measured on SmolLM2-135M
+    bf16, 4 x 512 tokens, forward + backward of one layer's q|k|v: 7.4-12.3 ms layer by
+    layer, 5.4-5.6 ms shared.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layers, scale, *ab):  # noqa: ANN001, ANN205
+        n = len(layers)
+        flat = x.reshape(-1, x.shape[-1])
+        a_cs = [a.to(x.dtype) for a in ab[:n]]
+        b_cs = [b.to(x.dtype) for b in ab[n:]]
+        outs, hs = [], []
+        for layer, a_c, b_c in zip(layers, a_cs, b_cs, strict=True):
+            base = layer.base
+            out = _linear(x, base.weight, base.bias, None, layer._packed_weight())
+            h = flat @ a_c.t()
+            out.view(-1, out.shape[-1]).addmm_(h, b_c.t(), alpha=scale)
+            outs.append(out)
+            hs.append(h)
+        ctx.save_for_backward(flat, *[layer.base.weight for layer in layers], *a_cs, *b_cs, *hs)
+        ctx.n, ctx.scale, ctx.shape = n, scale, x.shape
+        ctx.dtypes = [t.dtype for t in ab]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN205
+        n, scale = ctx.n, ctx.scale
+        flat, *rest = ctx.saved_tensors
+        weights, a_cs, b_cs, hs = (rest[i * n : (i + 1) * n] for i in range(4))
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+        rank = a_cs[0].shape[0]
+        gb = flat.new_empty(flat.shape[0], rank * n)  # each layer's g B, side by side
+        for i in range(n):
+            torch.mm(gs[i], b_cs[i], out=gb[:, i * rank : (i + 1) * rank])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = gs[0] @ weights[0]
+            for g, w in zip(gs[1:], weights[1:], strict=True):
+                dx.addmm_(g, w)
+            dx.addmm_(gb, torch.cat(a_cs), alpha=scale)
+            dx = dx.view(ctx.shape)
+        da: list = [None] * n
+        if any(ctx.needs_input_grad[3 : 3 + n]):
+            da_all = (gb.t() @ flat).mul_(scale)
+            da = [da_all[i * rank : (i + 1) * rank].to(ctx.dtypes[i]) for i in range(n)]
+        db = [
+            (gs[i].t() @ hs[i]).mul_(scale).to(ctx.dtypes[n + i])
+            if ctx.needs_input_grad[3 + n + i]
+            else None
+            for i in range(n)
+        ]
+        return (dx, None, None, *da, *db)
+
+
+def shared_input(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """``tuple(layer(x) for layer in layers)``: as one autograd node where every layer is a
+    LoRA layer training the same active adapter at one scale, else layer by layer."""
+    first = layers[0]
+    name = getattr(getattr(first, "switch", None), "active", None)
+    if (
+        SHARED_INPUT
+        and FUSED_BACKWARD
+        and name is not None
+        and torch.is_grad_enabled()
+        and all(
+            isinstance(layer, LoraLinear)
+            and layer.switch is first.switch
+            and layer.out_buffer is None
+            and name in layer.lora_A
+            and layer.scales[name] == first.scales[name]
+            for layer in layers
+        )
+        and (x.requires_grad or first.lora_A[name].requires_grad)
+    ):
+        return _SharedInputLoraFn.apply(
+            x,
+            layers,
+            first.scales[name],
+            *[layer.lora_A[name] for layer in layers],
+            *[layer.lora_B[name] for layer in layers],
+        )
+    return tuple(layer(x) for layer in layers)
 
 
 class LoraHost:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# False: the model's own rotary runs, installed or not (bench A/B).
+from . import lora
+
+# False: the model's own rotary function runs, installed or not (bench A/B).
 FUSED_ROTARY = True
 
 
@@ -71,18 +73,15 @@ def apply(
 
 
 def _attention_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-    """LlamaAttention.forward with its rotary step replaced; anything it does not expect
-    (a key/value cache, other arguments) goes to the model's own forward."""
+    """LlamaAttention.forward with its rotary step replaced and q, k and v projected as one
+    LoRA node (``lora.shared_input``); anything it does not expect (a key/value cache, other
+    arguments) goes to the model's own forward."""
     position_embeddings = kwargs.get("position_embeddings")
-    if (
-        not FUSED_ROTARY
-        or args
-        or position_embeddings is None
-        or kwargs.get("past_key_values") is not None
-    ):
+    if args or position_embeddings is None or kwargs.get("past_key_values") is not None:
         return type(module).forward(module, hidden_states, *args, **kwargs)
     from transformers.models.llama.modeling_llama import (
         ALL_ATTENTION_FUNCTIONS,
+        apply_rotary_pos_emb,
         eager_attention_forward,
     )
 
@@ -92,11 +91,15 @@ def _attention_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **
     attention_mask = kwargs.pop("attention_mask", None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
-    q = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    k = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    q, k, v = (
+        t.view(hidden_shape).transpose(1, 2)
+        for t in lora.shared_input(hidden_states, (module.q_proj, module.k_proj, module.v_proj))
+    )
     cos, sin = position_embeddings
-    q, k = apply(q, k, cos, sin, module._persona_signed_sin)
+    if FUSED_ROTARY:
+        q, k = apply(q, k, cos, sin, module._persona_signed_sin)
+    else:
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
