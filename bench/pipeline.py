@@ -4,8 +4,8 @@
     .venv/bin/python bench/pipeline.py [--defaults] [--stages a,b] [--keep DIR] [--set k=v ...]
 
 Progress goes to stderr; the last stdout line is one JSON object: the CPU path (device, dtype),
-each stage's wall seconds, the synth-inputs yield, and SFT train/validation loss at start and
-end. Without ``--defaults`` the reduced budget below keeps the chain to minutes on a 2-core
+each stage's wall seconds and peak resident memory, the synth-inputs yield, and SFT
+train/validation loss at start and end. Without ``--defaults`` the reduced budget below keeps the chain to minutes on a 2-core
 CPU; with it every stage runs at the local defaults (README's cost table gives both).
 """
 
@@ -56,6 +56,26 @@ BUDGET = [
 ]
 
 
+def _reset_peak_rss() -> bool:
+    """Start this process's resident-memory high-water mark again (Linux; False elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> int | None:
+    """The high-water mark since the last reset, from /proc/self/status (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
 async def bench(root: Path, extra: list[str], defaults: bool, chain: list[str]) -> dict:
     from engine.backends import describe_compute
 
@@ -66,12 +86,14 @@ async def bench(root: Path, extra: list[str], defaults: bool, chain: list[str]) 
         **describe_compute(ws.config(overrides)),
         "budget": "defaults" if defaults else "reduced",
         "stages": {},
+        "peak_rss_mb": {},
         "overrides": overrides,
     }
     metrics: dict[str, list[tuple[int, float]]] = {}
     t_all = time.perf_counter()
     for stage in chain:
         t0 = time.perf_counter()
+        per_stage_peak = _reset_peak_rss()
         final = None
         async for ev in Runner(ws).run_stage(stage, overrides):
             if isinstance(ev, Metric):
@@ -81,12 +103,18 @@ async def bench(root: Path, extra: list[str], defaults: bool, chain: list[str]) 
             final = ev
         secs = round(time.perf_counter() - t0, 1)
         result["stages"][stage] = secs
+        # Without a reset the mark is the whole run's so far (still a true upper bound).
+        result["peak_rss_mb"][stage] = _peak_rss_mb()
+        result["peak_rss_per_stage"] = per_stage_peak
         if isinstance(final, StageFailed):
             print(f"{stage} FAILED after {secs}s: {final.message}", file=sys.stderr)
             result["failed"] = {"stage": stage, "message": final.message}
             break
         assert isinstance(final, StageFinished)
-        print(f"{stage}: {secs}s  {final.summary}", file=sys.stderr)
+        print(
+            f"{stage}: {secs}s, peak {result['peak_rss_mb'][stage]} MB  {final.summary}",
+            file=sys.stderr,
+        )
         if stage == "synth-inputs":
             m = re.search(r"yield (\d+)/(\d+)", final.summary)
             if m:

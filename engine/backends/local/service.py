@@ -24,7 +24,7 @@ import torch
 from tinker import types
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
-from . import checkpoint_io
+from . import checkpoint_io, memory
 from .compute import BaseRuntime, GenResult, GenRow, make_generator
 from .hardware import configure_threads
 from .lora import LoraSpec, targets_for
@@ -106,6 +106,9 @@ class LocalServiceClient:
         """Finish queued work, then free the models; later calls fail with a clear error."""
         with contextlib.suppress(RuntimeError):  # already closed
             self._worker.submit(self._runtimes.clear)
+            # After the models go: the allocator would keep their pages, and the next
+            # stage's service does not take all of them back (memory.py).
+            self._worker.submit(memory.release_free_memory)
         self._worker.close()
         return _done(None)
 
