@@ -82,6 +82,20 @@ def test_a_trainable_weight_alone_gets_its_gradient():
     assert torch.allclose(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_without_pytorchs_fused_kernel_the_backward_recomputes_what_it_needs(monkeypatch):
+    theirs = _norm(torch.float32, False)
+    ours = _norm(torch.float32, False)
+    norms.install(ours)
+    monkeypatch.setattr(norms, "_fused_rms_norm", lambda: None)
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for norm in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        norm(xi).square().sum().backward()
+        grads.append(xi.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_a_weight_of_another_dtype_gives_the_models_dtype_and_numbers(grad):
     theirs = _norm(torch.float32, False)
