@@ -15,10 +15,13 @@ def test_closing_the_service_frees_its_models_then_returns_the_memory(monkeypatc
     svc.create_lora_training_client(TINY_MODEL, rank=4, seed=0).result()
     assert svc._runtimes  # the model is loaded
     seen: list[dict] = []
-    monkeypatch.setattr(memory, "release_free_memory", lambda: seen.append(dict(svc._runtimes)))
-    svc.close()
-    svc._worker.join(timeout=120)
+    monkeypatch.setattr(
+        memory, "release_free_memory", lambda: seen.append(dict(svc._runtimes)) or True
+    )
+    closed = svc.close()
+    assert closed.result(timeout=120) is True  # resolves once the memory is released
     assert seen == [{}]  # once, on the compute thread, after the models were let go
+    assert svc.close().result(timeout=5) is None  # closing again: nothing left to do
 
 
 def test_without_malloc_trim_nothing_is_done(monkeypatch):

@@ -103,14 +103,18 @@ class LocalServiceClient:
     def close(
         self, status: str = "success", detail: str | None = None
     ) -> AwaitableConcurrentFuture:
-        """Finish queued work, then free the models; later calls fail with a clear error."""
-        with contextlib.suppress(RuntimeError):  # already closed
+        """Finish queued work, then free the models; later calls fail with a clear error.
+        The future resolves once the memory is freed: a caller that awaits it (the runner,
+        between stages) starts the next model only then."""
+        try:
             self._worker.submit(self._runtimes.clear)
             # After the models go: the allocator would keep their pages, and the next
             # stage's service does not take all of them back (memory.py).
-            self._worker.submit(memory.release_free_memory)
+            released = self._worker.submit(memory.release_free_memory)
+        except RuntimeError:  # already closed
+            return _done(None)
         self._worker.close()
-        return _done(None)
+        return AwaitableConcurrentFuture(released)
 
     def run_on_compute_thread(self, fn: Callable[[], Any]) -> AwaitableConcurrentFuture:
         """Run ``fn`` (other torch work of this process, e.g. an embedding model) on the
