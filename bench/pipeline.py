@@ -5,8 +5,9 @@
 
 Progress goes to stderr; the last stdout line is one JSON object: the CPU path (device, dtype),
 each stage's wall seconds and peak resident memory, the synth-inputs yield, and SFT
-train/validation loss at start and end. Without ``--defaults`` the reduced budget below keeps the chain to minutes on a 2-core
-CPU; with it every stage runs at the local defaults (README's cost table gives both).
+train/validation loss at start and end. Without ``--defaults`` the reduced budget below
+keeps the chain to minutes on a 2-core CPU; with it every stage runs at the local defaults
+(README's cost table gives both).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import lora
+from .routing import route_forward
 
 
 def _mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -16,9 +17,4 @@ def _mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def install(model: nn.Module) -> int:
     """Route every LlamaMLP of ``model`` through ``_mlp_forward``; the number routed."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ == "LlamaMLP" and hasattr(module, "act_fn"):
-            module.forward = _mlp_forward.__get__(module)
-            count += 1
-    return count
+    return route_forward(model, "LlamaMLP", "act_fn", _mlp_forward)

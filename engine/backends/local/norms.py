@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .routing import route_forward
+
 # False: the model's own norms run, installed or not (bench A/B).
 FUSED_NORMS = True
 
@@ -85,9 +87,4 @@ def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def install(model: nn.Module) -> int:
     """Route every LlamaRMSNorm of ``model`` through the fused forms; the number routed."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ == "LlamaRMSNorm" and hasattr(module, "variance_epsilon"):
-            module.forward = _forward.__get__(module)
-            count += 1
-    return count
+    return route_forward(model, "LlamaRMSNorm", "variance_epsilon", _forward)
