@@ -94,7 +94,7 @@ async def bench(root: Path, extra: list[str], defaults: bool, chain: list[str]) 
     t_all = time.perf_counter()
     for stage in chain:
         t0 = time.perf_counter()
-        per_stage_peak = _reset_peak_rss()
+        result["peak_rss_per_stage"] = _reset_peak_rss()
         final = None
         async for ev in Runner(ws).run_stage(stage, overrides):
             if isinstance(ev, Metric):
@@ -106,7 +106,6 @@ async def bench(root: Path, extra: list[str], defaults: bool, chain: list[str]) 
         result["stages"][stage] = secs
         # Without a reset the mark is the whole run's so far (still a true upper bound).
         result["peak_rss_mb"][stage] = _peak_rss_mb()
-        result["peak_rss_per_stage"] = per_stage_peak
         if isinstance(final, StageFailed):
             print(f"{stage} FAILED after {secs}s: {final.message}", file=sys.stderr)
             result["failed"] = {"stage": stage, "message": final.message}

@@ -223,24 +223,18 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.switch.active
-        packed = self._packed_weight()
-        if name is None or name not in self.lora_A:
-            return _linear(x, self.base.weight, self.base.bias, self.out_buffer, packed)
         if (
             FUSED_BACKWARD
+            and name in self.lora_A
             and torch.is_grad_enabled()
             and (x.requires_grad or self.lora_A[name].requires_grad)
         ):
             return _LoraLinearFn.apply(
-                x,
-                self.base.weight,
-                self.base.bias,
-                self.lora_A[name],
-                self.lora_B[name],
-                self.scales[name],
-                self.out_buffer,
-                packed,
-            )
+                x, (self,), self.scales[name], self.lora_A[name], self.lora_B[name]
+            )[0]
+        packed = self._packed_weight()
+        if name is None or name not in self.lora_A:
+            return _linear(x, self.base.weight, self.base.bias, self.out_buffer, packed)
         out = _linear(x, self.base.weight, self.base.bias, self.out_buffer, packed)
         a, b = self._weights(name, x.dtype)
         # out += scale * (x A^T) B^T as one GEMM accumulating into the base output in place
@@ -251,8 +245,62 @@ class LoraLinear(nn.Module):
         return out
 
 
+def _lora_forward(ctx, x, layers, scale, *ab):  # noqa: ANN001, ANN202
+    """Each layer's x W^T + bias + scale (x A^T) B^T (``ab``: the layers' A's, then their
+    B's), keeping what ``_lora_backward`` needs."""
+    n = len(layers)
+    flat = x.reshape(-1, x.shape[-1])
+    a_cs = [a.to(x.dtype) for a in ab[:n]]
+    b_cs = [b.to(x.dtype) for b in ab[n:]]
+    outs, hs = [], []
+    for layer, a_c, b_c in zip(layers, a_cs, b_cs, strict=True):
+        base = layer.base
+        out = _linear(x, base.weight, base.bias, layer.out_buffer, layer._packed_weight())
+        h = flat @ a_c.t()
+        out.view(-1, out.shape[-1]).addmm_(h, b_c.t(), alpha=scale)
+        outs.append(out)
+        hs.append(h)
+    ctx.save_for_backward(flat, *[layer.base.weight for layer in layers], *a_cs, *b_cs, *hs)
+    ctx.n, ctx.scale, ctx.shape = n, scale, x.shape
+    ctx.dtypes = [t.dtype for t in ab]
+    return tuple(outs)
+
+
+def _lora_backward(ctx, *grads):  # noqa: ANN001, ANN202
+    """The gradients of x, the A's and the B's (never W): the input's summed inside the
+    matmuls, the A's as one matmul."""
+    n, scale = ctx.n, ctx.scale
+    flat, *rest = ctx.saved_tensors
+    weights, a_cs, b_cs, hs = (rest[i * n : (i + 1) * n] for i in range(4))
+    gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+    rank = a_cs[0].shape[0]
+    # Each layer's g B side by side: the gradient reaching h, before the scale.
+    gb = flat.new_empty(flat.shape[0], rank * n)
+    for i in range(n):
+        torch.mm(gs[i], b_cs[i], out=gb[:, i * rank : (i + 1) * rank])
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = gs[0] @ weights[0]
+        for g, w in zip(gs[1:], weights[1:], strict=True):
+            dx.addmm_(g, w)
+        dx.addmm_(gb, a_cs[0] if n == 1 else torch.cat(a_cs), alpha=scale)
+        dx = dx.view(ctx.shape)
+    da: list = [None] * n
+    if any(ctx.needs_input_grad[3 : 3 + n]):
+        da_all = (gb.t() @ flat).mul_(scale)
+        da = [da_all[i * rank : (i + 1) * rank].to(ctx.dtypes[i]) for i in range(n)]
+    db = [
+        (gs[i].t() @ hs[i]).mul_(scale).to(ctx.dtypes[n + i])
+        if ctx.needs_input_grad[3 + n + i]
+        else None
+        for i in range(n)
+    ]
+    return (dx, None, None, *da, *db)
+
+
 class _LoraLinearFn(torch.autograd.Function):
-    """y = x W^T + bias + scale (x A^T) B^T with a frozen W, as one autograd node.
+    """y = x W^T + bias + scale (x A^T) B^T with a frozen W, as one autograd node, for one
+    layer: ``apply(x, (layer,), scale, A, B)``.
 
     Autograd over the plain expression records an in-place add on a view (a CopySlices
     node that clones the output gradient) and two casts per layer; this computes the same
@@ -260,40 +308,13 @@ class _LoraLinearFn(torch.autograd.Function):
     Measured on SmolLM2-135M bf16, 4 x 512 tokens: about 1 s less per training step.
     """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale, buffer=None, packed=None):  # noqa: ANN001, ANN205
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        out = _linear(x, weight, bias, buffer, packed)
-        flat = x.reshape(-1, x.shape[-1])
-        h = flat @ a_c.t()
-        out.view(-1, out.shape[-1]).addmm_(h, b_c.t(), alpha=scale)
-        ctx.save_for_backward(flat, weight, a_c, b_c, h)
-        ctx.scale = scale
-        ctx.shape = x.shape
-        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        flat, weight, a_c, b_c, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        scale = ctx.scale
-        need_x, need_a, need_b = ctx.needs
-        gb = g @ b_c  # (tokens, rank): the gradient reaching h, before the scale
-        dx = da = db = None
-        if need_x:
-            dx = (g @ weight).addmm_(gb, a_c, alpha=scale).view(ctx.shape)
-        if need_a:
-            da = (gb.t() @ flat).mul_(scale).to(ctx.a_dtype)
-        if need_b:
-            db = (g.t() @ h).mul_(scale).to(ctx.b_dtype)
-        return dx, None, None, da, db, None, None, None
+    forward = staticmethod(_lora_forward)
+    backward = staticmethod(_lora_backward)
 
 
 class _SharedInputLoraFn(torch.autograd.Function):
     """``_LoraLinearFn`` for several LoRA layers that read the same input (q, k and v; gate
-    and up), as one autograd node.
+    and up), as one autograd node: ``apply(x, layers, scale, *As, *Bs)``.
 
     The forward is each layer's own, op for op, so outputs are the same numbers as layer by
     layer. The backward sums the input's gradient inside the matmuls (``addmm_`` into one
@@ -303,53 +324,8 @@ class _SharedInputLoraFn(torch.autograd.Function):
     layer, 5.4-5.6 ms shared.
     """
 
-    @staticmethod
-    def forward(ctx, x, layers, scale, *ab):  # noqa: ANN001, ANN205
-        n = len(layers)
-        flat = x.reshape(-1, x.shape[-1])
-        a_cs = [a.to(x.dtype) for a in ab[:n]]
-        b_cs = [b.to(x.dtype) for b in ab[n:]]
-        outs, hs = [], []
-        for layer, a_c, b_c in zip(layers, a_cs, b_cs, strict=True):
-            base = layer.base
-            out = _linear(x, base.weight, base.bias, None, layer._packed_weight())
-            h = flat @ a_c.t()
-            out.view(-1, out.shape[-1]).addmm_(h, b_c.t(), alpha=scale)
-            outs.append(out)
-            hs.append(h)
-        ctx.save_for_backward(flat, *[layer.base.weight for layer in layers], *a_cs, *b_cs, *hs)
-        ctx.n, ctx.scale, ctx.shape = n, scale, x.shape
-        ctx.dtypes = [t.dtype for t in ab]
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        n, scale = ctx.n, ctx.scale
-        flat, *rest = ctx.saved_tensors
-        weights, a_cs, b_cs, hs = (rest[i * n : (i + 1) * n] for i in range(4))
-        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
-        rank = a_cs[0].shape[0]
-        gb = flat.new_empty(flat.shape[0], rank * n)  # each layer's g B, side by side
-        for i in range(n):
-            torch.mm(gs[i], b_cs[i], out=gb[:, i * rank : (i + 1) * rank])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = gs[0] @ weights[0]
-            for g, w in zip(gs[1:], weights[1:], strict=True):
-                dx.addmm_(g, w)
-            dx.addmm_(gb, torch.cat(a_cs), alpha=scale)
-            dx = dx.view(ctx.shape)
-        da: list = [None] * n
-        if any(ctx.needs_input_grad[3 : 3 + n]):
-            da_all = (gb.t() @ flat).mul_(scale)
-            da = [da_all[i * rank : (i + 1) * rank].to(ctx.dtypes[i]) for i in range(n)]
-        db = [
-            (gs[i].t() @ hs[i]).mul_(scale).to(ctx.dtypes[n + i])
-            if ctx.needs_input_grad[3 + n + i]
-            else None
-            for i in range(n)
-        ]
-        return (dx, None, None, *da, *db)
+    forward = staticmethod(_lora_forward)
+    backward = staticmethod(_lora_backward)
 
 
 def shared_input(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:

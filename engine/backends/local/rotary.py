@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import lora
+from .routing import route_forward
 
 # False: the model's own rotary function runs, installed or not (bench A/B).
 FUSED_ROTARY = True
@@ -119,11 +120,10 @@ def _attention_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **
 
 def install(model: nn.Module) -> int:
     """Route every LlamaAttention of ``model`` through the fused rotary; the number routed."""
-    count = 0
-    cache = _SignedSinCache()
-    for module in model.modules():
-        if type(module).__name__ == "LlamaAttention" and hasattr(module, "head_dim"):
-            module._persona_signed_sin = cache
-            module.forward = _attention_forward.__get__(module)
-            count += 1
-    return count
+    return route_forward(
+        model,
+        "LlamaAttention",
+        "head_dim",
+        _attention_forward,
+        _persona_signed_sin=_SignedSinCache(),  # one table for every layer of the model
+    )
